@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md gives it. Installs what it needs on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Backplane tests start their own redis-server processes on free ports.
+if ! command -v redis-server >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq redis-server
+fi
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    cargo install cargo-nextest --locked
+fi
+
+cargo nextest run --workspace --no-fail-fast

@@ -1,0 +1,269 @@
+//! The client wire contract (`shared/protocol.md`): decoding the two JSON dialects into
+//! [`Command`]s and encoding error replies.
+//!
+//! Decoding runs simd-json's tape parser over the frame's own (already unmasked) buffer, so every
+//! string in a [`Command`] borrows that buffer: no per-message allocation. The tape and scratch
+//! buffers are reused per thread because decoding is synchronous and never crosses an `.await`.
+
+use std::cell::RefCell;
+
+use bytes::Bytes;
+use simd_json::prelude::*;
+use simd_json::tape::{Tape, Value};
+use simd_json::Buffers;
+
+use crate::frame;
+
+/// One client request, with every string borrowed from the frame it came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Dialect 1: join a room; the first room held becomes the chat room.
+    Join { room: &'a str },
+    /// Dialect 1: say `message` to every other member of the chat room (or of `room`).
+    Chat {
+        message: &'a str,
+        room: Option<&'a str>,
+    },
+    /// Dialect 1 extension: drop a membership.
+    Leave { room: &'a str },
+    /// Dialect 2: add a room.
+    Subscribe { room: &'a str },
+    /// Dialect 2 extension: drop a room.
+    Unsubscribe { room: &'a str },
+    /// Dialect 2: deliver `message` to every member of `room`, the sender included.
+    SendMessage { room: &'a str, message: &'a str },
+}
+
+/// Everything a client can get wrong; each becomes an error reply and the session stays open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("frame is not a JSON object")]
+    BadJson,
+    #[error("unknown message type \"{0}\"")]
+    UnknownType(String),
+    #[error("field `{0}` is missing or not a non-empty string")]
+    BadField(&'static str),
+    #[error("{0}")]
+    NotInRoom(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error("binary frames are not supported; send JSON in text frames")]
+    UnsupportedFrame,
+    #[error("the backplane is unavailable; the message was not sent")]
+    BackplaneUnavailable,
+}
+
+impl ClientError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::UnknownType(_) => "unknown_type",
+            Self::BadField(_) => "bad_field",
+            Self::NotInRoom(_) => "not_in_room",
+            Self::Limit(_) => "limit",
+            Self::UnsupportedFrame => "unsupported_frame",
+            Self::BackplaneUnavailable => "backplane_unavailable",
+        }
+    }
+
+    /// The complete text frame of the error reply.
+    pub fn to_frame(&self) -> Bytes {
+        let mut json = String::with_capacity(96);
+        json.push_str(r#"{"type":"error","code":""#);
+        json.push_str(self.code());
+        json.push_str(r#"","message":"#);
+        push_json_string(&mut json, &self.to_string());
+        json.push('}');
+        frame::text(&json)
+    }
+}
+
+/// Longest piece of a client's unknown `type` echoed back in an error, so a hostile client cannot
+/// make the server send large replies.
+const ECHO_LIMIT: usize = 64;
+
+/// Appends `s` as a quoted JSON string.
+pub fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+struct Scratch {
+    buffers: Buffers,
+    tape: Option<Tape<'static>>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        buffers: Buffers::default(),
+        tape: Some(Tape::null().reset()),
+    });
+}
+
+/// Decodes one client text message. `buf` is parsed in place (simd-json unescapes strings into
+/// it), which is why it must be mutable.
+pub fn decode(buf: &mut [u8]) -> Result<Command<'_>, ClientError> {
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let scratch = &mut *guard;
+        let mut tape: Tape<'_> = scratch.tape.take().unwrap_or_else(Tape::null).reset();
+        let parsed = match simd_json::fill_tape(buf, &mut scratch.buffers, &mut tape) {
+            Ok(()) => command(tape.as_value()),
+            Err(_) => Err(ClientError::BadJson),
+        };
+        scratch.tape = Some(tape.reset());
+        parsed
+    })
+}
+
+fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
+    if !v.is_object() {
+        return Err(ClientError::BadJson);
+    }
+    let kind = v
+        .get("type")
+        .and_then(|t| t.into_string())
+        .ok_or(ClientError::BadField("type"))?;
+    Ok(match kind {
+        "join" => Command::Join {
+            room: required(v.get("payload"), "roomId", "payload.roomId")?,
+        },
+        "chat" => {
+            let payload = v.get("payload");
+            Command::Chat {
+                message: message(payload, "message", "payload.message")?,
+                room: optional(payload, "roomId", "payload.roomId")?,
+            }
+        }
+        "leave" => Command::Leave {
+            room: required(v.get("payload"), "roomId", "payload.roomId")?,
+        },
+        "SUBSCRIBE" => Command::Subscribe {
+            room: required(Some(v), "room", "room")?,
+        },
+        "UNSUBSCRIBE" => Command::Unsubscribe {
+            room: required(Some(v), "room", "room")?,
+        },
+        "sendMessage" => Command::SendMessage {
+            room: required(Some(v), "roomId", "roomId")?,
+            message: message(Some(v), "message", "message")?,
+        },
+        other => {
+            let mut end = other.len().min(ECHO_LIMIT);
+            while !other.is_char_boundary(end) {
+                end -= 1;
+            }
+            return Err(ClientError::UnknownType(other[..end].to_owned()));
+        }
+    })
+}
+
+/// A room name: present and a non-empty string.
+fn required<'i>(
+    obj: Option<Value<'_, 'i>>,
+    key: &str,
+    name: &'static str,
+) -> Result<&'i str, ClientError> {
+    optional(obj, key, name)?.ok_or(ClientError::BadField(name))
+}
+
+/// An optional room name: absent is fine, present must be a non-empty string.
+fn optional<'i>(
+    obj: Option<Value<'_, 'i>>,
+    key: &str,
+    name: &'static str,
+) -> Result<Option<&'i str>, ClientError> {
+    match obj.and_then(|o| o.get(key)) {
+        None => Ok(None),
+        Some(v) => match v.into_string() {
+            Some(s) if !s.is_empty() => Ok(Some(s)),
+            _ => Err(ClientError::BadField(name)),
+        },
+    }
+}
+
+/// A message body: any string, the empty one included.
+fn message<'i>(
+    obj: Option<Value<'_, 'i>>,
+    key: &str,
+    name: &'static str,
+) -> Result<&'i str, ClientError> {
+    obj.and_then(|o| o.get(key))
+        .and_then(|v| v.into_string())
+        .ok_or(ClientError::BadField(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<String, ClientError> {
+        let mut buf = s.as_bytes().to_vec();
+        decode(&mut buf).map(|c| format!("{c:?}"))
+    }
+
+    #[test]
+    fn both_dialects() {
+        assert_eq!(
+            parse(r#"{"type":"join","payload":{"roomId":"red"}}"#).unwrap(),
+            r#"Join { room: "red" }"#
+        );
+        assert_eq!(
+            parse(r#"{"type":"chat","payload":{"message":"h\"i"}}"#).unwrap(),
+            r#"Chat { message: "h\"i", room: None }"#
+        );
+        assert_eq!(
+            parse(r#"{"type":"SUBSCRIBE","room":"r1"}"#).unwrap(),
+            r#"Subscribe { room: "r1" }"#
+        );
+        assert_eq!(
+            parse(r#"{"type":"sendMessage","roomId":"r1","message":"\u00e9"}"#).unwrap(),
+            r#"SendMessage { room: "r1", message: "é" }"#
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(parse("nope"), Err(ClientError::BadJson));
+        assert_eq!(parse("[1]"), Err(ClientError::BadJson));
+        assert_eq!(parse("{}"), Err(ClientError::BadField("type")));
+        assert_eq!(
+            parse(r#"{"type":"join","payload":{"roomId":5}}"#),
+            Err(ClientError::BadField("payload.roomId"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"SUBSCRIBE","room":""}"#),
+            Err(ClientError::BadField("room"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"sendMessage","roomId":"r","message":{}}"#),
+            Err(ClientError::BadField("message"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"dance"}"#),
+            Err(ClientError::UnknownType("dance".into()))
+        );
+    }
+
+    #[test]
+    fn error_reply_is_valid_json() {
+        let reply = ClientError::UnknownType("a\"b\n".into()).to_frame();
+        let v: serde_json::Value = serde_json::from_slice(&reply[2..]).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], "unknown_type");
+        assert!(v["message"].as_str().unwrap().contains("a\"b\n"));
+    }
+}

@@ -1,0 +1,283 @@
+//! Rooms and the registry that finds them.
+//!
+//! Fan-out is the hot path and membership changes are rare next to it, so each room's member
+//! list is an immutable snapshot behind `ArcSwap`: a broadcast is one atomic load and a walk of
+//! a slice, with no lock. Joins and leaves copy the list under their shard's mutex, which also
+//! guards the shard's map, so "first member arrived" and "last member left" are decided exactly
+//! once and in order per room (the backplane subscribes and unsubscribes on those edges).
+
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use crate::metrics::Metrics;
+use crate::outbox::{ConnId, Outbox, Pushed};
+
+/// A room's name as clients spell it; cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(Arc<str>);
+
+impl RoomId {
+    pub fn new(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for RoomId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A member as fan-out sees it: the connection's outbound ring.
+pub type Member = Arc<Outbox>;
+
+pub struct Room {
+    id: RoomId,
+    members: ArcSwap<Vec<Member>>,
+}
+
+impl Room {
+    fn new(id: RoomId) -> Self {
+        Self {
+            id,
+            members: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    pub fn id(&self) -> &RoomId {
+        &self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues `frame` for every member except `skip`; returns how many got it. Each recipient
+    /// receives a clone of the same `Bytes`: one allocation per message, whatever the fan-out.
+    pub fn broadcast(&self, frame: &Bytes, skip: Option<ConnId>, metrics: &Metrics) -> usize {
+        let members = self.members.load();
+        let mut queued = 0;
+        for member in members.iter() {
+            if Some(member.id()) == skip {
+                continue;
+            }
+            if member.push(frame, metrics) == Pushed::Queued {
+                queued += 1;
+            }
+        }
+        metrics.add_deliveries(queued as u64);
+        queued
+    }
+}
+
+/// Told, under the room's shard lock, when a room gains its first member on this node and when
+/// it loses its last one. Implementations must not block.
+pub trait RoomWatcher: Send + Sync {
+    fn opened(&self, room: &RoomId);
+    fn closed(&self, room: &RoomId);
+}
+
+/// All rooms with at least one member on this node; a cheap-to-clone handle.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+type Shard = Mutex<HashMap<RoomId, Arc<Room>>>;
+
+struct Inner {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    rooms: AtomicUsize,
+    watcher: Option<Arc<dyn RoomWatcher>>,
+}
+
+/// Enough shards that two cores (or sixty-four) rarely meet on one mutex during join storms.
+pub const SHARDS: usize = 64;
+
+impl Registry {
+    pub fn new(watcher: Option<Arc<dyn RoomWatcher>>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                hasher: RandomState::new(),
+                rooms: AtomicUsize::new(0),
+                watcher,
+            }),
+        }
+    }
+
+    fn shard(&self, name: &str) -> MutexGuard<'_, HashMap<RoomId, Arc<Room>>> {
+        let index = self.inner.hasher.hash_one(name) as usize % self.inner.shards.len();
+        // A panic while holding a shard lock cannot leave the map half-updated (each update is a
+        // single insert, remove or snapshot store), so a poisoned lock is still consistent.
+        self.inner.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Rooms with members on this node.
+    pub fn room_count(&self) -> usize {
+        self.inner.rooms.load(Ordering::Relaxed)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Room>> {
+        self.shard(name).get(name).cloned()
+    }
+
+    /// Adds `member` to room `name`, creating the room if needed. The caller guarantees the
+    /// member does not hold the room already.
+    pub fn join(&self, name: &str, member: &Member) -> Arc<Room> {
+        let mut map = self.shard(name);
+        let room = match map.get(name) {
+            Some(room) => Arc::clone(room),
+            None => {
+                let room = Arc::new(Room::new(RoomId::new(name)));
+                map.insert(room.id.clone(), Arc::clone(&room));
+                self.inner.rooms.fetch_add(1, Ordering::Relaxed);
+                if let Some(watcher) = &self.inner.watcher {
+                    watcher.opened(&room.id);
+                }
+                room
+            }
+        };
+        let current = room.members.load();
+        let mut next = Vec::with_capacity(current.len() + 1);
+        next.extend(current.iter().cloned());
+        next.push(Arc::clone(member));
+        room.members.store(Arc::new(next));
+        room
+    }
+
+    /// Removes `member` from `room`; the room disappears with its last member.
+    pub fn leave(&self, room: &Arc<Room>, member: ConnId) {
+        let mut map = self.shard(room.id.as_str());
+        let current = room.members.load();
+        let next: Vec<Member> = current
+            .iter()
+            .filter(|m| m.id() != member)
+            .cloned()
+            .collect();
+        let now_empty = next.is_empty();
+        room.members.store(Arc::new(next));
+        if now_empty {
+            let same = map
+                .get(room.id.as_str())
+                .is_some_and(|held| Arc::ptr_eq(held, room));
+            if same {
+                map.remove(room.id.as_str());
+                self.inner.rooms.fetch_sub(1, Ordering::Relaxed);
+                if let Some(watcher) = &self.inner.watcher {
+                    watcher.closed(&room.id);
+                }
+            }
+        }
+    }
+
+    /// The names of every room with members here (for re-subscribing after a backplane outage).
+    pub fn room_ids(&self) -> Vec<RoomId> {
+        let mut ids = Vec::with_capacity(self.room_count());
+        for shard in self.inner.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            ids.extend(map.keys().cloned());
+        }
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Limits, SlowConsumer};
+
+    fn member(id: u64) -> Member {
+        Arc::new(Outbox::new(
+            ConnId(id),
+            Limits {
+                max_frames: 16,
+                max_bytes: 1 << 20,
+                policy: SlowConsumer::Close,
+            },
+        ))
+    }
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+    impl RoomWatcher for Log {
+        fn opened(&self, room: &RoomId) {
+            self.0.lock().unwrap().push(format!("+{room}"));
+        }
+        fn closed(&self, room: &RoomId) {
+            self.0.lock().unwrap().push(format!("-{room}"));
+        }
+    }
+
+    #[test]
+    fn every_recipient_shares_one_allocation() {
+        let metrics = Metrics::default();
+        let registry = Registry::new(None);
+        let members: Vec<Member> = (0..200).map(member).collect();
+        let mut room = None;
+        for m in &members {
+            room = Some(registry.join("red", m));
+        }
+        let room = room.unwrap();
+        let frame = crate::frame::text("hello");
+        assert_eq!(room.broadcast(&frame, Some(ConnId(7)), &metrics), 199);
+        let mut seen = 0;
+        for m in &members {
+            m.begin_drain();
+            if let Some(queued) = m.pop() {
+                assert_eq!(queued.as_ptr(), frame.as_ptr(), "a recipient got a copy");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 199);
+    }
+
+    #[test]
+    fn rooms_vanish_with_their_last_member_and_watcher_sees_edges() {
+        let log = Arc::new(Log::default());
+        let registry = Registry::new(Some(log.clone() as Arc<dyn RoomWatcher>));
+        let (a, b) = (member(1), member(2));
+        let red = registry.join("red", &a);
+        registry.join("red", &b);
+        assert_eq!(registry.room_count(), 1);
+        registry.leave(&red, a.id());
+        assert_eq!(red.len(), 1);
+        registry.leave(&red, b.id());
+        assert_eq!(registry.room_count(), 0);
+        assert!(registry.get("red").is_none());
+        let again = registry.join("red", &a);
+        assert!(!Arc::ptr_eq(&again, &red));
+        assert_eq!(*log.0.lock().unwrap(), vec!["+red", "-red", "+red"]);
+    }
+}

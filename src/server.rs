@@ -1,0 +1,282 @@
+//! The listener: accepts TCP, speaks HTTP/1.1 through hyper (`/healthz`, `/metrics`, upgrades),
+//! hands upgraded sockets to sessions, and runs graceful shutdown.
+//!
+//! Shutdown follows axum's pattern: every connection task holds a clone of a `watch::Receiver`;
+//! the node flips it to `true`, stops accepting, and waits (bounded by the drain timeout) until
+//! every receiver is dropped, which is exactly when every task has finished.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::backplane::Backplane;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::{ConnId, Limits};
+use crate::room::Registry;
+use crate::session::{Mode, Session};
+
+/// Failures that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State every connection of the node shares; cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub registry: Registry,
+    pub backplane: Backplane,
+    pub metrics: Arc<Metrics>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::new(None);
+        let backplane = Backplane::local(registry.clone(), Arc::clone(&metrics));
+        Self {
+            config: Arc::new(config),
+            registry,
+            backplane,
+            metrics,
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub fn outbox_limits(&self) -> Limits {
+        Limits {
+            max_frames: self.config.outbox_frames,
+            max_bytes: self.config.outbox_bytes,
+            policy: self.config.slow_consumer,
+        }
+    }
+}
+
+/// A bound, not yet running node.
+pub struct Server {
+    listener: TcpListener,
+    shared: Shared,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        let addr = config.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            shared: Shared::new(config),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Serves until `shutdown` resolves, then drains: sessions flush what is queued and close
+    /// with 1001 within the drain timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::select! {
+            _ = accept_loop(&self.listener, &self.shared, &stop_rx) => {}
+            _ = shutdown => {}
+        }
+        drop(self.listener);
+        drop(stop_rx);
+        tracing::info!("shutting down: draining sessions");
+        let _ = stop_tx.send(true);
+        let grace = self.shared.config.drain_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(grace, stop_tx.closed()).await.is_err() {
+            tracing::warn!("drain timeout passed with sessions still open");
+        }
+    }
+}
+
+async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Receiver<bool>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_http(stream, shared.clone(), stop.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http(stream: TcpStream, shared: Shared, mut stop: watch::Receiver<bool>) {
+    let svc_shared = shared.clone();
+    let svc_stop = stop.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let stop = svc_stop.clone();
+        async move { Ok::<_, Infallible>(route(req, shared, stop)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!("http connection ended: {e}");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    res
+}
+
+fn route(
+    req: Request<Incoming>,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+) -> Response<Full<Bytes>> {
+    let upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
+    match (req.method(), req.uri().path(), upgrade) {
+        (&Method::GET, "/", true) => upgrade_session(req, shared, stop, Mode::Rooms),
+        (&Method::GET, "/echo", true) if shared.config.echo => {
+            upgrade_session(req, shared, stop, Mode::Echo)
+        }
+        (&Method::GET, "/healthz", _) => healthz(&shared),
+        (&Method::GET, "/metrics", _) => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared
+                .metrics
+                .snapshot()
+                .prometheus(shared.registry.room_count()),
+        ),
+        (&Method::GET, "/", false) => text(
+            StatusCode::UPGRADE_REQUIRED,
+            "text/plain",
+            "roomcast speaks WebSocket on this path\n".to_owned(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    }
+}
+
+fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
+    let m = shared.metrics.snapshot();
+    let healthy = shared.backplane.is_healthy();
+    let body = format!(
+        concat!(
+            r#"{{"status":"{}","connections":{},"rooms":{},"messages_in":{},"#,
+            r#""deliveries":{},"dropped":{},"slow_consumers_closed":{},"frames_per_write":{:.2}}}"#
+        ),
+        if healthy { "ok" } else { "degraded" },
+        m.connections,
+        shared.registry.room_count(),
+        m.messages_in,
+        m.deliveries,
+        m.dropped,
+        m.slow_closed,
+        m.frames_per_write(),
+    );
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text(status, "application/json", body)
+}
+
+fn upgrade_session(
+    mut req: Request<Incoming>,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+    mode: Mode,
+) -> Response<Full<Bytes>> {
+    let active = shared.metrics.snapshot().connections;
+    if active >= shared.config.max_connections as u64 {
+        shared.metrics.add_refused();
+        let mut res = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "connection limit reached\n".to_owned(),
+        );
+        res.headers_mut()
+            .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        return res;
+    }
+    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("bad WebSocket upgrade: {e}\n"),
+            )
+        }
+    };
+    shared.metrics.connection_opened();
+    tokio::spawn(async move {
+        let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
+        match upgrading.await {
+            Ok(ws) => {
+                let upgraded = ws.into_inner().into_inner();
+                match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(parts) => {
+                        let session = Session::new(parts.io.into_inner(), id, shared.clone(), mode);
+                        session.run(parts.read_buf, stop).await;
+                    }
+                    Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+                }
+            }
+            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        }
+        shared.metrics.connection_closed();
+    });
+    response.map(|_| Full::new(Bytes::new()))
+}

@@ -1,0 +1,193 @@
+//! Shared test helpers: a real roomcast node on 127.0.0.1:0 and tokio-tungstenite clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use roomcast::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Generous bound for anything that should happen "at once"; only a hang ever reaches it.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct Node {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<()>,
+}
+
+impl Node {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
+        tweak(&mut config);
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.local_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    pub async fn client(&self) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.url())
+            .await
+            .expect("websocket connect");
+        ws
+    }
+
+    /// Signals shutdown (as SIGTERM would); the node task then drains and returns.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).await
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        let (status, body) = self.get("/healthz").await;
+        assert!(status == 200 || status == 503, "healthz status {status}");
+        serde_json::from_str(&body).expect("healthz body is JSON")
+    }
+
+    /// Polls `/healthz` until `done` holds for it.
+    pub async fn wait_health(&self, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let health = self.health().await;
+            if done(&health) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last /healthz: {health}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw))
+        .await
+        .expect("http response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub async fn send(ws: &mut Ws, json: &str) {
+    ws.send(Message::text(json)).await.expect("send");
+}
+
+/// The next text frame, skipping pings; panics on close or silence.
+pub async fn recv(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("stream open")
+            .expect("frame ok");
+        match msg {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Asserts nothing arrives within a short while (used after a barrier message proves order).
+pub async fn silent(ws: &mut Ws, wait: Duration) {
+    match tokio::time::timeout(wait, ws.next()).await {
+        Err(_) => {}
+        Ok(Some(Ok(Message::Ping(_)))) => {}
+        Ok(other) => panic!("expected silence, got {other:?}"),
+    }
+}
+
+/// Reads until the close frame and returns its code.
+pub async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+pub fn error_code(reply: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(reply).expect("error reply is JSON");
+    assert_eq!(v["type"], "error", "not an error reply: {reply}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    v["code"].as_str().expect("code").to_owned()
+}
+
+pub fn join(room: &str) -> String {
+    format!(r#"{{"type":"join","payload":{{"roomId":"{room}"}}}}"#)
+}
+pub fn leave(room: &str) -> String {
+    format!(r#"{{"type":"leave","payload":{{"roomId":"{room}"}}}}"#)
+}
+pub fn chat(message: &str) -> String {
+    format!(r#"{{"type":"chat","payload":{{"message":"{message}"}}}}"#)
+}
+pub fn subscribe(room: &str) -> String {
+    format!(r#"{{"type":"SUBSCRIBE","room":"{room}"}}"#)
+}
+pub fn unsubscribe(room: &str) -> String {
+    format!(r#"{{"type":"UNSUBSCRIBE","room":"{room}"}}"#)
+}
+pub fn send_message(room: &str, message: &str) -> String {
+    format!(r#"{{"type":"sendMessage","roomId":"{room}","message":"{message}"}}"#)
+}
+
+/// Makes sure every command `ws` sent before has been processed: a sendMessage to a private
+/// room the client holds comes back only after them.
+pub async fn sync(ws: &mut Ws, tag: &str) {
+    let room = format!("sync-{tag}");
+    send(ws, &subscribe(&room)).await;
+    send(ws, &send_message(&room, "sync")).await;
+    assert_eq!(recv(ws).await, "sync");
+    send(ws, &unsubscribe(&room)).await;
+}
