@@ -1,13 +1,19 @@
 //! The bus a published message travels on before fan-out. In-process by default: the message is
-//! framed once and broadcast to the local room. Sessions only call [`Backplane::publish`]; they
-//! never know which bus runs.
+//! framed once and broadcast to the local room. With `--redis`, every message goes through the
+//! room's Redis channel, to this node too, so all members on every node see one order.
+//! Sessions only call [`Backplane::publish`]; they never know which bus runs.
+
+mod redis;
 
 use std::sync::Arc;
 
+use crate::config::Config;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
-use crate::room::{Registry, Room};
+use crate::room::{Registry, Room, RoomWatcher};
+
+pub use self::redis::RedisError;
 
 /// Why a message could not be handed to the bus.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,19 +38,43 @@ pub struct Publish<'a> {
 pub struct Backplane {
     registry: Registry,
     metrics: Arc<Metrics>,
+    redis: Option<redis::Bus>,
 }
 
 impl Backplane {
-    pub fn local(registry: Registry, metrics: Arc<Metrics>) -> Self {
-        Self { registry, metrics }
+    /// Builds the node's registry and the bus that feeds it, as `config` asks.
+    pub fn start(config: &Config, metrics: Arc<Metrics>) -> Result<(Registry, Self), RedisError> {
+        let Some(url) = &config.redis else {
+            let registry = Registry::new(None);
+            let bus = Self {
+                registry: registry.clone(),
+                metrics,
+                redis: None,
+            };
+            return Ok((registry, bus));
+        };
+        let (bus, watcher, worker) = redis::Bus::new(url, &config.redis_prefix)?;
+        let registry = Registry::new(Some(Arc::new(watcher) as Arc<dyn RoomWatcher>));
+        tokio::spawn(worker.run(registry.clone(), Arc::clone(&metrics)));
+        Ok((
+            registry.clone(),
+            Self {
+                registry,
+                metrics,
+                redis: Some(bus),
+            },
+        ))
     }
 
     /// True while messages can flow; `/healthz` reports "degraded" otherwise.
     pub fn is_healthy(&self) -> bool {
-        true
+        self.redis.as_ref().is_none_or(redis::Bus::is_healthy)
     }
 
     pub fn publish(&self, msg: Publish<'_>) -> Result<(), BackplaneError> {
+        if let Some(bus) = &self.redis {
+            return bus.publish(msg.room, msg.message, msg.skip);
+        }
         let frame = frame::text(msg.message);
         match msg.held {
             Some(room) => {

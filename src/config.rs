@@ -63,6 +63,16 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub header_timeout: Duration,
 
+    /// Join a cluster through this Redis (e.g. redis://127.0.0.1:6379); without it the node
+    /// runs alone on its in-process bus.
+    #[arg(long, env = "ROOMCAST_REDIS")]
+    pub redis: Option<String>,
+
+    /// Prefix for every room's Redis channel (none by default, so original nodes can share
+    /// the Redis during a migration).
+    #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = "")]
+    pub redis_prefix: String,
+
     /// Serve an echo WebSocket on /echo (for conformance suites); off by default.
     #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
     pub echo: bool,

@@ -116,17 +116,63 @@ thread_local! {
 /// Decodes one client text message. `buf` is parsed in place (simd-json unescapes strings into
 /// it), which is why it must be mutable.
 pub fn decode(buf: &mut [u8]) -> Result<Command<'_>, ClientError> {
+    with_tape(buf, command).unwrap_or(Err(ClientError::BadJson))
+}
+
+/// Parses `buf` into the thread's reusable tape and runs `f` on the root value; `None` when
+/// `buf` is not JSON.
+fn with_tape<'i, R>(buf: &'i mut [u8], f: impl FnOnce(Value<'_, 'i>) -> R) -> Option<R> {
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
         let scratch = &mut *guard;
         let mut tape: Tape<'_> = scratch.tape.take().unwrap_or_else(Tape::null).reset();
-        let parsed = match simd_json::fill_tape(buf, &mut scratch.buffers, &mut tape) {
-            Ok(()) => command(tape.as_value()),
-            Err(_) => Err(ClientError::BadJson),
+        let out = match simd_json::fill_tape(buf, &mut scratch.buffers, &mut tape) {
+            Ok(()) => Some(f(tape.as_value())),
+            Err(_) => None,
         };
         scratch.tape = Some(tape.reset());
-        parsed
+        out
     })
+}
+
+/// A message between nodes, as published on a room's Redis channel. Original nodes publish
+/// only `type`, `roomId` and `message`; roomcast adds `origin` (node id) and `conn` (the
+/// sending connection, present when the sender must not hear it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relay<'a> {
+    pub message: &'a str,
+    pub origin: Option<&'a str>,
+    pub conn: Option<u64>,
+}
+
+/// Builds a relay payload; readable by original nodes (unknown fields are ignored there).
+pub fn encode_relay(room: &str, message: &str, origin: &str, conn: Option<u64>) -> Vec<u8> {
+    let mut json = String::with_capacity(64 + room.len() + message.len());
+    json.push_str(r#"{"type":"sendMessage","roomId":"#);
+    push_json_string(&mut json, room);
+    json.push_str(r#","message":"#);
+    push_json_string(&mut json, message);
+    json.push_str(r#","origin":"#);
+    push_json_string(&mut json, origin);
+    if let Some(conn) = conn {
+        json.push_str(r#","conn":"#);
+        json.push_str(&conn.to_string());
+    }
+    json.push('}');
+    json.into_bytes()
+}
+
+/// Reads a relay payload; `None` for anything without a string `message` (foreign traffic on
+/// the channel is ignored, never delivered half-understood).
+pub fn decode_relay(buf: &mut [u8]) -> Option<Relay<'_>> {
+    with_tape(buf, |v| {
+        Some(Relay {
+            message: v.get("message")?.into_string()?,
+            origin: v.get("origin").and_then(|o| o.into_string()),
+            conn: v.get("conn").and_then(|c| c.as_u64()),
+        })
+    })
+    .flatten()
 }
 
 fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
@@ -256,6 +302,30 @@ mod tests {
             parse(r#"{"type":"dance"}"#),
             Err(ClientError::UnknownType("dance".into()))
         );
+    }
+
+    #[test]
+    fn relay_round_trip_and_foreign_payloads() {
+        let mut ours = encode_relay("r\"1", "hi \u{2603}", "node-a", Some(42));
+        assert_eq!(
+            decode_relay(&mut ours),
+            Some(Relay {
+                message: "hi \u{2603}",
+                origin: Some("node-a"),
+                conn: Some(42)
+            })
+        );
+        let mut original = br#"{"type":"sendMessage","roomId":"r","message":"x"}"#.to_vec();
+        assert_eq!(
+            decode_relay(&mut original),
+            Some(Relay {
+                message: "x",
+                origin: None,
+                conn: None
+            })
+        );
+        assert_eq!(decode_relay(&mut b"garbage".to_vec()), None);
+        assert_eq!(decode_relay(&mut br#"{"message":5}"#.to_vec()), None);
     }
 
     #[test]

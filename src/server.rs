@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::backplane::Backplane;
+use crate::backplane::{Backplane, RedisError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Limits};
@@ -33,6 +33,8 @@ use crate::session::{Mode, Session};
 /// Failures that stop a node from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error(transparent)]
+    Backplane(#[from] RedisError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -51,17 +53,17 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Self {
+    /// Must run inside the runtime: with Redis configured it starts the backplane worker.
+    pub fn new(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::new(None);
-        let backplane = Backplane::local(registry.clone(), Arc::clone(&metrics));
-        Self {
+        let (registry, backplane) = Backplane::start(&config, Arc::clone(&metrics))?;
+        Ok(Self {
             config: Arc::new(config),
             registry,
             backplane,
             metrics,
             next_id: Arc::new(AtomicU64::new(1)),
-        }
+        })
     }
 
     pub fn outbox_limits(&self) -> Limits {
@@ -87,7 +89,7 @@ impl Server {
             .map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            shared: Shared::new(config),
+            shared: Shared::new(config)?,
         })
     }
 

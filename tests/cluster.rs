@@ -1,0 +1,310 @@
+//! Several nodes on one Redis behave as one server. Each test starts its own redis-server on a
+//! free port so it can kill and restart it.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.conn().await.is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn conn(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()?;
+        Some(conn)
+    }
+
+    async fn numsub(&self, channel: &str) -> i64 {
+        let mut conn = self.conn().await.expect("redis up");
+        let reply: (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        reply.1
+    }
+
+    async fn wait_numsub(&self, channel: &str, want: i64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let got = self.numsub(channel).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "NUMSUB {channel} stayed {got}, wanted {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn command(&self, args: &[&str]) {
+        let mut conn = self.conn().await.expect("redis up");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async::<redis::Value>(&mut conn).await.unwrap();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn cluster(redis: &Redis) -> (Node, Node) {
+    let url = redis.url();
+    let a = Node::start_with(|c| c.redis = Some(url.clone())).await;
+    let b = Node::start_with(|c| c.redis = Some(url)).await;
+    for node in [&a, &b] {
+        node.wait_health("backplane connected", |h| h["status"] == "ok")
+            .await;
+    }
+    (a, b)
+}
+
+#[tokio::test]
+async fn dialects_work_across_nodes_and_chat_skips_only_its_sender() {
+    let redis = Redis::start().await;
+    let (a, b) = cluster(&redis).await;
+    let (mut a1, mut a2, mut b1, mut b2) = (
+        a.client().await,
+        a.client().await,
+        b.client().await,
+        b.client().await,
+    );
+    send(&mut a1, &join("red")).await;
+    send(&mut a2, &subscribe("red")).await;
+    send(&mut b1, &join("red")).await;
+    send(&mut b2, &subscribe("red")).await;
+    redis.wait_numsub("red", 2).await;
+
+    send(&mut a1, &chat("from a1")).await;
+    for ws in [&mut a2, &mut b1, &mut b2] {
+        assert_eq!(recv(ws).await, "from a1");
+    }
+    send(&mut b2, &send_message("red", "from b2")).await;
+    for ws in [&mut a1, &mut a2, &mut b1, &mut b2] {
+        assert_eq!(recv(ws).await, "from b2");
+    }
+    send(&mut b1, &chat("from b1")).await;
+    for ws in [&mut a1, &mut a2, &mut b2] {
+        assert_eq!(recv(ws).await, "from b1");
+    }
+    // Neither chat sender heard itself: their next frame is their own sync echo.
+    sync(&mut a1, "a1").await;
+    sync(&mut b1, "b1").await;
+}
+
+#[tokio::test]
+async fn concurrent_senders_on_both_nodes_give_every_member_one_order() {
+    let redis = Redis::start().await;
+    let (a, b) = cluster(&redis).await;
+    let mut members = vec![
+        a.client().await,
+        a.client().await,
+        b.client().await,
+        b.client().await,
+    ];
+    for ws in members.iter_mut() {
+        send(ws, &subscribe("order")).await;
+    }
+    redis.wait_numsub("order", 2).await;
+    const EACH: usize = 300;
+    let mut senders = Vec::new();
+    for (tag, node) in [("a", &a), ("b", &b)] {
+        let mut ws = node.client().await;
+        senders.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                send(&mut ws, &send_message("order", &format!("{tag}{i}"))).await;
+            }
+            ws
+        }));
+    }
+    let mut orders = Vec::new();
+    for ws in members.iter_mut() {
+        let mut got = Vec::with_capacity(2 * EACH);
+        for _ in 0..2 * EACH {
+            got.push(recv(ws).await);
+        }
+        orders.push(got);
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    for other in &orders[1..] {
+        assert_eq!(other, &orders[0], "members saw different orders");
+    }
+    for tag in ["a", "b"] {
+        let seq: Vec<&String> = orders[0].iter().filter(|m| m.starts_with(tag)).collect();
+        let want: Vec<String> = (0..EACH).map(|i| format!("{tag}{i}")).collect();
+        assert_eq!(
+            seq,
+            want.iter().collect::<Vec<_>>(),
+            "sender {tag} reordered"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_subscription_per_node_with_members() {
+    let redis = Redis::start().await;
+    let (a, b) = cluster(&redis).await;
+    assert_eq!(redis.numsub("room").await, 0);
+    let mut a1 = a.client().await;
+    send(&mut a1, &subscribe("room")).await;
+    redis.wait_numsub("room", 1).await;
+    let mut a2 = a.client().await;
+    send(&mut a2, &join("room")).await;
+    sync(&mut a2, "a2").await;
+    assert_eq!(
+        redis.numsub("room").await,
+        1,
+        "second local member resubscribed"
+    );
+    let mut b1 = b.client().await;
+    send(&mut b1, &subscribe("room")).await;
+    redis.wait_numsub("room", 2).await;
+    send(&mut a1, &unsubscribe("room")).await;
+    sync(&mut a1, "a1").await;
+    assert_eq!(
+        redis.numsub("room").await,
+        2,
+        "a node with a member left unsubscribed"
+    );
+    drop(a2);
+    redis.wait_numsub("room", 1).await;
+    send(&mut b1, &leave("room")).await;
+    redis.wait_numsub("room", 0).await;
+}
+
+#[tokio::test]
+async fn a_raw_publish_in_the_original_format_reaches_every_member() {
+    let redis = Redis::start().await;
+    let (a, b) = cluster(&redis).await;
+    let (mut a1, mut b1) = (a.client().await, b.client().await);
+    send(&mut a1, &subscribe("room")).await;
+    send(&mut b1, &join("room")).await;
+    redis.wait_numsub("room", 2).await;
+    redis
+        .command(&[
+            "PUBLISH",
+            "room",
+            r#"{"type":"sendMessage","roomId":"room","message":"x"}"#,
+        ])
+        .await;
+    assert_eq!(recv(&mut a1).await, "x");
+    assert_eq!(recv(&mut b1).await, "x");
+}
+
+/// Sends from `from` until `to` hears it; during an outage `from` gets backplane_unavailable.
+async fn round_trip(from: &mut Ws, to: &mut Ws, room: &str) {
+    send(from, &send_message(room, "back")).await;
+    assert_eq!(recv(to).await, "back");
+}
+
+async fn outage_then_recovery(redis: &mut Redis, restart: bool) {
+    let (a, b) = cluster(redis).await;
+    let (mut a1, mut b1) = (a.client().await, b.client().await);
+    send(&mut a1, &subscribe("live")).await;
+    send(&mut b1, &subscribe("live")).await;
+    redis.wait_numsub("live", 2).await;
+    round_trip(&mut a1, &mut b1, "live").await;
+    assert_eq!(recv(&mut a1).await, "back");
+
+    if restart {
+        redis.kill();
+        for node in [&a, &b] {
+            node.wait_health("degraded", |h| h["status"] == "degraded")
+                .await;
+        }
+        assert_eq!(a.get("/healthz").await.0, 503);
+        send(&mut a1, &send_message("live", "lost")).await;
+        assert_eq!(error_code(&recv(&mut a1).await), "backplane_unavailable");
+        redis.spawn().await;
+    } else {
+        redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    }
+    let back = tokio::time::Instant::now();
+    for node in [&a, &b] {
+        node.wait_health("healthy again", |h| h["status"] == "ok")
+            .await;
+    }
+    redis.wait_numsub("live", 2).await;
+    round_trip(&mut b1, &mut a1, "live").await;
+    assert_eq!(recv(&mut b1).await, "back");
+    eprintln!(
+        "deliveries flowed again {:?} after Redis returned",
+        back.elapsed()
+    );
+    for node in [&a, &b] {
+        let h = node.health().await;
+        assert_eq!(h["connections"], 1, "a client was disconnected: {h}");
+    }
+}
+
+#[tokio::test]
+async fn redis_restart_degrades_then_recovers_without_dropping_clients() {
+    let mut redis = Redis::start().await;
+    outage_then_recovery(&mut redis, true).await;
+}
+
+#[tokio::test]
+async fn killed_subscriber_connections_are_replaced() {
+    let mut redis = Redis::start().await;
+    outage_then_recovery(&mut redis, false).await;
+}
