@@ -20,7 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::backplane::{Backplane, RedisError};
@@ -84,9 +84,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let addr = config.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
             shared: Shared::new(config)?,
@@ -120,6 +118,21 @@ impl Server {
             tracing::warn!("drain timeout passed with sessions still open");
         }
     }
+}
+
+/// Connection storms (10,000 clients at once) overflow std's default backlog of 128 and cost
+/// each overflowed client a one-second SYN retransmit; the kernel caps this at somaxconn.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Receiver<bool>) {

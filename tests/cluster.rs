@@ -154,7 +154,7 @@ async fn dialects_work_across_nodes_and_chat_skips_only_its_sender() {
 async fn concurrent_senders_on_both_nodes_give_every_member_one_order() {
     let redis = Redis::start().await;
     let (a, b) = cluster(&redis).await;
-    let mut members = vec![
+    let mut members = [
         a.client().await,
         a.client().await,
         b.client().await,

@@ -1,0 +1,1060 @@
+//! One simulated client: connect, join, then (in one task, to keep it cheap) read deliveries,
+//! answer pings and, for senders, send on an open-loop schedule.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::ws::{self, HeaderParse};
+use crate::Dialect;
+
+static BASE: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// All timestamps carried in messages are nanoseconds since this process-wide instant, so a
+/// receiver can compare them with its own clock without any conversion.
+pub fn base() -> std::time::Instant {
+    *BASE.get_or_init(std::time::Instant::now)
+}
+
+pub fn now_ns() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+pub fn instant_at(ns: u64) -> Instant {
+    Instant::from_std(base() + Duration::from_nanos(ns))
+}
+
+/// Sends are batched when a sender is behind schedule, but not without bound, so reads and
+/// other tasks get a turn.
+const MAX_SEND_BATCH: usize = 64;
+
+/// How long a closing client waits to hand its close frame to the kernel.
+const CLOSE_WAIT: Duration = Duration::from_millis(200);
+
+/// Upper bound of the latency and lag histograms, in µs; larger values saturate.
+pub const HIST_MAX_US: u64 = 60_000_000;
+
+pub fn new_hist() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts.
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("valid histogram bounds")
+}
+
+/// A stretch of the run with one per-sender rate. Phase 0 is the warm-up, the rest are the
+/// measured steps.
+#[derive(Debug, Clone, Copy)]
+pub struct PhaseSpec {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub rate: f64,
+}
+
+#[derive(Debug)]
+pub struct Schedule {
+    pub phases: Vec<PhaseSpec>,
+    /// Number of sender slots; sender `id` starts `id / total_senders` of a period late so
+    /// sends are spread evenly instead of arriving in bursts.
+    pub total_senders: u32,
+}
+
+impl Schedule {
+    pub fn phase_of(&self, t: u64) -> Option<usize> {
+        self.phases
+            .iter()
+            .position(|p| p.start_ns <= t && t < p.end_ns)
+    }
+
+    pub fn end_ns(&self) -> u64 {
+        self.phases.last().map_or(0, |p| p.end_ns)
+    }
+}
+
+/// Facts known once every client has connected.
+#[derive(Debug)]
+pub struct Plan {
+    /// Per room: the client that sends readiness probes (`u32::MAX` when the room is empty).
+    pub prober: Vec<u32>,
+    /// Per room: how many members must see a probe before the room counts as ready.
+    pub required: Vec<u32>,
+    /// Per room: deliveries one message to that room should cause.
+    pub recipients: Vec<u32>,
+}
+
+/// What the coordinator tells every client, through one watch channel.
+#[derive(Debug, Clone, Default)]
+pub struct Ctl {
+    pub plan: Option<Arc<Plan>>,
+    pub probe_round: u32,
+    pub schedule: Option<Arc<Schedule>>,
+}
+
+/// Histograms shared by a slice of the clients. Per-client histograms would cost ~100 KiB
+/// each; sharding keeps memory flat while lock contention stays negligible (one lock per
+/// read batch).
+pub struct Hists {
+    pub latency: Vec<Histogram<u64>>,
+    pub lag: Vec<Histogram<u64>>,
+}
+
+impl Hists {
+    pub fn new(n_phases: usize) -> Hists {
+        Hists {
+            latency: (0..n_phases).map(|_| new_hist()).collect(),
+            lag: (0..n_phases).map(|_| new_hist()).collect(),
+        }
+    }
+}
+
+pub struct Shared {
+    pub rooms: u32,
+    pub senders_per_room: u32,
+    pub dialect: Dialect,
+    pub payload: usize,
+    pub n_phases: usize,
+    pub read_buf: usize,
+    pub connect_timeout: Duration,
+    pub connect_deadline: Instant,
+    pub room_ready: Vec<AtomicU32>,
+    pub shards: Vec<Mutex<Hists>>,
+    /// Live totals for progress display and for ending the drain early.
+    pub sent: AtomicU64,
+    pub expected: AtomicU64,
+    pub received: AtomicU64,
+    pub error_codes: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Shared {
+    fn shard(&self, id: u32) -> MutexGuard<'_, Hists> {
+        let m = &self.shards[id as usize % self.shards.len()];
+        // A panic elsewhere cannot leave a histogram in a state worth refusing to read.
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PhaseCounters {
+    /// Messages this client sent whose scheduled time falls in the phase.
+    pub sent: u64,
+    /// Distinct, correctly routed deliveries (the rest below is by message phase too).
+    pub received: u64,
+    pub duplicates: u64,
+    pub order_violations: u64,
+    pub misrouted: u64,
+    /// Delivery frames of any kind that *arrived* during the phase (for throughput and CPU
+    /// per delivery, which are about work done in the window).
+    pub arrived: u64,
+}
+
+#[derive(Debug)]
+pub struct ClientResult {
+    pub id: u32,
+    pub connected: bool,
+    pub ready: bool,
+    pub phases: Vec<PhaseCounters>,
+    pub errors: u64,
+    pub unparseable: u64,
+    pub other_frames: u64,
+    /// Why the connection ended before loadgen stopped it, if it did.
+    pub disconnect: Option<String>,
+}
+
+pub struct Outcome {
+    pub id: u32,
+    pub result: Result<Duration, String>,
+}
+
+/// Sliding-window record of the sequences seen from one sender, to tell a duplicate (seen
+/// before) from a reordering (lower than the highest seen, but new).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SeqTracker {
+    highest: u64,
+    seen_any: bool,
+    /// Bit k set: sequence `highest - k` was seen.
+    bits: u128,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    New,
+    Duplicate,
+    /// Lower than the highest seen and not seen before. Beyond the 128-message window a
+    /// duplicate cannot be told apart and is counted here too.
+    Reordered,
+}
+
+impl SeqTracker {
+    pub fn observe(&mut self, seq: u64) -> Seen {
+        if !self.seen_any {
+            self.seen_any = true;
+            self.highest = seq;
+            self.bits = 1;
+            return Seen::New;
+        }
+        if seq > self.highest {
+            let d = seq - self.highest;
+            self.bits = if d >= 128 { 0 } else { self.bits << d };
+            self.bits |= 1;
+            self.highest = seq;
+            return Seen::New;
+        }
+        let d = self.highest - seq;
+        if d >= 128 {
+            return Seen::Reordered;
+        }
+        let m = 1u128 << d;
+        if self.bits & m != 0 {
+            Seen::Duplicate
+        } else {
+            self.bits |= m;
+            Seen::Reordered
+        }
+    }
+}
+
+pub enum Msg {
+    Probe {
+        room: u32,
+    },
+    Data {
+        room: u32,
+        sender: u32,
+        seq: u64,
+        sched: u64,
+    },
+}
+
+/// Parses `lg-<room>|<sender>|<seq>|<sched ns>|xxx...` or the probe `lg-<room>|P|<round>|`.
+pub fn parse_msg(b: &[u8]) -> Option<Msg> {
+    let mut rest = b.strip_prefix(b"lg-")?;
+    let mut field = || -> Option<&[u8]> {
+        let i = rest.iter().position(|&c| c == b'|')?;
+        let f = &rest[..i];
+        rest = &rest[i + 1..];
+        Some(f)
+    };
+    let room = parse_num(field()?)? as u32;
+    let second = field()?;
+    if second == b"P" {
+        return Some(Msg::Probe { room });
+    }
+    let sender = parse_num(second)?;
+    let seq = parse_num(field()?)?;
+    let sched = parse_num(field()?)?;
+    Some(Msg::Data {
+        room,
+        sender: u32::try_from(sender).ok()?,
+        seq,
+        sched,
+    })
+}
+
+fn parse_num(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + u64::from(c - b'0');
+    }
+    Some(v)
+}
+
+/// Finds the string value of `"key"` in a flat JSON object without a JSON parser: only used
+/// on the rare non-delivery frames (errors), whose shape the protocol fixes.
+pub fn json_str_field<'a>(b: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let pat = format!("\"{key}\"");
+    let i = b.windows(pat.len()).position(|w| w == pat.as_bytes())?;
+    let mut rest = &b[i + pat.len()..];
+    let skip_ws = |r: &mut &'a [u8]| {
+        while let Some((&c, tail)) = r.split_first() {
+            if !c.is_ascii_whitespace() {
+                break;
+            }
+            *r = tail;
+        }
+    };
+    skip_ws(&mut rest);
+    rest = rest.strip_prefix(b":")?;
+    skip_ws(&mut rest);
+    rest = rest.strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&c| c == b'"')?;
+    Some(&rest[..end])
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        // xorshift64*: masks and handshake keys only need to look random.
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn mask(&mut self) -> [u8; 4] {
+        (self.next() as u32).to_ne_bytes()
+    }
+
+    fn key(&mut self) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&self.next().to_ne_bytes());
+        k[8..].copy_from_slice(&self.next().to_ne_bytes());
+        k
+    }
+}
+
+/// Open-loop schedule position of one sender.
+struct Sender {
+    seq: u64,
+    phase: usize,
+    k: u64,
+    next: u64,
+    done: bool,
+    offset: f64,
+    recipients: u64,
+}
+
+impl Sender {
+    fn new(sch: &Schedule, id: u32, recipients: u32) -> Sender {
+        let mut s = Sender {
+            seq: 0,
+            phase: 0,
+            k: 0,
+            next: 0,
+            done: false,
+            offset: f64::from(id) / f64::from(sch.total_senders.max(1)),
+            recipients: u64::from(recipients),
+        };
+        s.settle(sch);
+        s
+    }
+
+    /// Moves `next` to the k-th slot of the current phase, or on to later phases.
+    fn settle(&mut self, sch: &Schedule) {
+        while let Some(p) = sch.phases.get(self.phase) {
+            let t = p.start_ns + ((self.offset + self.k as f64) / p.rate * 1e9) as u64;
+            if t < p.end_ns {
+                self.next = t;
+                return;
+            }
+            self.phase += 1;
+            self.k = 0;
+        }
+        self.done = true;
+    }
+}
+
+struct ClientState {
+    id: u32,
+    room: u32,
+    rooms: u32,
+    senders_per_room: u32,
+    dialect: Dialect,
+    phases: Vec<PhaseCounters>,
+    trackers: Vec<SeqTracker>,
+    ready: bool,
+    errors: u64,
+    unparseable: u64,
+    other_frames: u64,
+    /// Reassembly of a fragmented message; servers rarely fragment, so this is the only
+    /// place a delivery may allocate.
+    frag: Option<(u8, Vec<u8>)>,
+    schedule: Option<Arc<Schedule>>,
+    unique_in_batch: u64,
+}
+
+enum Flow {
+    /// The next frame needs this many bytes from the current position.
+    More(usize),
+    Close(Option<u16>),
+}
+
+impl ClientState {
+    fn into_result(self, connected: bool, disconnect: Option<String>) -> ClientResult {
+        ClientResult {
+            id: self.id,
+            connected,
+            ready: self.ready,
+            phases: self.phases,
+            errors: self.errors,
+            unparseable: self.unparseable,
+            other_frames: self.other_frames,
+            disconnect,
+        }
+    }
+
+    /// Handles every complete frame in `buf`; returns the bytes consumed. Synchronous so
+    /// the histogram lock is never held across an await.
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        now: u64,
+        sh: &Shared,
+        out: &mut Vec<u8>,
+        rng: &mut Rng,
+    ) -> Result<(usize, Flow), String> {
+        let mut pos = 0;
+        let mut hists: Option<MutexGuard<'_, Hists>> = None;
+        loop {
+            let h = match ws::parse_header(&buf[pos..])? {
+                HeaderParse::Need(n) => return Ok((pos, Flow::More(n))),
+                HeaderParse::Header(h) => h,
+            };
+            if buf.len() - pos < h.frame_len() {
+                return Ok((pos, Flow::More(h.frame_len())));
+            }
+            let payload = &mut buf[pos + h.header_len..pos + h.frame_len()];
+            if let Some(m) = h.mask {
+                ws::apply_mask(payload, m);
+            }
+            pos += h.frame_len();
+            match h.opcode {
+                ws::OP_TEXT | ws::OP_BINARY if self.frag.is_some() => {
+                    return Err("protocol: new message inside a fragmented one".into());
+                }
+                ws::OP_TEXT if h.fin => self.on_text(payload, now, sh, &mut hists),
+                ws::OP_BINARY if h.fin => self.other_frames += 1,
+                ws::OP_TEXT | ws::OP_BINARY => self.frag = Some((h.opcode, payload.to_vec())),
+                ws::OP_CONT => {
+                    let Some((_, data)) = self.frag.as_mut() else {
+                        return Err("protocol: continuation without a message".into());
+                    };
+                    if data.len() + payload.len() > ws::MAX_FRAME {
+                        return Err("protocol: fragmented message too large".into());
+                    }
+                    data.extend_from_slice(payload);
+                    if h.fin {
+                        if let Some((op, data)) = self.frag.take() {
+                            if op == ws::OP_TEXT {
+                                self.on_text(&data, now, sh, &mut hists);
+                            } else {
+                                self.other_frames += 1;
+                            }
+                        }
+                    }
+                }
+                ws::OP_PING => ws::encode_frame(out, ws::OP_PONG, payload, rng.mask()),
+                ws::OP_PONG => {}
+                ws::OP_CLOSE => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Ok((pos, Flow::Close(code)));
+                }
+                _ => return Err("protocol: unknown opcode".into()),
+            }
+        }
+    }
+
+    fn on_text<'a>(
+        &mut self,
+        msg: &[u8],
+        now: u64,
+        sh: &'a Shared,
+        hists: &mut Option<MutexGuard<'a, Hists>>,
+    ) {
+        if msg.first() == Some(&b'{') {
+            self.on_json(msg, sh);
+            return;
+        }
+        match parse_msg(msg) {
+            Some(Msg::Probe { room }) => {
+                if room == self.room && !self.ready {
+                    self.ready = true;
+                    sh.room_ready[room as usize].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Some(Msg::Data {
+                room,
+                sender,
+                seq,
+                sched,
+            }) => self.on_data(room, sender, seq, sched, now, sh, hists),
+            None => self.unparseable += 1,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_data<'a>(
+        &mut self,
+        room: u32,
+        sender: u32,
+        seq: u64,
+        sched: u64,
+        now: u64,
+        sh: &'a Shared,
+        hists: &mut Option<MutexGuard<'a, Hists>>,
+    ) {
+        let Some(schedule) = self.schedule.as_deref() else {
+            self.unparseable += 1;
+            return;
+        };
+        let Some(p) = schedule.phase_of(sched) else {
+            self.unparseable += 1;
+            return;
+        };
+        if let Some(arrival) = schedule.phase_of(now) {
+            self.phases[arrival].arrived += 1;
+        }
+        if room != self.room {
+            self.phases[p].misrouted += 1;
+            return;
+        }
+        let rank = sender / self.rooms;
+        if sender % self.rooms != room || rank >= self.senders_per_room {
+            // Not a sender loadgen has: a corrupted or foreign message.
+            self.unparseable += 1;
+            return;
+        }
+        if self.dialect == Dialect::Join && sender == self.id {
+            // The join dialect never echoes to the sender; receiving it is a routing fault.
+            self.phases[p].misrouted += 1;
+            return;
+        }
+        match self.trackers[rank as usize].observe(seq) {
+            Seen::Duplicate => self.phases[p].duplicates += 1,
+            seen => {
+                if seen == Seen::Reordered {
+                    self.phases[p].order_violations += 1;
+                }
+                self.phases[p].received += 1;
+                self.unique_in_batch += 1;
+                // Phase 0 is the warm-up, excluded from latency.
+                if p > 0 {
+                    let us = (now.saturating_sub(sched) / 1000).max(1);
+                    hists.get_or_insert_with(|| sh.shard(self.id)).latency[p].saturating_record(us);
+                }
+            }
+        }
+    }
+
+    fn on_json(&mut self, msg: &[u8], sh: &Shared) {
+        if json_str_field(msg, "type") != Some(b"error") {
+            self.other_frames += 1;
+            return;
+        }
+        self.errors += 1;
+        let code = json_str_field(msg, "code").map_or_else(
+            || "(no code)".to_string(),
+            |c| String::from_utf8_lossy(c).into_owned(),
+        );
+        let mut codes = sh.error_codes.lock().unwrap_or_else(|e| e.into_inner());
+        *codes.entry(code).or_insert(0) += 1;
+    }
+}
+
+/// Appends the JSON of a send in the chosen dialect, carrying message `m` built by `body`.
+fn build_send(scratch: &mut Vec<u8>, dialect: Dialect, room: u32, body: impl FnOnce(&mut Vec<u8>)) {
+    scratch.clear();
+    // Writes to a Vec cannot fail.
+    let _ = match dialect {
+        Dialect::Subscribe => write!(
+            scratch,
+            "{{\"type\":\"sendMessage\",\"roomId\":\"lg-{room}\",\"message\":\""
+        ),
+        Dialect::Join => write!(scratch, "{{\"type\":\"chat\",\"payload\":{{\"message\":\""),
+    };
+    body(scratch);
+    scratch.extend_from_slice(match dialect {
+        Dialect::Subscribe => b"\"}",
+        Dialect::Join => b"\"}}",
+    });
+}
+
+fn build_join(scratch: &mut Vec<u8>, dialect: Dialect, room: u32) {
+    scratch.clear();
+    let _ = match dialect {
+        Dialect::Subscribe => write!(scratch, "{{\"type\":\"SUBSCRIBE\",\"room\":\"lg-{room}\"}}"),
+        Dialect::Join => write!(
+            scratch,
+            "{{\"type\":\"join\",\"payload\":{{\"roomId\":\"lg-{room}\"}}}}"
+        ),
+    };
+}
+
+pub struct ClientArgs {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub url: Arc<ws::WsUrl>,
+    pub shared: Arc<Shared>,
+    pub connect_permits: Arc<Semaphore>,
+    pub outcomes: mpsc::UnboundedSender<Outcome>,
+    pub ctl: watch::Receiver<Ctl>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// TCP connect, upgrade, join. Leaves any bytes read past the upgrade response at the start
+/// of `rbuf` and returns how many.
+async fn connect(
+    a: &ClientArgs,
+    rbuf: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    rng: &mut Rng,
+) -> Result<(TcpStream, usize, Duration), String> {
+    let sh = &a.shared;
+    let _permit = tokio::select! {
+        p = a.connect_permits.acquire() => p.map_err(|_| "connect: aborted".to_string())?,
+        () = tokio::time::sleep_until(sh.connect_deadline) => {
+            return Err("connect: connect phase deadline passed while queued".into());
+        }
+    };
+    let started = Instant::now();
+    let deadline = (started + sh.connect_timeout).min(sh.connect_deadline);
+    let attempt = async {
+        let mut s = TcpStream::connect(a.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        // Deliveries are small frames; Nagle would add latency loadgen would then report.
+        let _ = s.set_nodelay(true);
+        s.write_all(&ws::upgrade_request(&a.url, rng.key()))
+            .await
+            .map_err(|e| format!("handshake: write: {e}"))?;
+        let mut filled = 0;
+        let header_len = loop {
+            if filled == rbuf.len() {
+                if rbuf.len() >= ws::MAX_HANDSHAKE {
+                    return Err("handshake: response header too large".to_string());
+                }
+                rbuf.resize(ws::MAX_HANDSHAKE, 0);
+            }
+            let n = s
+                .read(&mut rbuf[filled..])
+                .await
+                .map_err(|e| format!("handshake: read: {e}"))?;
+            if n == 0 {
+                return Err("handshake: connection closed before upgrade".to_string());
+            }
+            filled += n;
+            if let ws::Handshake::Done { header_len } = ws::check_handshake(&rbuf[..filled])? {
+                break header_len;
+            }
+        };
+        rbuf.copy_within(header_len..filled, 0);
+        build_join(scratch, sh.dialect, a.id % sh.rooms);
+        out.clear();
+        ws::encode_frame(out, ws::OP_TEXT, scratch, rng.mask());
+        s.write_all(out)
+            .await
+            .map_err(|e| format!("join: write: {e}"))?;
+        out.clear();
+        Ok((s, filled - header_len))
+    };
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(Ok((s, left))) => Ok((s, left, started.elapsed())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!(
+            "connect: timed out after {:.1} s (TCP + upgrade + join)",
+            sh.connect_timeout.as_secs_f64()
+        )),
+    }
+}
+
+/// What a handler wants the connection loop to do next.
+enum Next {
+    Continue,
+    /// End the connection; `Some(reason)` when it ended before loadgen stopped it.
+    End(Option<String>),
+}
+
+/// Everything one established connection owns besides its read half, which the select loop
+/// borrows separately.
+struct Conn {
+    id: u32,
+    room: u32,
+    is_sender: bool,
+    sh: Arc<Shared>,
+    st: ClientState,
+    wr: OwnedWriteHalf,
+    stop: watch::Receiver<bool>,
+    rbuf: Vec<u8>,
+    /// Unconsumed bytes are `rbuf[start..end]`.
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    rng: Rng,
+    sender: Option<Sender>,
+    plan: Option<Arc<Plan>>,
+    last_probe_round: u32,
+}
+
+impl Conn {
+    /// Writes and clears `out`, unless loadgen is stopping.
+    async fn flush(&mut self) -> Next {
+        if self.out.is_empty() {
+            return Next::Continue;
+        }
+        let r = tokio::select! {
+            r = self.wr.write_all(&self.out) => r,
+            _ = self.stop.changed() => return Next::End(None),
+        };
+        self.out.clear();
+        match r {
+            Ok(()) => Next::Continue,
+            Err(e) => Next::End(Some(format!("write: {e}"))),
+        }
+    }
+
+    async fn on_ctl(&mut self, c: Ctl) -> Next {
+        if c.plan.is_some() {
+            self.plan = c.plan;
+        }
+        let Some(plan) = self.plan.clone() else {
+            return Next::Continue;
+        };
+        let room = self.room;
+        if let (Some(s), None) = (&c.schedule, &self.st.schedule) {
+            self.st.schedule = Some(Arc::clone(s));
+            if self.is_sender {
+                self.sender = Some(Sender::new(s, self.id, plan.recipients[room as usize]));
+            }
+        }
+        let room_ready = self.sh.room_ready[room as usize].load(Ordering::Relaxed);
+        if c.probe_round > self.last_probe_round
+            && plan.prober[room as usize] == self.id
+            && room_ready < plan.required[room as usize]
+        {
+            self.last_probe_round = c.probe_round;
+            let round = c.probe_round;
+            build_send(&mut self.scratch, self.sh.dialect, room, |b| {
+                let _ = write!(b, "lg-{room}|P|{round}|");
+            });
+            ws::encode_frame(&mut self.out, ws::OP_TEXT, &self.scratch, self.rng.mask());
+            return self.flush().await;
+        }
+        Next::Continue
+    }
+
+    /// Sends every message whose scheduled time has come (open loop: a late sender catches
+    /// up at once instead of shifting its schedule).
+    async fn on_send_due(&mut self) -> Next {
+        let (n, recipients) = self.queue_due();
+        let next = self.flush().await;
+        if let Next::Continue = next {
+            self.sh.sent.fetch_add(n, Ordering::Relaxed);
+            self.sh
+                .expected
+                .fetch_add(n * recipients, Ordering::Relaxed);
+        }
+        next
+    }
+
+    /// Frames the due messages into `out`; returns how many and their recipients each.
+    /// Synchronous so the histogram lock is never held across an await.
+    fn queue_due(&mut self) -> (u64, u64) {
+        let (Some(s), Some(sch)) = (self.sender.as_mut(), self.st.schedule.as_deref()) else {
+            return (0, 0);
+        };
+        let (sh, room, id) = (&*self.sh, self.room, self.id);
+        let now = now_ns();
+        let mut n = 0u64;
+        let mut hists: Option<MutexGuard<'_, Hists>> = None;
+        while !s.done && s.next <= now && (n as usize) < MAX_SEND_BATCH {
+            let (seq, sched, pad) = (s.seq, s.next, sh.payload);
+            build_send(&mut self.scratch, sh.dialect, room, |b| {
+                let at = b.len();
+                let _ = write!(b, "lg-{room}|{id}|{seq}|{sched}|");
+                let len = b.len() - at;
+                b.resize(b.len() + pad.saturating_sub(len), b'x');
+            });
+            ws::encode_frame(&mut self.out, ws::OP_TEXT, &self.scratch, self.rng.mask());
+            hists.get_or_insert_with(|| sh.shard(id)).lag[s.phase]
+                .saturating_record((now - sched) / 1000);
+            self.st.phases[s.phase].sent += 1;
+            s.seq += 1;
+            s.k += 1;
+            s.settle(sch);
+            n += 1;
+        }
+        (n, s.recipients)
+    }
+
+    /// Handles one read of `n` new bytes at `rbuf[end..]`.
+    async fn on_read(&mut self, r: std::io::Result<usize>) -> Next {
+        let n = match r {
+            Ok(0) => return Next::End(Some("server closed the TCP connection".into())),
+            Ok(n) => n,
+            Err(e) => return Next::End(Some(format!("read: {e}"))),
+        };
+        self.end += n;
+        // One clock read per batch: every frame in it arrived by now.
+        let now = now_ns();
+        let res = self.st.process(
+            &mut self.rbuf[self.start..self.end],
+            now,
+            &self.sh,
+            &mut self.out,
+            &mut self.rng,
+        );
+        let unique = std::mem::take(&mut self.st.unique_in_batch);
+        if unique > 0 {
+            self.sh.received.fetch_add(unique, Ordering::Relaxed);
+        }
+        let (used, flow) = match res {
+            Ok(x) => x,
+            Err(e) => return Next::End(Some(e)),
+        };
+        self.start += used;
+        let need = match flow {
+            Flow::More(need) => need,
+            Flow::Close(code) => {
+                // Echo the close as RFC 6455 asks, then end; waiting for the TCP close would
+                // only make shutdown slower.
+                let code = code.unwrap_or(1000);
+                let mask = self.rng.mask();
+                ws::encode_frame(&mut self.out, ws::OP_CLOSE, &code.to_be_bytes(), mask);
+                let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
+                return Next::End(Some(format!("server sent close {code}")));
+            }
+        };
+        // Pongs queued while parsing.
+        if let Next::End(r) = self.flush().await {
+            return Next::End(r);
+        }
+        let len = self.rbuf.len();
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && (self.start + need > len || len - self.end < len / 8) {
+            // A partial frame near the end: move it to the front so the next read is big.
+            self.rbuf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.start + need > self.rbuf.len() {
+            // A frame larger than the buffer (bounded by ws::MAX_FRAME).
+            self.rbuf.resize(self.start + need, 0);
+        }
+        Next::Continue
+    }
+
+    async fn close(mut self, disconnect: Option<String>) -> ClientResult {
+        if disconnect.is_none() {
+            // Polite close; not waiting for the server's answer keeps shutdown bounded.
+            self.out.clear();
+            let mask = self.rng.mask();
+            ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), mask);
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
+        }
+        self.st.into_result(true, disconnect)
+    }
+}
+
+pub async fn client_task(mut a: ClientArgs) -> ClientResult {
+    let sh = Arc::clone(&a.shared);
+    let id = a.id;
+    let room = id % sh.rooms;
+    let st = ClientState {
+        id,
+        room,
+        rooms: sh.rooms,
+        senders_per_room: sh.senders_per_room,
+        dialect: sh.dialect,
+        phases: vec![PhaseCounters::default(); sh.n_phases],
+        trackers: vec![SeqTracker::default(); sh.senders_per_room as usize],
+        ready: false,
+        errors: 0,
+        unparseable: 0,
+        other_frames: 0,
+        frag: None,
+        schedule: None,
+        unique_in_batch: 0,
+    };
+    let mut rbuf = vec![0u8; sh.read_buf];
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    let mut scratch: Vec<u8> = Vec::with_capacity(sh.payload + 128);
+    let mut rng = Rng::new(u64::from(id) ^ now_ns());
+
+    let connected = connect(&a, &mut rbuf, &mut scratch, &mut out, &mut rng).await;
+    let (stream, end) = match connected {
+        Ok((s, left, took)) => {
+            let _ = a.outcomes.send(Outcome {
+                id,
+                result: Ok(took),
+            });
+            (s, left)
+        }
+        Err(e) => {
+            let _ = a.outcomes.send(Outcome { id, result: Err(e) });
+            return st.into_result(false, None);
+        }
+    };
+    let (mut rd, wr) = stream.into_split();
+    let mut c = Conn {
+        id,
+        room,
+        is_sender: id / sh.rooms < sh.senders_per_room,
+        sh,
+        st,
+        wr,
+        stop: a.stop.clone(),
+        rbuf,
+        start: 0,
+        end,
+        out,
+        scratch,
+        rng,
+        sender: None,
+        plan: None,
+        last_probe_round: 0,
+    };
+    let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+    tokio::pin!(sleep);
+    let mut armed = u64::MAX;
+    let disconnect = loop {
+        let due = c.sender.as_ref().filter(|s| !s.done).map(|s| s.next);
+        if let Some(t) = due.filter(|&t| t != armed) {
+            sleep.as_mut().reset(instant_at(t));
+            armed = t;
+        }
+        // Deliberately not `biased`: under overload a fixed order would let constant incoming
+        // traffic starve the sender (or a late sender starve the reader), and either would be
+        // loadgen's fault, not the server's.
+        let next = tokio::select! {
+            _ = a.stop.changed() => Next::End(None),
+            r = a.ctl.changed() => match r {
+                Ok(()) => {
+                    let ctl = a.ctl.borrow_and_update().clone();
+                    c.on_ctl(ctl).await
+                }
+                Err(_) => Next::End(None),
+            },
+            () = &mut sleep, if due.is_some() => {
+                // Re-arm even if nothing was due yet (a timer firing a hair early), or the
+                // elapsed sleep would spin.
+                armed = u64::MAX;
+                c.on_send_due().await
+            }
+            r = rd.read(&mut c.rbuf[c.end..]) => c.on_read(r).await,
+        };
+        if let Next::End(reason) = next {
+            break reason;
+        }
+    };
+    c.close(disconnect).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_tells_duplicates_from_reorderings() {
+        let mut t = SeqTracker::default();
+        assert_eq!(t.observe(0), Seen::New);
+        assert_eq!(t.observe(2), Seen::New);
+        assert_eq!(t.observe(1), Seen::Reordered);
+        assert_eq!(t.observe(1), Seen::Duplicate);
+        assert_eq!(t.observe(2), Seen::Duplicate);
+        assert_eq!(t.observe(0), Seen::Duplicate);
+        assert_eq!(t.observe(3), Seen::New);
+        assert_eq!(t.observe(500), Seen::New);
+        assert_eq!(t.observe(499), Seen::Reordered);
+        assert_eq!(t.observe(3), Seen::Reordered); // out of the window: cannot tell
+                                                   // A gap alone (loss) is neither.
+        let mut t = SeqTracker::default();
+        for s in [0, 1, 5, 6, 9] {
+            assert_eq!(t.observe(s), Seen::New);
+        }
+    }
+
+    #[test]
+    fn message_roundtrip() {
+        let mut b = Vec::new();
+        build_send(&mut b, Dialect::Subscribe, 3, |b| {
+            let _ = write!(b, "lg-3|17|42|123456789|xxxx");
+        });
+        assert_eq!(
+            b,
+            br#"{"type":"sendMessage","roomId":"lg-3","message":"lg-3|17|42|123456789|xxxx"}"#
+        );
+        build_send(&mut b, Dialect::Join, 3, |b| b.extend_from_slice(b"m"));
+        assert_eq!(b, br#"{"type":"chat","payload":{"message":"m"}}"#);
+        build_join(&mut b, Dialect::Join, 7);
+        assert_eq!(b, br#"{"type":"join","payload":{"roomId":"lg-7"}}"#);
+        build_join(&mut b, Dialect::Subscribe, 7);
+        assert_eq!(b, br#"{"type":"SUBSCRIBE","room":"lg-7"}"#);
+        let Some(Msg::Data {
+            room,
+            sender,
+            seq,
+            sched,
+        }) = parse_msg(b"lg-3|17|42|123456789|xxxx")
+        else {
+            panic!("not parsed")
+        };
+        assert_eq!((room, sender, seq, sched), (3, 17, 42, 123_456_789));
+        assert!(matches!(
+            parse_msg(b"lg-4|P|2|"),
+            Some(Msg::Probe { room: 4 })
+        ));
+        assert!(parse_msg(b"lg-3|17|42").is_none());
+        assert!(parse_msg(b"hello").is_none());
+        assert!(parse_msg(b"lg-3|-1|42|5|").is_none());
+    }
+
+    #[test]
+    fn error_frame_fields() {
+        let e = br#"{"type": "error", "code":"limit","message":"rate"}"#;
+        assert_eq!(json_str_field(e, "type"), Some(&b"error"[..]));
+        assert_eq!(json_str_field(e, "code"), Some(&b"limit"[..]));
+        assert_eq!(json_str_field(e, "nope"), None);
+    }
+
+    #[test]
+    fn schedule_spreads_senders_and_walks_phases() {
+        let sch = Schedule {
+            phases: vec![
+                PhaseSpec {
+                    start_ns: 0,
+                    end_ns: 1_000_000_000,
+                    rate: 2.0,
+                },
+                PhaseSpec {
+                    start_ns: 1_000_000_000,
+                    end_ns: 2_000_000_000,
+                    rate: 4.0,
+                },
+            ],
+            total_senders: 4,
+        };
+        let mut s = Sender::new(&sch, 1, 10);
+        let mut times = vec![];
+        while !s.done {
+            times.push((s.phase, s.next));
+            s.k += 1;
+            s.settle(&sch);
+        }
+        assert_eq!(
+            times,
+            vec![
+                (0, 125_000_000),
+                (0, 625_000_000),
+                (1, 1_062_500_000),
+                (1, 1_312_500_000),
+                (1, 1_562_500_000),
+                (1, 1_812_500_000)
+            ]
+        );
+        assert_eq!(sch.phase_of(999_999_999), Some(0));
+        assert_eq!(sch.phase_of(2_000_000_000), None);
+    }
+}

@@ -1,0 +1,608 @@
+//! The report: data (serialised for --json), its text form, and the SVG percentile plot.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Sustainable means no loss and p99 below this (µs).
+pub const SUSTAINABLE_P99_US: u64 = 100_000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub config: ConfigEcho,
+    pub connect: ConnectReport,
+    /// Everything sent, warm-up included: the correctness verdict.
+    pub totals: Counts,
+    pub warmup: Counts,
+    /// All measured steps together (equal to the only step without --ramp).
+    pub measured: StepReport,
+    /// One entry per rate step (a single one without --ramp).
+    pub steps: Vec<StepReport>,
+    /// With --ramp: the highest per-sender rate with no loss and p99 < 100 ms.
+    pub highest_sustainable_rate: Option<f64>,
+    pub server_errors: u64,
+    pub server_error_codes: BTreeMap<String, u64>,
+    /// Text frames that were neither a loadgen message nor JSON.
+    pub unparseable_frames: u64,
+    /// Binary frames and JSON frames that are not errors.
+    pub other_frames: u64,
+    /// Connections that ended before loadgen stopped them, by reason.
+    pub disconnects: BTreeMap<String, u64>,
+    /// Client tasks that did not finish within the stop timeout (their counts are missing).
+    pub unstopped_clients: u64,
+    pub loadgen_cpu_total_s: f64,
+    pub server: Option<ServerReport>,
+    /// Whether every expected delivery arrived before the drain time ran out.
+    pub drained: bool,
+    pub elapsed_s: f64,
+    #[serde(skip)]
+    pub curves: Curves,
+}
+
+/// Latency histograms per step, kept for the plot.
+#[derive(Clone, Default)]
+pub struct Curves(pub Vec<(String, Histogram<u64>)>);
+
+impl std::fmt::Debug for Curves {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, h)| (name, h.len())))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigEcho {
+    pub urls: Vec<String>,
+    pub clients: usize,
+    pub rooms: usize,
+    pub senders_per_room: usize,
+    pub senders: usize,
+    pub dialect: String,
+    pub rates: Vec<f64>,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub drain_s: f64,
+    pub payload_bytes: usize,
+    pub connect_concurrency: usize,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectReport {
+    pub attempted: usize,
+    pub connected: usize,
+    pub failed: usize,
+    pub failures: BTreeMap<String, u64>,
+    pub total_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Connected clients whose membership no readiness probe confirmed before sending began.
+    pub not_ready: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    pub sent: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub loss_pct: f64,
+    pub duplicates: u64,
+    pub order_violations: u64,
+    pub misrouted: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.sent += o.sent;
+        self.expected += o.expected;
+        self.received += o.received;
+        self.duplicates += o.duplicates;
+        self.order_violations += o.order_violations;
+        self.misrouted += o.misrouted;
+        self.finish();
+    }
+
+    /// Derives loss from expected and received.
+    pub fn finish(&mut self) {
+        self.lost = self.expected.saturating_sub(self.received);
+        self.loss_pct = if self.expected == 0 {
+            0.0
+        } else {
+            self.lost as f64 * 100.0 / self.expected as f64
+        };
+    }
+
+    pub fn faults(&self) -> u64 {
+        self.lost + self.duplicates + self.order_violations + self.misrouted
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub samples: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+impl Latency {
+    pub fn from_hist(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            samples: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Lag {
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepReport {
+    pub rate_per_sender: f64,
+    pub offered_msgs_per_s: f64,
+    pub duration_s: f64,
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Delivery frames that arrived inside the step's window.
+    pub deliveries_in_window: u64,
+    pub deliveries_per_s: f64,
+    pub latency: Latency,
+    pub sender_lag: Lag,
+    pub loadgen_cpu_s: f64,
+    pub loadgen_cpu_us_per_delivery: f64,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub sustainable: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerProc {
+    pub pid: u32,
+    pub cpu_s: f64,
+    pub rss_kb: u64,
+    pub peak_rss_kb: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerReport {
+    pub pids: Vec<ServerProc>,
+    /// Over the measured window, all pids together.
+    pub cpu_s: f64,
+    pub cpu_us_per_delivery: f64,
+    pub rss_kb: u64,
+    pub peak_rss_kb: u64,
+}
+
+pub fn per_delivery_us(cpu_s: f64, deliveries: u64) -> f64 {
+    if deliveries == 0 {
+        0.0
+    } else {
+        cpu_s * 1e6 / deliveries as f64
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn grouped(out: &mut String, label: &str, m: &BTreeMap<String, u64>) {
+    if m.is_empty() {
+        let _ = writeln!(out, "  {label:<20}none");
+        return;
+    }
+    let _ = writeln!(out, "  {label}:");
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (reason, n) in v {
+        let _ = writeln!(out, "    {n:>8}  {reason}");
+    }
+}
+
+fn counts_lines(out: &mut String, c: &Counts, sent_note: &str) {
+    let _ = writeln!(out, "  {:<20}{}{sent_note}", "messages sent", c.sent);
+    let _ = writeln!(out, "  {:<20}{}", "deliveries expected", c.expected);
+    let _ = writeln!(out, "  {:<20}{}", "received", c.received);
+    let _ = writeln!(out, "  {:<20}{} ({:.3}%)", "lost", c.lost, c.loss_pct);
+    let _ = writeln!(out, "  {:<20}{}", "duplicates", c.duplicates);
+    let _ = writeln!(out, "  {:<20}{}", "order violations", c.order_violations);
+    let _ = writeln!(out, "  {:<20}{}", "misrouted", c.misrouted);
+}
+
+impl Report {
+    /// True when nothing was lost, duplicated, reordered or misrouted and no errors came back.
+    pub fn clean(&self) -> bool {
+        self.totals.faults() == 0 && self.server_errors == 0 && self.connect.failed == 0
+    }
+
+    pub fn to_text(&self) -> String {
+        let c = &self.config;
+        let mut o = String::new();
+        let _ = writeln!(o, "loadgen report");
+        let _ = writeln!(
+            o,
+            "  {:<20}{} (dialect {})",
+            "target",
+            c.urls.join(", "),
+            c.dialect
+        );
+        let _ = writeln!(
+            o,
+            "  {:<20}{} clients in {} rooms, {} senders ({}/room), payload {} B, {} threads",
+            "load", c.clients, c.rooms, c.senders, c.senders_per_room, c.payload_bytes, c.threads
+        );
+        let rates: Vec<String> = c.rates.iter().map(|r| format!("{r}")).collect();
+        let _ = writeln!(
+            o,
+            "  {:<20}warm-up {:.1} s, {} step(s) of {:.1} s at {}/s per sender, drain <= {:.1} s",
+            "schedule",
+            c.warmup_s,
+            c.rates.len(),
+            c.duration_s,
+            rates.join(","),
+            c.drain_s
+        );
+
+        let k = &self.connect;
+        let _ = writeln!(o, "connect");
+        let _ = writeln!(
+            o,
+            "  {:<20}{}/{} in {:.2} s (per connect p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms)",
+            "connected", k.connected, k.attempted, k.total_s, k.p50_ms, k.p99_ms, k.max_ms
+        );
+        if k.max_ms >= 900.0 {
+            // Linux retransmits a dropped SYN after 1 s (then 3 s, 7 s ...): connects that
+            // took that long almost always hit a full listen queue on the server.
+            let _ = writeln!(
+                o,
+                "  {:<20}connects of ~1 s are SYN retransmits: the server's listen queue \
+                 overflowed (check `ss -ltn` Send-Q, nstat TcpExtListenOverflows); a lower \
+                 --connect-concurrency avoids it",
+                "note"
+            );
+        }
+        grouped(&mut o, "failures", &k.failures);
+        let _ = writeln!(o, "  {:<20}{}", "not ready", k.not_ready);
+
+        let _ = writeln!(o, "correctness (every message, warm-up included)");
+        counts_lines(
+            &mut o,
+            &self.totals,
+            &format!(" (warm-up {})", self.warmup.sent),
+        );
+        let _ = writeln!(o, "  {:<20}{}", "server errors", self.server_errors);
+        for (code, n) in &self.server_error_codes {
+            let _ = writeln!(o, "    {n:>8}  {code}");
+        }
+        if self.unparseable_frames + self.other_frames > 0 {
+            let _ = writeln!(
+                o,
+                "  {:<20}{} unparseable, {} other (binary / non-error JSON)",
+                "stray frames", self.unparseable_frames, self.other_frames
+            );
+        }
+        grouped(&mut o, "disconnects", &self.disconnects);
+        if self.unstopped_clients > 0 {
+            let _ = writeln!(
+                o,
+                "  {:<20}{} (their counts are missing)",
+                "clients not stopped", self.unstopped_clients
+            );
+        }
+        let _ = writeln!(
+            o,
+            "  {:<20}{}",
+            "drained",
+            if self.drained {
+                "yes"
+            } else {
+                "no (drain time ran out)"
+            }
+        );
+
+        let m = &self.measured;
+        let _ = writeln!(o, "measured window ({:.1} s)", m.duration_s);
+        let _ = writeln!(
+            o,
+            "  {:<20}{:.0} msg/s offered, {:.0} deliveries/s",
+            "throughput", m.offered_msgs_per_s, m.deliveries_per_s
+        );
+        let l = &m.latency;
+        let _ = writeln!(
+            o,
+            "  {:<20}p50 {} / p90 {} / p99 {} / p99.9 {} / max {} ms ({} samples)",
+            "latency",
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.p999_us),
+            ms(l.max_us),
+            l.samples
+        );
+        let _ = writeln!(
+            o,
+            "  {:<20}p99 {} / max {} ms",
+            "sender lag",
+            ms(m.sender_lag.p99_us),
+            ms(m.sender_lag.max_us)
+        );
+        let _ = writeln!(
+            o,
+            "  {:<20}{:.2} s in window ({:.2} us/delivery), {:.2} s total",
+            "loadgen CPU", m.loadgen_cpu_s, m.loadgen_cpu_us_per_delivery, self.loadgen_cpu_total_s
+        );
+        if let Some(s) = &self.server {
+            let _ = writeln!(
+                o,
+                "  {:<20}{:.2} s in window ({:.2} us/delivery), RSS {:.1} MiB, peak {:.1} MiB",
+                "server CPU",
+                s.cpu_s,
+                s.cpu_us_per_delivery,
+                s.rss_kb as f64 / 1024.0,
+                s.peak_rss_kb as f64 / 1024.0
+            );
+            if s.pids.len() > 1 {
+                for p in &s.pids {
+                    let _ = writeln!(
+                        o,
+                        "    pid {:<8} {:.2} s, RSS {:.1} MiB, peak {:.1} MiB",
+                        p.pid,
+                        p.cpu_s,
+                        p.rss_kb as f64 / 1024.0,
+                        p.peak_rss_kb as f64 / 1024.0
+                    );
+                }
+            }
+        }
+
+        if self.steps.len() > 1 {
+            let _ = writeln!(o, "ramp ({:.1} s per step)", c.duration_s);
+            let _ = writeln!(
+                o,
+                "  {:>8} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  ok",
+                "rate/s",
+                "offered/s",
+                "deliv/s",
+                "loss%",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "max ms",
+                "lag p99",
+                "srv us/d"
+            );
+            for s in &self.steps {
+                let _ = writeln!(
+                    o,
+                    "  {:>8} {:>10.0} {:>11.0} {:>9.3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+                    s.rate_per_sender,
+                    s.offered_msgs_per_s,
+                    s.deliveries_per_s,
+                    s.counts.loss_pct,
+                    ms(s.latency.p50_us),
+                    ms(s.latency.p99_us),
+                    ms(s.latency.p999_us),
+                    ms(s.latency.max_us),
+                    ms(s.sender_lag.p99_us),
+                    s.server_cpu_us_per_delivery
+                        .map_or_else(|| "-".to_string(), |v| format!("{v:.2}")),
+                    if s.sustainable { "yes" } else { "no" }
+                );
+            }
+            match self.highest_sustainable_rate {
+                Some(r) => {
+                    let _ = writeln!(
+                        o,
+                        "  highest sustainable step: {r}/s per sender (no loss, p99 < 100 ms)"
+                    );
+                }
+                None => {
+                    let _ = writeln!(o, "  no step was sustainable (no loss, p99 < 100 ms)");
+                }
+            }
+        }
+        let _ = writeln!(
+            o,
+            "verdict: {}",
+            if self.clean() {
+                "clean (no loss, duplicates, reordering, misrouting or errors)"
+            } else {
+                "FAULTS (see above)"
+            }
+        );
+        o
+    }
+
+    /// Latency percentile curves, one per step, as a self-contained SVG.
+    pub fn to_svg(&self) -> String {
+        svg_percentiles(&self.curves.0)
+    }
+}
+
+/// Percentile plot in the usual HdrHistogram style: x is 1/(1-q) on a log scale, so the tail
+/// gets as much room as the median.
+pub fn svg_percentiles(curves: &[(String, Histogram<u64>)]) -> String {
+    const W: f64 = 860.0;
+    const H: f64 = 500.0;
+    const L: f64 = 70.0;
+    const R: f64 = 180.0;
+    const T: f64 = 40.0;
+    const B: f64 = 60.0;
+    const COLORS: [&str; 8] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    ];
+    let samples = curves.iter().map(|(_, h)| h.len()).max().unwrap_or(0);
+    // No point plotting beyond the resolution the sample count supports.
+    let decades = ((samples.max(1) as f64).log10().ceil()).clamp(2.0, 6.0);
+    let max_us = curves
+        .iter()
+        .map(|(_, h)| h.max())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let y_max_ms = nice_ceiling(max_us as f64 / 1000.0 * 1.05);
+    let px = |x: f64| L + x / decades * (W - L - R);
+    let py = |ms: f64| H - B - ms / y_max_ms * (H - T - B);
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">loadgen delivery latency by percentile</text>"#,
+        (L + W - R) / 2.0
+    );
+    for d in 0..=decades as u32 {
+        let x = px(f64::from(d));
+        let label = match d {
+            0 => "0%".to_string(),
+            1 => "90%".to_string(),
+            2 => "99%".to_string(),
+            _ => format!("99.{}%", "9".repeat(d as usize - 2)),
+        };
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{T}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{label}</text>"##,
+            H - B,
+            H - B + 18.0
+        );
+    }
+    for i in 0..=5 {
+        let v = y_max_ms * f64::from(i) / 5.0;
+        let y = py(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{L}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            W - R,
+            L - 6.0,
+            y + 4.0,
+            trim_float(v)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">percentile</text>"#,
+        (L + W - R) / 2.0,
+        H - 15.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">latency (ms)</text>"#,
+        (T + H - B) / 2.0,
+        (T + H - B) / 2.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect x="{L}" y="{T}" width="{}" height="{}" fill="none" stroke="black"/>"#,
+        W - L - R,
+        H - T - B
+    );
+    for (i, (name, h)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let ly = T + 10.0 + 18.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{}" y1="{ly:.1}" x2="{}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/><text x="{}" y="{:.1}">{}</text>"#,
+            W - R + 10.0,
+            W - R + 30.0,
+            W - R + 36.0,
+            ly + 4.0,
+            xml_escape(name)
+        );
+        if h.is_empty() {
+            continue;
+        }
+        let mut pts = String::new();
+        for v in h.iter_quantiles(5) {
+            let q = v.quantile_iterated_to();
+            let x = if q >= 1.0 {
+                decades
+            } else {
+                (1.0 / (1.0 - q)).log10().min(decades)
+            };
+            let y = h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0;
+            let _ = write!(pts, "{:.1},{:.1} ", px(x), py(y.min(y_max_ms)));
+        }
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            pts.trim_end()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn nice_ceiling(v: f64) -> f64 {
+    if v <= 0.0 {
+        return 1.0;
+    }
+    let mag = 10f64.powf(v.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if v <= m * mag {
+            return m * mag;
+        }
+    }
+    10.0 * mag
+}
+
+fn trim_float(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svg_is_well_formed_enough() {
+        let mut h = crate::client::new_hist();
+        for v in 1..=10_000u64 {
+            h.record(v).unwrap();
+        }
+        let svg = svg_percentiles(&[("5/s".into(), h.clone()), ("10/s".into(), h)]);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("99.99%"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+    }
+
+    #[test]
+    fn nice_numbers() {
+        assert_eq!(nice_ceiling(0.7), 1.0);
+        assert_eq!(nice_ceiling(1.3), 2.0);
+        assert_eq!(nice_ceiling(42.0), 50.0);
+        assert_eq!(trim_float(2.5), "2.5");
+        assert_eq!(trim_float(10.0), "10");
+    }
+}

@@ -1,0 +1,353 @@
+//! A deliberately small WebSocket client codec (RFC 6455, client side only).
+//!
+//! loadgen shares its cores with the server under test, so it avoids a general WebSocket
+//! library: frames are parsed in place in the connection's read buffer and built into reused
+//! write buffers, so steady-state traffic allocates nothing.
+
+use std::fmt::Write as _;
+
+use crate::Error;
+
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Largest server frame (or reassembled message) accepted; anything bigger is not a delivery
+/// loadgen could have caused and would only let a broken server exhaust our memory.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Largest HTTP upgrade response accepted.
+pub const MAX_HANDSHAKE: usize = 16 << 10;
+
+/// A parsed `ws://` URL.
+#[derive(Debug, Clone)]
+pub struct WsUrl {
+    pub host: String,
+    pub port: u16,
+    /// Path and query, always starting with `/`.
+    pub path: String,
+    /// The `Host` header value (host plus non-default port).
+    pub host_header: String,
+}
+
+impl WsUrl {
+    pub fn parse(s: &str) -> Result<WsUrl, Error> {
+        let rest = if let Some(r) = s.strip_prefix("ws://") {
+            r
+        } else if s.starts_with("wss://") {
+            return Err(Error::new(format!(
+                "{s}: wss:// is not supported (loadgen speaks plain ws:// only)"
+            )));
+        } else {
+            return Err(Error::new(format!("{s}: URL must start with ws://")));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let end = v6
+                .find(']')
+                .ok_or_else(|| Error::new(format!("{s}: unterminated IPv6 address")))?;
+            let port = match v6[end + 1..].strip_prefix(':') {
+                Some(p) => p.parse::<u16>().ok(),
+                None if v6.len() == end + 1 => Some(80),
+                None => None,
+            };
+            (v6[..end].to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse::<u16>().ok()),
+                None => (authority.to_string(), Some(80)),
+            }
+        };
+        let port = port.ok_or_else(|| Error::new(format!("{s}: bad port")))?;
+        if host.is_empty() {
+            return Err(Error::new(format!("{s}: missing host")));
+        }
+        // The authority as typed is a valid Host header, default port or not.
+        let host_header = authority.to_string();
+        Ok(WsUrl {
+            host,
+            port,
+            path: path.to_string(),
+            host_header,
+        })
+    }
+
+    /// `host:port` suitable for `lookup_host` (IPv6 hosts get their brackets back).
+    pub fn socket_addr_string(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The HTTP/1.1 upgrade request. The key only has to look random to the server; loadgen does
+/// not verify `Sec-WebSocket-Accept` (that would need SHA-1 just to catch a server that answers
+/// 101 to the wrong request, which the first delivery would expose anyway).
+pub fn upgrade_request(url: &WsUrl, key_bytes: [u8; 16]) -> Vec<u8> {
+    let mut s = String::with_capacity(256);
+    let _ = write!(
+        s,
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        url.path,
+        url.host_header,
+        base64(&key_bytes)
+    );
+    s.into_bytes()
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// Outcome of looking for the end of the upgrade response in `buf`.
+pub enum Handshake {
+    /// More bytes are needed.
+    Partial,
+    /// Upgrade accepted; the response occupies `buf[..header_len]`, frames may follow.
+    Done { header_len: usize },
+}
+
+pub fn check_handshake(buf: &[u8]) -> Result<Handshake, String> {
+    let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() >= MAX_HANDSHAKE {
+            return Err("handshake: response header too large".into());
+        }
+        return Ok(Handshake::Partial);
+    };
+    let status_line = buf[..pos].split(|&b| b == b'\r').next().unwrap_or(&[]);
+    let status_line = String::from_utf8_lossy(status_line);
+    let mut parts = status_line.split_whitespace();
+    let _version = parts.next();
+    match parts.next() {
+        Some("101") => Ok(Handshake::Done {
+            header_len: pos + 4,
+        }),
+        _ => Err(format!("handshake: {}", status_line.trim())),
+    }
+}
+
+/// Appends one masked client frame. Clients must mask (RFC 6455 5.3); the key need not be
+/// strong because loadgen does not pass through intermediaries it must protect against.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], mask);
+}
+
+pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// A server frame header found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub fin: bool,
+    pub opcode: u8,
+    /// Servers must not mask, but unmasking in place is cheaper than arguing about it.
+    pub mask: Option<[u8; 4]>,
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+impl FrameHeader {
+    pub fn frame_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeaderParse {
+    /// At least this many bytes must be buffered before the header can be read.
+    Need(usize),
+    Header(FrameHeader),
+}
+
+pub fn parse_header(b: &[u8]) -> Result<HeaderParse, &'static str> {
+    if b.len() < 2 {
+        return Ok(HeaderParse::Need(2));
+    }
+    let (b0, b1) = (b[0], b[1]);
+    if b0 & 0x70 != 0 {
+        return Err("protocol: reserved bits set");
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0f;
+    let mut header_len = 2;
+    let len: u64 = match b1 & 0x7f {
+        126 => {
+            header_len += 2;
+            if b.len() < header_len {
+                return Ok(HeaderParse::Need(header_len));
+            }
+            u64::from(u16::from_be_bytes([b[2], b[3]]))
+        }
+        127 => {
+            header_len += 8;
+            if b.len() < header_len {
+                return Ok(HeaderParse::Need(header_len));
+            }
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[2..10]);
+            u64::from_be_bytes(a)
+        }
+        n => u64::from(n),
+    };
+    let mask = if b1 & 0x80 != 0 {
+        header_len += 4;
+        if b.len() < header_len {
+            return Ok(HeaderParse::Need(header_len));
+        }
+        Some([
+            b[header_len - 4],
+            b[header_len - 3],
+            b[header_len - 2],
+            b[header_len - 1],
+        ])
+    } else {
+        None
+    };
+    if len > MAX_FRAME as u64 {
+        return Err("protocol: frame too large");
+    }
+    if opcode >= 0x8 && (!fin || len > 125) {
+        return Err("protocol: bad control frame");
+    }
+    if !matches!(
+        opcode,
+        OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+    ) {
+        return Err("protocol: unknown opcode");
+    }
+    Ok(HeaderParse::Header(FrameHeader {
+        fin,
+        opcode,
+        mask,
+        header_len,
+        payload_len: len as usize,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        let u = WsUrl::parse("ws://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("127.0.0.1", 8080, "/")
+        );
+        assert_eq!(u.host_header, "127.0.0.1:8080");
+        let u = WsUrl::parse("ws://example.org/ws?x=1").unwrap();
+        assert_eq!((u.port, u.path.as_str()), (80, "/ws?x=1"));
+        let u = WsUrl::parse("ws://[::1]:9000/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 9000));
+        assert_eq!(u.socket_addr_string(), "[::1]:9000");
+        assert!(WsUrl::parse("wss://x").is_err());
+        assert!(WsUrl::parse("http://x").is_err());
+        assert!(WsUrl::parse("ws://x:notaport").is_err());
+    }
+
+    #[test]
+    fn base64_matches_rfc_sample() {
+        assert_eq!(base64(b"the sample nonce"), "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+    }
+
+    #[test]
+    fn masked_frame_roundtrip() {
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut out = Vec::new();
+            encode_frame(&mut out, OP_TEXT, &payload, [1, 2, 3, 4]);
+            let HeaderParse::Header(h) = parse_header(&out).unwrap() else {
+                panic!("incomplete")
+            };
+            assert_eq!(h.frame_len(), out.len());
+            assert_eq!(h.opcode, OP_TEXT);
+            let mask = h.mask.unwrap();
+            let body = &mut out[h.header_len..];
+            apply_mask(body, mask);
+            assert_eq!(body, &payload[..]);
+            // Every truncation must ask for more bytes, never misparse.
+            for cut in 0..h.header_len {
+                assert!(matches!(
+                    parse_header(&out[..cut]).unwrap(),
+                    HeaderParse::Need(_)
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(parse_header(&[0xC1, 0x00]).is_err()); // RSV1
+        assert!(parse_header(&[0x09, 0x00]).is_err()); // fragmented ping
+        assert!(parse_header(&[0x83, 0x00]).is_err()); // reserved opcode
+        assert!(parse_header(&[0x81, 127, 0xff, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn handshake_status() {
+        assert!(matches!(
+            check_handshake(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"),
+            Ok(Handshake::Partial)
+        ));
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi";
+        assert!(matches!(
+            check_handshake(ok),
+            Ok(Handshake::Done { header_len: 36 })
+        ));
+        let err = check_handshake(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").err();
+        assert_eq!(
+            err.as_deref(),
+            Some("handshake: HTTP/1.1 503 Service Unavailable")
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! loadgen must catch a broken server. A small room server is built here on
+//! tokio-tungstenite, able to misbehave in one chosen way, and loadgen's report has to show
+//! exactly that fault (and nothing at all against the correct server).
+
+mod support;
+
+use clap::Parser;
+use loadgen::{Config, Report};
+use support::{start_server, Fault};
+
+fn config(url: &str, extra: &[&str]) -> Config {
+    let mut args = vec![
+        "loadgen",
+        "--url",
+        url,
+        "--clients",
+        "20",
+        "--rooms",
+        "2",
+        "--senders-per-room",
+        "2",
+        "--rate",
+        "50",
+        "--warmup",
+        "0.3",
+        "--duration",
+        "1",
+        // Clean runs end the drain as soon as everything arrived, so a generous drain only
+        // guards against a slow (debug, loaded) machine; lossy runs pass a shorter one.
+        "--drain",
+        "3",
+        "--settle-ms",
+        "100",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    Config::parse_from(args)
+}
+
+/// For faults that lose messages: the drain always runs out, so keep it short.
+const LOSSY: &[&str] = &["--drain", "1"];
+
+async fn run_against(fault: Fault, extra: &[&str]) -> Report {
+    let url = start_server(fault).await;
+    let report = loadgen::run(config(&url, extra))
+        .await
+        .expect("loadgen run");
+    println!("--- {fault:?} ---\n{}", report.to_text());
+    assert_eq!(report.connect.connected, 20, "all clients connect");
+    assert_eq!(report.connect.not_ready, 0, "all memberships confirmed");
+    assert!(report.totals.sent > 100, "senders sent on schedule");
+    assert_eq!(report.unparseable_frames, 0);
+    if !matches!(fault, Fault::Errors(_)) {
+        assert_eq!(report.server_errors, 0);
+    }
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correct_server_subscribe_is_clean() {
+    let dir = std::env::temp_dir().join(format!("loadgen-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("report.json");
+    let plot = dir.join("latency.svg");
+    let url = start_server(Fault::None).await;
+    let cfg = config(
+        &url,
+        &[
+            "--json",
+            json.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+    );
+    let r = loadgen::run(cfg.clone()).await.expect("loadgen run");
+    println!("{}", r.to_text());
+    let t = &r.totals;
+    assert!(t.sent > 100);
+    // Subscribe dialect: each message reaches all 10 members of its room, the sender too.
+    assert_eq!(t.expected, t.sent * 10);
+    assert_eq!(t.received, t.expected);
+    assert_eq!(
+        (t.lost, t.duplicates, t.order_violations, t.misrouted),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(r.server_errors, 0);
+    assert!(r.drained && r.clean());
+    assert!(r.measured.latency.samples > 0);
+    assert!(r.measured.deliveries_per_s > 0.0);
+    assert!(r.warmup.sent > 0 && r.measured.counts.sent > 0);
+    assert_eq!(r.warmup.sent + r.measured.counts.sent, t.sent);
+
+    loadgen::write_outputs(&cfg, &r).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["totals"]["lost"], 0);
+    assert_eq!(v["connect"]["connected"], 20);
+    assert!(v["measured"]["latency"]["p99_us"].as_u64().unwrap() > 0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correct_server_join_dialect_is_clean() {
+    let r = run_against(Fault::None, &["--dialect", "join"]).await;
+    let t = &r.totals;
+    // Join dialect: the sender is skipped, 9 others receive.
+    assert_eq!(t.expected, t.sent * 9);
+    assert_eq!(t.received, t.expected);
+    assert_eq!(
+        (t.lost, t.duplicates, t.order_violations, t.misrouted),
+        (0, 0, 0, 0)
+    );
+    assert!(r.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ramp_reports_each_step() {
+    let r = run_against(Fault::None, &["--ramp", "20,40", "--duration", "0.5"]).await;
+    assert_eq!(r.steps.len(), 2);
+    assert_eq!(
+        r.steps
+            .iter()
+            .map(|s| s.rate_per_sender)
+            .collect::<Vec<_>>(),
+        [20.0, 40.0]
+    );
+    assert!(r.steps[1].counts.sent > r.steps[0].counts.sent);
+    for s in &r.steps {
+        assert!(s.latency.samples > 0);
+        assert_eq!(
+            s.sustainable,
+            s.counts.lost == 0 && s.latency.p99_us < 100_000
+        );
+    }
+    // Whether a step is sustainable depends on how loaded the test machine is; which one is
+    // reported as the highest does not.
+    let best = r
+        .steps
+        .iter()
+        .filter(|s| s.sustainable)
+        .map(|s| s.rate_per_sender)
+        .reduce(f64::max);
+    assert_eq!(r.highest_sustainable_rate, best);
+    assert_eq!(
+        r.measured.counts.sent,
+        r.steps[0].counts.sent + r.steps[1].counts.sent
+    );
+    assert!(r.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_server_shows_loss() {
+    let r = run_against(Fault::Drop(7), LOSSY).await;
+    let t = &r.totals;
+    assert!(t.lost > 0, "loss detected");
+    assert!(t.loss_pct > 5.0 && t.loss_pct < 30.0, "about 1/7 lost");
+    assert_eq!((t.duplicates, t.order_violations, t.misrouted), (0, 0, 0));
+    assert!(!r.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicating_server_shows_duplicates() {
+    let r = run_against(Fault::Duplicate(5), &[]).await;
+    let t = &r.totals;
+    assert!(t.duplicates > 0, "duplicates detected");
+    assert_eq!((t.lost, t.order_violations, t.misrouted), (0, 0, 0));
+    assert!(!r.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordering_server_shows_order_violations() {
+    let r = run_against(Fault::Reorder, LOSSY).await;
+    let t = &r.totals;
+    assert!(t.order_violations > 0, "reordering detected");
+    // Reordering is not duplication or misrouting. (The last held message of each pair may
+    // never be released, so some loss is expected.)
+    assert_eq!((t.duplicates, t.misrouted), (0, 0));
+    assert!(!r.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misrouting_server_shows_misrouted() {
+    let r = run_against(Fault::Misroute(10), LOSSY).await;
+    let t = &r.totals;
+    assert!(t.misrouted > 0, "misrouting detected");
+    assert!(t.lost > 0, "the intended room missed them");
+    assert_eq!((t.duplicates, t.order_violations), (0, 0));
+    assert!(!r.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_frames_are_counted_not_delivered() {
+    let r = run_against(Fault::Errors(3), &[]).await;
+    assert!(r.server_errors > 0);
+    assert!(r.server_error_codes.get("limit").copied().unwrap_or(0) > 0);
+    let t = &r.totals;
+    assert_eq!(
+        (t.lost, t.duplicates, t.order_violations, t.misrouted),
+        (0, 0, 0, 0)
+    );
+    assert!(!r.clean());
+}
+
+#[tokio::test]
+async fn refuses_impossible_client_counts_before_connecting() {
+    // Port 9 (discard) on loopback: nothing should ever be contacted.
+    let cfg = Config::parse_from([
+        "loadgen",
+        "--url",
+        "ws://127.0.0.1:9",
+        "--clients",
+        "1000000000",
+        "--quiet",
+    ]);
+    let err = loadgen::run(cfg)
+        .await
+        .expect_err("must refuse")
+        .to_string();
+    assert!(err.contains("will not allow"), "{err}");
+}
+
+#[tokio::test]
+async fn reports_connect_failures() {
+    // Bind then drop a listener to get a local port with nobody on it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("ws://127.0.0.1:{port}");
+    let err = loadgen::run(config(&url, &[]))
+        .await
+        .expect_err("nobody listens")
+        .to_string();
+    assert!(err.contains("20 x connect:"), "{err}");
+}
