@@ -138,6 +138,13 @@ impl Session {
     /// request; `shutdown` turns true when the node stops.
     pub async fn run(mut self, early: Bytes, mut shutdown: watch::Receiver<bool>) {
         let id = self.outbox.id();
+        // `early` is usually an empty slice of the HTTP layer's 8 KiB read buffer, and even an
+        // empty `Bytes` keeps that whole allocation alive: copy what it holds and drop it here
+        // (moving it into the block), not at the end of the session.
+        let early = {
+            let early = early;
+            (!early.is_empty()).then(|| early.to_vec())
+        };
         let end = self.serve(early, &mut shutdown).await;
         match &end {
             Ok(()) | Err(End::Eof) | Err(End::Closed) => {
@@ -153,11 +160,10 @@ impl Session {
 
     async fn serve(
         &mut self,
-        early: Bytes,
+        early: Option<Vec<u8>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), End> {
-        if !early.is_empty() {
-            let mut early = early.to_vec();
+        if let Some(mut early) = early {
             self.ingest(&mut early)?;
         }
         let config = Arc::clone(&self.shared.config);
