@@ -34,8 +34,12 @@ pub struct Snapshot {
 }
 
 impl Metrics {
-    pub fn connection_opened(&self) {
-        self.connections.fetch_add(1, Relaxed);
+    /// Takes a connection slot if fewer than `max` are taken, in one atomic step so racing
+    /// handshakes cannot both take the last one.
+    pub fn try_connection_opened(&self, max: u64) -> bool {
+        self.connections
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
     }
     pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Relaxed);

@@ -253,8 +253,10 @@ fn upgrade_session(
     stop: watch::Receiver<bool>,
     mode: Mode,
 ) -> Response<Full<Bytes>> {
-    let active = shared.metrics.snapshot().connections;
-    if active >= shared.config.max_connections as u64 {
+    if !shared
+        .metrics
+        .try_connection_opened(shared.config.max_connections as u64)
+    {
         shared.metrics.add_refused();
         let mut res = text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -268,14 +270,14 @@ fn upgrade_session(
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
+            shared.metrics.connection_closed();
             return text(
                 StatusCode::BAD_REQUEST,
                 "text/plain",
                 format!("bad WebSocket upgrade: {e}\n"),
-            )
+            );
         }
     };
-    shared.metrics.connection_opened();
     tokio::spawn(async move {
         let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
         match upgrading.await {

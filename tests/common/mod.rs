@@ -191,3 +191,103 @@ pub async fn sync(ws: &mut Ws, tag: &str) {
     assert_eq!(recv(ws).await, "sync");
     send(ws, &unsubscribe(&room)).await;
 }
+
+/// After a hostile client: a fresh pair of clients must still get a subscribe + sendMessage
+/// round trip through the node.
+pub async fn serves_a_fresh_pair(node: &Node) {
+    let (mut a, mut b) = (node.client().await, node.client().await);
+    send(&mut a, &subscribe("fresh-pair")).await;
+    sync(&mut a, "fresh-pair").await;
+    send(&mut b, &send_message("fresh-pair", "still here")).await;
+    assert_eq!(recv(&mut a).await, "still here");
+}
+
+/// A WebSocket session opened by hand on `path`, for sending bytes no client library would.
+/// Panics unless the server answers 101.
+pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("write upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut byte))
+            .await
+            .expect("upgrade response in time")
+            .expect("read upgrade response");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// One masked client frame: `first` is the FIN/RSV/opcode byte (0x81 a final text frame,
+/// 0x88 a close), `payload` its unmasked payload.
+pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = vec![first];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&KEY);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
+    out
+}
+
+/// A masked close frame with `code` and `reason`.
+pub fn client_close(code: u16, reason: &str) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    client_frame(0x88, &payload)
+}
+
+/// How a raw connection ended when the peer closed it.
+#[derive(Debug)]
+pub struct Ended {
+    /// Everything read before the end.
+    pub bytes: Vec<u8>,
+    /// `None` for an orderly EOF, else the error the read ended with (a reset, usually).
+    pub error: Option<std::io::ErrorKind>,
+}
+
+/// Reads until the server closes the connection (EOF or a reset); panics if it is still open
+/// after `within`.
+pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Ended {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => panic!(
+                "connection still open after {within:?}; read so far: {:?}",
+                String::from_utf8_lossy(&bytes)
+            ),
+            Ok(Ok(0)) => return Ended { bytes, error: None },
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => {
+                return Ended {
+                    bytes,
+                    error: Some(e.kind()),
+                }
+            }
+        }
+    }
+}
