@@ -176,7 +176,9 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, Fr
             let mut raw = [0u8; 8];
             raw.copy_from_slice(&buf[2..10]);
             let n = u64::from_be_bytes(raw);
-            if n > max_payload as u64 {
+            // RFC 6455 §5.2: the most significant bit must be 0; capping at isize::MAX also
+            // keeps `frame_len` from overflowing whatever limit is configured.
+            if n > max_payload as u64 || n > isize::MAX as u64 {
                 return Err(FrameError::TooBig(max_payload));
             }
             n as usize
