@@ -1,1 +1,462 @@
-fn main() {}
+//! Criterion benchmarks for the engine's hot paths: everything a message touches between two
+//! sockets that can be measured without a socket.
+//!
+//! * `registry` — membership. `join_then_leave/*` is one `Registry::join` + `Registry::leave`
+//!   of a newcomer: copy-on-write, so it grows with the room (`room_of_0` also creates and
+//!   removes the room). `snapshot/*` is what a broadcast pays before its first recipient: one
+//!   `ArcSwap` load (`len`), plus the deliveries counter (`broadcast_empty`, a room whose last
+//!   member left). `broadcast_200/*` is fan-out to 200 members alone (`quiet`), while a second
+//!   thread joins and leaves extra members of the same room as fast as it can (`churning`),
+//!   and while it does the same to another room (`churning_other_room`, the control: same CPU
+//!   competition, no shared snapshot). Readers never take the shard lock, so the gap between
+//!   the last two is what sharing the room costs in cache-line traffic, not waiting.
+//! * `fanout` — `Room::broadcast` of one 64-byte text frame to 200 and 10,000 members, per
+//!   recipient. A recipient costs one outbox push (bound check, queue push, wake-up) and a
+//!   reference-count bump of the shared `Bytes`. Outboxes are drained the way the session
+//!   writer does it, outside the timed region, after every broadcast: the bounded rings never
+//!   fill, so no push takes the refusal path (asserted), and every push pays the wake-up of an
+//!   idle writer, as at chat rates.
+//! * `decode` — a client message through `protocol::decode` (simd-json tape, strings borrowed
+//!   from the buffer) next to serde_json on the same bytes producing the same `Command`. Decoding
+//!   parses in place, so every iteration of every variant first copies the input into a reused
+//!   buffer.
+//! * `frame` — building a server text frame (`frame::text`: the buffer and `bytes`' shared
+//!   header allocated, the payload copied) and unmasking a client payload (`frame::apply_mask`),
+//!   in bytes. Copies from about 2 KiB up go through glibc's `rep movsb`, which on some AMD CPUs
+//!   runs many times slower when the destination sits a few bytes past the source modulo 4 KiB;
+//!   so at 64 KiB the source is placed at a fixed distance from the frame's buffer, clear of
+//!   that window in `text/65536` and inside it in `text_4k_aliased/65536`.
+//!
+//! The allocator is the binary's (mimalloc), so allocation costs match production.
+//! `benches/README.md` has the commands and one run's figures.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
+use roomcast::frame;
+use roomcast::metrics::Metrics;
+use roomcast::outbox::{ConnId, Limits, Outbox, SlowConsumer};
+use roomcast::protocol::{self, ClientError, Command};
+use roomcast::room::{Registry, Room};
+use serde_json::Value;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The server's default outbox bound (`--outbox-frames`, `--outbox-bytes`, `--slow-consumer`).
+const LIMITS: Limits = Limits {
+    max_frames: 4096,
+    max_bytes: 1 << 20,
+    policy: SlowConsumer::Close,
+};
+
+const ROOM: &str = "room-17";
+/// A typical chat line: 64 bytes of JSON-safe ASCII (no escapes, so serde_json can borrow too).
+const MESSAGE: &str = "The quick brown fox jumps over the lazy dog, then naps: 0123456.";
+
+fn member(id: u64) -> Arc<Outbox> {
+    Arc::new(Outbox::new(ConnId(id), LIMITS))
+}
+
+/// A room of `registry` and the members whose outboxes a benchmark drains.
+struct Audience {
+    room: Arc<Room>,
+    members: Vec<Arc<Outbox>>,
+}
+
+impl Audience {
+    /// Joins `n` (at least one) fresh members, ids from `first_id`, to room `name`.
+    fn new(registry: &Registry, name: &str, first_id: u64, n: usize) -> Self {
+        let members: Vec<Arc<Outbox>> = (first_id..first_id + n as u64).map(member).collect();
+        let mut room = None;
+        for m in &members {
+            room = Some(registry.join(name, m));
+        }
+        Self {
+            room: room.expect("at least one member"),
+            members,
+        }
+    }
+
+    /// Times `iters` broadcasts of `frame`, draining every member untimed after each one.
+    fn timed_broadcasts(&self, iters: u64, frame: &Bytes, metrics: &Metrics) -> Duration {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let start = Instant::now();
+            let queued = self.room.broadcast(black_box(frame), None, metrics);
+            total += start.elapsed();
+            assert!(
+                queued >= self.members.len(),
+                "only {queued} of {} members accepted the frame",
+                self.members.len()
+            );
+            drain(&self.members);
+        }
+        total
+    }
+}
+
+/// Empties every outbox the way the session writer does.
+fn drain(members: &[Arc<Outbox>]) {
+    for m in members {
+        m.begin_drain();
+        m.discard();
+    }
+}
+
+/// Joins and leaves each of `extras` to room `name` until `stop`, counting join+leave pairs.
+fn churn(
+    registry: &Registry,
+    name: &str,
+    extras: &[Arc<Outbox>],
+    stop: &AtomicBool,
+    pairs: &AtomicU64,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        for m in extras {
+            let room = registry.join(name, m);
+            registry.leave(&room, m.id());
+            // A broadcast that loaded the snapshot while `m` was in it queued a frame here.
+            m.begin_drain();
+            m.discard();
+        }
+        pairs.fetch_add(extras.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Benchmarks broadcasts to `audience` while another thread churns room `churned` of
+/// `registry`; the thread starts with the first sample, so a filtered-out run spawns nothing.
+fn broadcast_while_churning(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    registry: &Registry,
+    churned: &str,
+    audience: &Audience,
+    frame: &Bytes,
+) {
+    let metrics = Metrics::default();
+    let extras: Vec<Arc<Outbox>> = (1_000_000..1_000_004).map(member).collect();
+    let stop = AtomicBool::new(false);
+    let pairs = AtomicU64::new(0);
+    thread::scope(|s| {
+        let mut churner = None;
+        let mut started = None;
+        group.bench_function(id, |b| {
+            if churner.is_none() {
+                churner = Some(s.spawn(|| churn(registry, churned, &extras, &stop, &pairs)));
+                started = Some(Instant::now());
+            }
+            b.iter_custom(|iters| audience.timed_broadcasts(iters, frame, &metrics))
+        });
+        stop.store(true, Ordering::Relaxed);
+        if let (Some(churner), Some(started)) = (churner, started) {
+            churner.join().expect("churn thread panicked");
+            let pairs = pairs.load(Ordering::Relaxed) as f64;
+            // Often zero under `--test`, where one iteration can beat the thread to the room.
+            if pairs > 0.0 {
+                let rate = pairs / started.elapsed().as_secs_f64();
+                eprintln!("registry/{id}: the churn thread ran {rate:.0} join+leave pairs/s");
+            }
+        }
+    });
+}
+
+fn registry(c: &mut Criterion) {
+    let mut group = c.benchmark_group("registry");
+    let metrics = Metrics::default();
+    let frame = frame::text(MESSAGE);
+
+    group.throughput(Throughput::Elements(1));
+    for n in [0usize, 200, 10_000] {
+        let registry = Registry::new(None);
+        // Filling a room costs O(n²) (every join copies the list): only when the bench runs.
+        let mut present = None;
+        let newcomer = member(u64::MAX);
+        group.bench_function(
+            BenchmarkId::new("join_then_leave", format!("room_of_{n}")),
+            |b| {
+                present
+                    .get_or_insert_with(|| (n > 0).then(|| Audience::new(&registry, "busy", 0, n)));
+                b.iter(|| {
+                    let room = registry.join(black_box("busy"), &newcomer);
+                    registry.leave(&room, newcomer.id());
+                })
+            },
+        );
+    }
+
+    // A room whose last member left: still a valid handle, with an empty snapshot.
+    let registry = Registry::new(None);
+    let gone = Audience::new(&registry, "empty", 0, 1);
+    registry.leave(&gone.room, gone.members[0].id());
+    let empty = &gone.room;
+    group.bench_function("snapshot/len", |b| b.iter(|| black_box(empty).len()));
+    group.bench_function("snapshot/broadcast_empty", |b| {
+        b.iter(|| black_box(empty).broadcast(black_box(&frame), None, &metrics))
+    });
+
+    let registry = Registry::new(None);
+    let hot = Audience::new(&registry, "hot", 0, 200);
+    let _cold = Audience::new(&registry, "cold", 1_000, 200);
+    group.throughput(Throughput::Elements(hot.members.len() as u64));
+    group.bench_function("broadcast_200/quiet", |b| {
+        b.iter_custom(|iters| hot.timed_broadcasts(iters, &frame, &metrics))
+    });
+    broadcast_while_churning(
+        &mut group,
+        "broadcast_200/churning",
+        &registry,
+        "hot",
+        &hot,
+        &frame,
+    );
+    broadcast_while_churning(
+        &mut group,
+        "broadcast_200/churning_other_room",
+        &registry,
+        "cold",
+        &hot,
+        &frame,
+    );
+    group.finish();
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    let metrics = Metrics::default();
+    let frame = frame::text(MESSAGE);
+    for n in [200usize, 10_000] {
+        let registry = Registry::new(None);
+        let mut audience = None;
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::new("broadcast_64B", n), |b| {
+            let audience = audience.get_or_insert_with(|| Audience::new(&registry, ROOM, 0, n));
+            b.iter_custom(|iters| audience.timed_broadcasts(iters, &frame, &metrics))
+        });
+    }
+    group.finish();
+}
+
+/// What `protocol::decode` does, on a `serde_json::Value` tree: same checks, same `Command`.
+fn serde_command(v: &Value) -> Result<Command<'_>, ClientError> {
+    fn optional<'v>(
+        obj: Option<&'v Value>,
+        key: &str,
+        name: &'static str,
+    ) -> Result<Option<&'v str>, ClientError> {
+        match obj.and_then(|o| o.get(key)) {
+            None => Ok(None),
+            Some(v) => match v.as_str() {
+                Some(s) if !s.is_empty() => Ok(Some(s)),
+                _ => Err(ClientError::BadField(name)),
+            },
+        }
+    }
+    fn required<'v>(
+        obj: Option<&'v Value>,
+        key: &str,
+        name: &'static str,
+    ) -> Result<&'v str, ClientError> {
+        optional(obj, key, name)?.ok_or(ClientError::BadField(name))
+    }
+    fn message<'v>(
+        obj: Option<&'v Value>,
+        key: &str,
+        name: &'static str,
+    ) -> Result<&'v str, ClientError> {
+        obj.and_then(|o| o.get(key))
+            .and_then(Value::as_str)
+            .ok_or(ClientError::BadField(name))
+    }
+
+    if !v.is_object() {
+        return Err(ClientError::BadJson);
+    }
+    let kind = v
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(ClientError::BadField("type"))?;
+    Ok(match kind {
+        "join" => Command::Join {
+            room: required(v.get("payload"), "roomId", "payload.roomId")?,
+        },
+        "chat" => {
+            let payload = v.get("payload");
+            Command::Chat {
+                message: message(payload, "message", "payload.message")?,
+                room: optional(payload, "roomId", "payload.roomId")?,
+            }
+        }
+        "leave" => Command::Leave {
+            room: required(v.get("payload"), "roomId", "payload.roomId")?,
+        },
+        "SUBSCRIBE" => Command::Subscribe {
+            room: required(Some(v), "room", "room")?,
+        },
+        "UNSUBSCRIBE" => Command::Unsubscribe {
+            room: required(Some(v), "room", "room")?,
+        },
+        "sendMessage" => Command::SendMessage {
+            room: required(Some(v), "roomId", "roomId")?,
+            message: message(Some(v), "message", "message")?,
+        },
+        other => return Err(ClientError::UnknownType(other.to_owned())),
+    })
+}
+
+/// serde_json without a tree: a flat object of strings into a map of borrowed `&str`s (only
+/// possible for `sendMessage`, and only while no string holds an escape).
+fn serde_flat_send_message(buf: &[u8]) -> Result<Command<'_>, ClientError> {
+    let map: HashMap<&str, &str> = serde_json::from_slice(buf).map_err(|_| ClientError::BadJson)?;
+    match map.get("type").copied() {
+        Some("sendMessage") => Ok(Command::SendMessage {
+            room: map
+                .get("roomId")
+                .copied()
+                .filter(|r| !r.is_empty())
+                .ok_or(ClientError::BadField("roomId"))?,
+            message: map
+                .get("message")
+                .copied()
+                .ok_or(ClientError::BadField("message"))?,
+        }),
+        _ => Err(ClientError::BadField("type")),
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(1));
+    let send_message =
+        format!(r#"{{"type":"sendMessage","roomId":"{ROOM}","message":"{MESSAGE}"}}"#);
+    let chat = format!(r#"{{"type":"chat","payload":{{"message":"{MESSAGE}"}}}}"#);
+    let cases = [
+        (
+            "sendMessage_64B",
+            send_message.into_bytes(),
+            Command::SendMessage {
+                room: ROOM,
+                message: MESSAGE,
+            },
+        ),
+        (
+            "chat_64B",
+            chat.into_bytes(),
+            Command::Chat {
+                message: MESSAGE,
+                room: None,
+            },
+        ),
+    ];
+    for (name, input, expected) in &cases {
+        let mut buf = input.clone();
+        assert_eq!(protocol::decode(&mut buf), Ok(*expected));
+        let tree: Value = serde_json::from_slice(input).expect("valid JSON");
+        assert_eq!(serde_command(&tree), Ok(*expected));
+
+        group.bench_function(BenchmarkId::new("simd_json_tape", name), |b| {
+            b.iter(|| {
+                buf.copy_from_slice(black_box(input));
+                let _ = black_box(protocol::decode(&mut buf));
+            })
+        });
+        group.bench_function(BenchmarkId::new("serde_json_value", name), |b| {
+            b.iter(|| {
+                buf.copy_from_slice(black_box(input));
+                // Not JSON becomes `Null`, which `serde_command` turns into `BadJson`.
+                let tree: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
+                let _ = black_box(serde_command(&tree));
+            })
+        });
+        if *name == "sendMessage_64B" {
+            assert_eq!(serde_flat_send_message(input), Ok(*expected));
+            group.bench_function(BenchmarkId::new("serde_json_borrowed_map", name), |b| {
+                b.iter(|| {
+                    buf.copy_from_slice(black_box(input));
+                    let _ = black_box(serde_flat_send_message(&buf));
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+const PAGE: usize = 4096;
+
+/// Where the payload of `built`, a frame carrying `len` bytes, starts.
+fn payload_addr(built: &Bytes, len: usize) -> usize {
+    built.as_ptr() as usize + (built.len() - len)
+}
+
+/// Benchmarks `frame::text` on `len` bytes. With `distance`, the source is placed so that the
+/// frame's payload lands that many bytes (mod 4 KiB) past it: each sample learns where from a
+/// probe frame, relying on the allocator to hand out blocks of that size at the same offset
+/// modulo 4 KiB; every iteration checks that it did, and misses are reported.
+fn bench_text(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    len: usize,
+    distance: Option<usize>,
+) {
+    let backing = vec![b'x'; len + PAGE];
+    let whole = std::str::from_utf8(&backing).expect("ASCII");
+    let mut misses = 0u64;
+    group.throughput(Throughput::Bytes(len as u64));
+    group.bench_function(BenchmarkId::new(id, len), |b| {
+        let text = match distance {
+            None => &whole[..len],
+            Some(distance) => {
+                let dst = payload_addr(&frame::text(&whole[..len]), len);
+                let start = (dst + 2 * PAGE - distance - backing.as_ptr() as usize % PAGE) % PAGE;
+                &whole[start..start + len]
+            }
+        };
+        let src = text.as_ptr() as usize;
+        b.iter(|| {
+            let built = frame::text(black_box(text));
+            if let Some(distance) = distance {
+                let actual = payload_addr(&built, len).wrapping_sub(src) % PAGE;
+                misses += u64::from(actual != distance);
+            }
+            built
+        })
+    });
+    if misses > 0 {
+        eprintln!("frame/{id}/{len}: {misses} frames did not land at the intended distance");
+    }
+}
+
+fn frames(c: &mut Criterion) {
+    let mut group = c.benchmark_group("frame");
+    // Below 2 KiB glibc copies with vector moves, where the distance does not matter.
+    bench_text(&mut group, "text", 64, None);
+    bench_text(&mut group, "text", 1024, None);
+    bench_text(&mut group, "text", 64 * 1024, Some(256));
+    bench_text(&mut group, "text_4k_aliased", 64 * 1024, Some(10));
+    for len in [64usize, 16 * 1024] {
+        let mut payload = vec![0x5a_u8; len];
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_function(BenchmarkId::new("apply_mask", len), |b| {
+            b.iter(|| {
+                frame::apply_mask(black_box(&mut payload), black_box([0x37, 0xfa, 0x21, 0x3d]))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = engine;
+    config = Criterion::default().without_plots();
+    targets = registry, fanout, decode, frames
+}
+criterion_main!(engine);
