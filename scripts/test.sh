@@ -12,3 +12,6 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 
 cargo nextest run --workspace --no-fail-fast
+# RFC 6455 conformance: Autobahn|Testsuite against `roomcast --echo`, compared with
+# tests/autobahn/expected.json (the runner is installed into .autobahn/ on first use).
+bash scripts/autobahn.sh
