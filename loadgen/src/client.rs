@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
@@ -39,6 +39,22 @@ const MAX_SEND_BATCH: usize = 64;
 
 /// How long a closing client waits to hand its close frame to the kernel.
 const CLOSE_WAIT: Duration = Duration::from_millis(200);
+
+/// A stalled client pings the server this often: it keeps the server's idle-ping timeout from
+/// being what closes it (the slow-consumer limit should be), and once the server has dropped
+/// the connection the next write fails, which is how the stall is seen to have ended.
+const STALL_PING: Duration = Duration::from_secs(2);
+
+/// How long a stalled client that the server dropped may read what was left unread, looking
+/// for the server's close frame.
+const STALL_DRAIN: Duration = Duration::from_secs(2);
+
+/// At the end of the run, how long a stalled client still open reads its backlog for a close
+/// frame the server sent but has not yet followed with dropping the connection.
+const STALL_FINAL_DRAIN: Duration = Duration::from_millis(300);
+
+/// How long a reconnecting client waits for the server to answer its close.
+const RECONNECT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Upper bound of the latency and lag histograms, in µs; larger values saturate.
 pub const HIST_MAX_US: u64 = 60_000_000;
@@ -96,6 +112,69 @@ pub struct Ctl {
     pub schedule: Option<Arc<Schedule>>,
 }
 
+/// What a client does besides joining its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends (the first clients of each room) or receives, and is checked for loss,
+    /// duplicates, order, routing and latency.
+    Healthy,
+    /// Stops reading its socket after the readiness probe; nothing is expected of it.
+    Stalled,
+    /// Closes cleanly and reconnects on a timer, staggered by `slot`; what it receives is only
+    /// counted.
+    Reconnecting { slot: u32 },
+}
+
+/// Picks the stalled and reconnecting clients among the non-senders: a `stall` fraction of
+/// them, then a `reconnect` fraction of the rest. Rooms are walked one after the other with a
+/// running quota, so every room gets its share (within one) rather than the picks bunching up
+/// in a few rooms. Returns the roles by client id (empty when everyone is healthy) and the
+/// number of reconnecting clients.
+pub fn assign_roles(
+    clients: usize,
+    rooms: u32,
+    senders_per_room: u32,
+    stall: f64,
+    reconnect: f64,
+) -> (Vec<Role>, u32) {
+    if stall <= 0.0 && reconnect <= 0.0 {
+        return (Vec::new(), 0);
+    }
+    let mut roles = vec![Role::Healthy; clients];
+    let rooms = rooms.max(1) as usize;
+    let non_senders = |r: usize| {
+        (r..clients)
+            .step_by(rooms)
+            .filter(move |&id| id / rooms >= senders_per_room as usize)
+    };
+    // Quota after k candidates: floor(k * fraction), with a little slack for float error.
+    let quota = |k: u64, f: f64| (k as f64 * f + 1e-9).floor() as u64;
+    let (mut seen, mut picked) = (0u64, 0u64);
+    for r in 0..rooms {
+        for id in non_senders(r) {
+            seen += 1;
+            if quota(seen, stall) > picked {
+                picked += 1;
+                roles[id] = Role::Stalled;
+            }
+        }
+    }
+    let (mut seen, mut slots) = (0u64, 0u32);
+    for r in 0..rooms {
+        for id in non_senders(r) {
+            if roles[id] != Role::Healthy {
+                continue;
+            }
+            seen += 1;
+            if quota(seen, reconnect) > u64::from(slots) {
+                roles[id] = Role::Reconnecting { slot: slots };
+                slots += 1;
+            }
+        }
+    }
+    (roles, slots)
+}
+
 /// Histograms shared by a slice of the clients. Per-client histograms would cost ~100 KiB
 /// each; sharding keeps memory flat while lock contention stays negligible (one lock per
 /// read batch).
@@ -129,9 +208,21 @@ pub struct Shared {
     pub expected: AtomicU64,
     pub received: AtomicU64,
     pub error_codes: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// By client id; empty when every client is healthy.
+    pub roles: Vec<Role>,
+    /// Number of reconnecting clients (their slots stagger the reconnects).
+    pub reconnect_slots: u32,
+    pub reconnect_every: Duration,
 }
 
 impl Shared {
+    pub fn role(&self, id: u32) -> Role {
+        self.roles
+            .get(id as usize)
+            .copied()
+            .unwrap_or(Role::Healthy)
+    }
+
     fn shard(&self, id: u32) -> MutexGuard<'_, Hists> {
         let m = &self.shards[id as usize % self.shards.len()];
         // A panic elsewhere cannot leave a histogram in a state worth refusing to read.
@@ -162,8 +253,16 @@ pub struct ClientResult {
     pub errors: u64,
     pub unparseable: u64,
     pub other_frames: u64,
-    /// Why the connection ended before loadgen stopped it, if it did.
+    /// Why the connection ended before loadgen stopped it, if it did. For a stalled client:
+    /// how the server ended it (`None`: still open at the end).
     pub disconnect: Option<String>,
+    pub role: Role,
+    /// Stalled and reconnecting clients: distinct deliveries of their room's messages, which
+    /// no loss or order figure includes.
+    pub side_received: u64,
+    /// Reconnecting clients: reconnects that succeeded, and why the others failed.
+    pub reconnects: u64,
+    pub reconnect_failures: Vec<String>,
 }
 
 pub struct Outcome {
@@ -379,6 +478,8 @@ struct ClientState {
     frag: Option<(u8, Vec<u8>)>,
     schedule: Option<Arc<Schedule>>,
     unique_in_batch: u64,
+    role: Role,
+    side_received: u64,
 }
 
 enum Flow {
@@ -398,6 +499,10 @@ impl ClientState {
             unparseable: self.unparseable,
             other_frames: self.other_frames,
             disconnect,
+            role: self.role,
+            side_received: self.side_received,
+            reconnects: 0,
+            reconnect_failures: Vec::new(),
         }
     }
 
@@ -513,14 +618,25 @@ impl ClientState {
         if let Some(arrival) = schedule.phase_of(now) {
             self.phases[arrival].arrived += 1;
         }
+        let healthy = self.role == Role::Healthy;
         if room != self.room {
-            self.phases[p].misrouted += 1;
+            if healthy {
+                self.phases[p].misrouted += 1;
+            }
             return;
         }
         let rank = sender / self.rooms;
         if sender % self.rooms != room || rank >= self.senders_per_room {
             // Not a sender loadgen has: a corrupted or foreign message.
             self.unparseable += 1;
+            return;
+        }
+        if !healthy {
+            // Only counted: a reconnecting client misses what is sent while it is away, and
+            // the healthy clients are the ones checked.
+            if self.trackers[rank as usize].observe(seq) != Seen::Duplicate {
+                self.side_received += 1;
+            }
             return;
         }
         if self.dialect == Dialect::Join && sender == self.id {
@@ -604,6 +720,7 @@ pub struct ClientArgs {
 /// of `rbuf` and returns how many.
 async fn connect(
     a: &ClientArgs,
+    phase_deadline: Instant,
     rbuf: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
@@ -612,12 +729,12 @@ async fn connect(
     let sh = &a.shared;
     let _permit = tokio::select! {
         p = a.connect_permits.acquire() => p.map_err(|_| "connect: aborted".to_string())?,
-        () = tokio::time::sleep_until(sh.connect_deadline) => {
+        () = tokio::time::sleep_until(phase_deadline) => {
             return Err("connect: connect phase deadline passed while queued".into());
         }
     };
     let started = Instant::now();
-    let deadline = (started + sh.connect_timeout).min(sh.connect_deadline);
+    let deadline = (started + sh.connect_timeout).min(phase_deadline);
     let attempt = async {
         let mut s = TcpStream::connect(a.addr)
             .await
@@ -694,6 +811,18 @@ struct Conn {
     sender: Option<Sender>,
     plan: Option<Arc<Plan>>,
     last_probe_round: u32,
+    role: Role,
+    /// Stalled: reading has stopped.
+    stalled: bool,
+    next_ping: u64,
+    /// Reconnecting: our close is sent, we read only to see the server's answer.
+    closing: bool,
+    /// Reconnecting: the last reconnect failed, so there is no connection until the next.
+    down: bool,
+    /// Reconnecting: index of the next reconnect time.
+    reconnect_n: u64,
+    reconnects: u64,
+    reconnect_failures: Vec<String>,
 }
 
 impl Conn {
@@ -816,19 +945,31 @@ impl Conn {
         let need = match flow {
             Flow::More(need) => need,
             Flow::Close(code) => {
-                // Echo the close as RFC 6455 asks, then end; waiting for the TCP close would
-                // only make shutdown slower.
                 let code = code.unwrap_or(1000);
-                let mask = self.rng.mask();
-                ws::encode_frame(&mut self.out, ws::OP_CLOSE, &code.to_be_bytes(), mask);
-                let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
+                if !self.closing {
+                    // Echo the close as RFC 6455 asks, then end; waiting for the TCP close
+                    // would only make shutdown slower.
+                    let mask = self.rng.mask();
+                    ws::encode_frame(&mut self.out, ws::OP_CLOSE, &code.to_be_bytes(), mask);
+                    let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
+                }
                 return Next::End(Some(format!("server sent close {code}")));
             }
         };
-        // Pongs queued while parsing.
-        if let Next::End(r) = self.flush().await {
+        if self.closing {
+            // Our close is out: no pongs may follow it.
+            self.out.clear();
+        } else if let Next::End(r) = self.flush().await {
+            // Pongs queued while parsing.
             return Next::End(r);
         }
+        self.make_room(need);
+        Next::Continue
+    }
+
+    /// Makes sure `rbuf` has room after `end` for a read, and for a frame of `need` bytes
+    /// starting at `start`.
+    fn make_room(&mut self, need: usize) {
         let len = self.rbuf.len();
         if self.start == self.end {
             self.start = 0;
@@ -843,18 +984,199 @@ impl Conn {
             // A frame larger than the buffer (bounded by ws::MAX_FRAME).
             self.rbuf.resize(self.start + need, 0);
         }
+    }
+
+    /// Stalled clients stop reading once their membership is confirmed (or sending began
+    /// without that). Returns whether this client reads its socket.
+    fn reading(&mut self) -> bool {
+        if self.role == Role::Stalled
+            && !self.stalled
+            && (self.st.ready || self.st.schedule.is_some())
+        {
+            self.stalled = true;
+            self.next_ping = now_ns() + STALL_PING.as_nanos() as u64;
+        }
+        !self.stalled && !self.down
+    }
+
+    /// Time of the next stall ping or reconnect, if any.
+    fn aux_due(&self) -> Option<u64> {
+        match self.role {
+            Role::Healthy => None,
+            Role::Stalled => self.stalled.then_some(self.next_ping),
+            Role::Reconnecting { slot } => {
+                let sch = self.st.schedule.as_deref()?;
+                let t = self.reconnect_start(sch, slot) + self.reconnect_n * self.reconnect_ns();
+                (t < sch.end_ns()).then_some(t)
+            }
+        }
+    }
+
+    fn reconnect_ns(&self) -> u64 {
+        (self.sh.reconnect_every.as_nanos() as u64).max(1)
+    }
+
+    /// First reconnect of `slot`: the slots are spread evenly over one period from the start
+    /// of sending.
+    fn reconnect_start(&self, sch: &Schedule, slot: u32) -> u64 {
+        let slots = f64::from(self.sh.reconnect_slots.max(1));
+        let offset = self.reconnect_ns() as f64 * (f64::from(slot) + 0.5) / slots;
+        sch.phases.first().map_or(0, |p| p.start_ns) + offset as u64
+    }
+
+    async fn on_aux(&mut self, a: &ClientArgs, rd: &mut OwnedReadHalf) -> Next {
+        match self.role {
+            Role::Healthy => Next::Continue,
+            Role::Stalled => self.stall_ping(rd).await,
+            Role::Reconnecting { slot } => {
+                let next = self.reconnect(a, rd).await;
+                if let Some(sch) = self.st.schedule.clone() {
+                    // Next slot strictly after now, even if this one ran long.
+                    let start = self.reconnect_start(&sch, slot);
+                    self.reconnect_n = now_ns().saturating_sub(start) / self.reconnect_ns() + 1;
+                }
+                next
+            }
+        }
+    }
+
+    /// A stalled client's only traffic: a ping now and then. When it cannot be written, the
+    /// server has dropped the connection, and what it last sent is still unread.
+    async fn stall_ping(&mut self, rd: &mut OwnedReadHalf) -> Next {
+        self.next_ping = now_ns() + STALL_PING.as_nanos() as u64;
+        self.out.clear();
+        let mask = self.rng.mask();
+        ws::encode_frame(&mut self.out, ws::OP_PING, b"", mask);
+        let r = tokio::select! {
+            r = self.wr.write_all(&self.out) => r,
+            _ = self.stop.changed() => return Next::End(None),
+        };
+        self.out.clear();
+        match r {
+            Ok(()) => Next::Continue,
+            Err(e) => {
+                let found = self.drain_for_close(rd, Instant::now() + STALL_DRAIN).await;
+                Next::End(Some(found.unwrap_or_else(|| {
+                    format!("write failed ({}), no close frame", e.kind())
+                })))
+            }
+        }
+    }
+
+    /// Reads and skips everything buffered, looking for the server's close frame. `None`
+    /// when the connection is still open and quiet at `deadline`; otherwise how it ended.
+    async fn drain_for_close(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        deadline: Instant,
+    ) -> Option<String> {
+        loop {
+            let need = loop {
+                let h = match ws::parse_header(&self.rbuf[self.start..self.end]) {
+                    Err(e) => return Some(e.to_string()),
+                    Ok(HeaderParse::Need(n)) => break n,
+                    Ok(HeaderParse::Header(h)) => h,
+                };
+                if self.end - self.start < h.frame_len() {
+                    break h.frame_len();
+                }
+                if h.opcode == ws::OP_CLOSE {
+                    let at = self.start + h.header_len;
+                    let p = &mut self.rbuf[at..at + h.payload_len];
+                    if let Some(m) = h.mask {
+                        ws::apply_mask(p, m);
+                    }
+                    self.start += h.frame_len();
+                    return Some(match p {
+                        [a, b, ..] => format!("close {}", u16::from_be_bytes([*a, *b])),
+                        _ => "close without a code".to_string(),
+                    });
+                }
+                self.start += h.frame_len();
+            };
+            self.make_room(need);
+            match tokio::time::timeout_at(deadline, rd.read(&mut self.rbuf[self.end..])).await {
+                Err(_) => return None,
+                Ok(Ok(0)) => return Some("TCP closed, no close frame".into()),
+                Ok(Ok(n)) => self.end += n,
+                Ok(Err(e)) => return Some(format!("{}, no close frame", e.kind())),
+            }
+        }
+    }
+
+    /// Closes cleanly (our close, the server's answer), connects again and rejoins. A failed
+    /// attempt leaves the client down until its next reconnect time.
+    async fn reconnect(&mut self, a: &ClientArgs, rd: &mut OwnedReadHalf) -> Next {
+        if !self.down {
+            self.out.clear();
+            let mask = self.rng.mask();
+            ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), mask);
+            if let Next::End(None) = self.flush().await {
+                return Next::End(None);
+            }
+            // Deliveries that arrive before the server's answer still count.
+            self.closing = true;
+            let deadline = Instant::now() + RECONNECT_CLOSE_WAIT;
+            loop {
+                let r = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, rd.read(&mut self.rbuf[self.end..])) => r,
+                    _ = self.stop.changed() => return Next::End(None),
+                };
+                match r {
+                    Ok(r) => {
+                        if let Next::End(_) = self.on_read(r).await {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.closing = false;
+            let _ = self.wr.shutdown().await;
+            self.down = true;
+        }
+        self.st.frag = None;
+        self.start = 0;
+        self.end = 0;
+        self.out.clear();
+        let deadline = Instant::now() + self.sh.connect_timeout;
+        let r = tokio::select! {
+            r = connect(a, deadline, &mut self.rbuf, &mut self.scratch, &mut self.out, &mut self.rng) => r,
+            _ = self.stop.changed() => return Next::End(None),
+        };
+        match r {
+            Ok((s, left, _)) => {
+                let (r, w) = s.into_split();
+                *rd = r;
+                self.wr = w;
+                self.end = left;
+                self.down = false;
+                self.reconnects += 1;
+            }
+            Err(e) => self.reconnect_failures.push(e),
+        }
         Next::Continue
     }
 
-    async fn close(mut self, disconnect: Option<String>) -> ClientResult {
-        if disconnect.is_none() {
+    async fn close(mut self, disconnect: Option<String>, rd: &mut OwnedReadHalf) -> ClientResult {
+        let mut disconnect = disconnect;
+        if disconnect.is_none() && self.stalled {
+            // The server may have sent its close and not yet dropped the connection.
+            disconnect = self
+                .drain_for_close(rd, Instant::now() + STALL_FINAL_DRAIN)
+                .await;
+        }
+        if disconnect.is_none() && !self.down {
             // Polite close; not waiting for the server's answer keeps shutdown bounded.
             self.out.clear();
             let mask = self.rng.mask();
             ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), mask);
             let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
         }
-        self.st.into_result(true, disconnect)
+        let mut r = self.st.into_result(true, disconnect);
+        r.reconnects = self.reconnects;
+        r.reconnect_failures = self.reconnect_failures;
+        r
     }
 }
 
@@ -877,13 +1199,23 @@ pub async fn client_task(mut a: ClientArgs) -> ClientResult {
         frag: None,
         schedule: None,
         unique_in_batch: 0,
+        role: sh.role(id),
+        side_received: 0,
     };
     let mut rbuf = vec![0u8; sh.read_buf];
     let mut out: Vec<u8> = Vec::with_capacity(256);
     let mut scratch: Vec<u8> = Vec::with_capacity(sh.payload + 128);
     let mut rng = Rng::new(u64::from(id) ^ now_ns());
 
-    let connected = connect(&a, &mut rbuf, &mut scratch, &mut out, &mut rng).await;
+    let connected = connect(
+        &a,
+        sh.connect_deadline,
+        &mut rbuf,
+        &mut scratch,
+        &mut out,
+        &mut rng,
+    )
+    .await;
     let (stream, end) = match connected {
         Ok((s, left, took)) => {
             let _ = a.outcomes.send(Outcome {
@@ -898,6 +1230,7 @@ pub async fn client_task(mut a: ClientArgs) -> ClientResult {
         }
     };
     let (mut rd, wr) = stream.into_split();
+    let role = sh.role(id);
     let mut c = Conn {
         id,
         room,
@@ -915,15 +1248,34 @@ pub async fn client_task(mut a: ClientArgs) -> ClientResult {
         sender: None,
         plan: None,
         last_probe_round: 0,
+        role,
+        stalled: false,
+        next_ping: 0,
+        closing: false,
+        down: false,
+        reconnect_n: 0,
+        reconnects: 0,
+        reconnect_failures: Vec::new(),
     };
-    let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+    let far = Instant::now() + Duration::from_secs(86_400);
+    let sleep = tokio::time::sleep_until(far);
     tokio::pin!(sleep);
     let mut armed = u64::MAX;
+    // Stall pings and reconnects (a client has at most one of the two).
+    let aux = tokio::time::sleep_until(far);
+    tokio::pin!(aux);
+    let mut aux_armed = u64::MAX;
     let disconnect = loop {
         let due = c.sender.as_ref().filter(|s| !s.done).map(|s| s.next);
         if let Some(t) = due.filter(|&t| t != armed) {
             sleep.as_mut().reset(instant_at(t));
             armed = t;
+        }
+        let reading = c.reading();
+        let aux_due = c.aux_due();
+        if let Some(t) = aux_due.filter(|&t| t != aux_armed) {
+            aux.as_mut().reset(instant_at(t));
+            aux_armed = t;
         }
         // Deliberately not `biased`: under overload a fixed order would let constant incoming
         // traffic starve the sender (or a late sender starve the reader), and either would be
@@ -943,13 +1295,17 @@ pub async fn client_task(mut a: ClientArgs) -> ClientResult {
                 armed = u64::MAX;
                 c.on_send_due().await
             }
-            r = rd.read(&mut c.rbuf[c.end..]) => c.on_read(r).await,
+            () = &mut aux, if aux_due.is_some() => {
+                aux_armed = u64::MAX;
+                c.on_aux(&a, &mut rd).await
+            }
+            r = rd.read(&mut c.rbuf[c.end..]), if reading => c.on_read(r).await,
         };
         if let Next::End(reason) = next {
             break reason;
         }
     };
-    c.close(disconnect).await
+    c.close(disconnect, &mut rd).await
 }
 
 #[cfg(test)]
@@ -974,6 +1330,35 @@ mod tests {
         for s in [0, 1, 5, 6, 9] {
             assert_eq!(t.observe(s), Seen::New);
         }
+    }
+
+    #[test]
+    fn roles_spread_over_rooms_and_spare_senders() {
+        let (roles, slots) = assign_roles(10_000, 50, 2, 0.1, 0.05);
+        // 9900 non-senders: 990 stall; 5% of the other 8910 reconnect.
+        let stalled = roles.iter().filter(|r| **r == Role::Stalled).count();
+        assert_eq!(stalled, 990);
+        assert_eq!(slots, 445);
+        for room in 0..50usize {
+            let ids = (room..10_000).step_by(50);
+            let n = ids.clone().filter(|&i| roles[i] == Role::Stalled).count();
+            assert!((19..=20).contains(&n), "room {room}: {n} stalled");
+            let n = ids
+                .filter(|&i| matches!(roles[i], Role::Reconnecting { .. }))
+                .count();
+            assert!((8..=9).contains(&n), "room {room}: {n} reconnecting");
+        }
+        assert!(roles[..100].iter().all(|r| *r == Role::Healthy), "senders");
+        let mut seen: Vec<u32> = roles
+            .iter()
+            .filter_map(|r| match r {
+                Role::Reconnecting { slot } => Some(*slot),
+                _ => None,
+            })
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..slots).collect::<Vec<_>>());
+        assert!(assign_roles(100, 5, 2, 0.0, 0.0).0.is_empty());
     }
 
     #[test]

@@ -24,14 +24,14 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use client::{
-    client_task, instant_at, new_hist, now_ns, ClientArgs, ClientResult, Ctl, Hists, PhaseSpec,
-    Plan, Schedule, Shared,
+    assign_roles, client_task, instant_at, new_hist, now_ns, ClientArgs, ClientResult, Ctl, Hists,
+    PhaseSpec, Plan, Role, Schedule, Shared,
 };
 use progress::Progress;
 pub use report::Report;
 use report::{
-    per_delivery_us, ConfigEcho, ConnectReport, Counts, Curves, Lag, Latency, ServerProc,
-    ServerReport, StepReport, SUSTAINABLE_P99_US,
+    per_delivery_us, ConfigEcho, ConnectReport, Counts, Curves, Lag, Latency, ReconnectReport,
+    RolesReport, ServerProc, ServerReport, StallReport, StepReport, SUSTAINABLE_P99_US,
 };
 
 #[derive(Debug)]
@@ -162,6 +162,24 @@ pub struct Config {
     /// Pause after all joins are sent before probing readiness, milliseconds.
     #[arg(long, default_value_t = 500, hide = true)]
     pub settle_ms: u64,
+
+    /// Fraction of the non-sender clients (spread over the rooms) that stop reading their
+    /// socket after the readiness probe, so the server should close them as slow consumers.
+    /// They are left out of the loss, order and latency figures; how they ended is reported
+    /// on its own.
+    #[arg(long, default_value_t = 0.0)]
+    pub stall_fraction: f64,
+
+    /// Fraction of the remaining non-sender clients (neither senders nor stalled) that close
+    /// cleanly and reconnect and rejoin every --reconnect-every seconds, staggered. They are
+    /// left out of the loss, order and latency figures; what they received is reported on
+    /// its own.
+    #[arg(long, default_value_t = 0.0)]
+    pub reconnect_fraction: f64,
+
+    /// Seconds between reconnects of each reconnecting client.
+    #[arg(long, default_value_t = 5.0)]
+    pub reconnect_every: f64,
 }
 
 impl Default for Config {
@@ -216,6 +234,17 @@ impl Config {
             if !v.is_finite() || v < 0.0 {
                 return Err(Error::new(format!("{name} must not be negative")));
             }
+        }
+        for (v, name) in [
+            (self.stall_fraction, "--stall-fraction"),
+            (self.reconnect_fraction, "--reconnect-fraction"),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::new(format!("{name} must be between 0 and 1")));
+            }
+        }
+        if !self.reconnect_every.is_finite() || self.reconnect_every <= 0.0 {
+            return fail("--reconnect-every must be positive");
         }
         if self.connect_concurrency == 0 {
             return fail("--connect-concurrency must be at least 1");
@@ -306,6 +335,13 @@ pub async fn run(cfg: Config) -> Result<Report> {
     // second per 500 clients.
     let connect_deadline =
         Instant::now() + connect_timeout * 2 + Duration::from_secs_f64(clients as f64 / 500.0);
+    let (roles, reconnect_slots) = assign_roles(
+        clients,
+        rooms,
+        cfg.senders_per_room as u32,
+        cfg.stall_fraction,
+        cfg.reconnect_fraction,
+    );
     let shared = Arc::new(Shared {
         rooms,
         senders_per_room: cfg.senders_per_room as u32,
@@ -323,6 +359,9 @@ pub async fn run(cfg: Config) -> Result<Report> {
         expected: AtomicU64::new(0),
         received: AtomicU64::new(0),
         error_codes: Mutex::new(BTreeMap::new()),
+        roles,
+        reconnect_slots,
+        reconnect_every: secs(cfg.reconnect_every),
     });
 
     let (ctl_tx, ctl_rx) = watch::channel(Ctl::default());
@@ -395,10 +434,15 @@ pub async fn run(cfg: Config) -> Result<Report> {
 
     // ---- plan and readiness ----------------------------------------------------------------
     let mut members = vec![0u32; rooms as usize];
+    // Members whose deliveries are checked: not stalled, not reconnecting.
+    let mut healthy = vec![0u32; rooms as usize];
     let mut prober = vec![u32::MAX; rooms as usize];
     for &id in &connected_ids {
         let r = (id % rooms) as usize;
         members[r] += 1;
+        if shared.role(id) == Role::Healthy {
+            healthy[r] += 1;
+        }
         prober[r] = prober[r].min(id);
     }
     // The join dialect never echoes to the sender, so a room's sender cannot confirm its
@@ -408,10 +452,12 @@ pub async fn run(cfg: Config) -> Result<Report> {
         Dialect::Join => m.saturating_sub(1),
     };
     let required: Vec<u32> = members.iter().map(|&m| others(m)).collect();
+    // Senders are always healthy, so the join dialect's "not the sender" applies as is.
+    let recipients: Vec<u32> = healthy.iter().map(|&m| others(m)).collect();
     let plan = Arc::new(Plan {
         prober,
         required: required.clone(),
-        recipients: required.clone(),
+        recipients,
     });
     ctl_tx.send_modify(|c| c.plan = Some(Arc::clone(&plan)));
     sleep(Duration::from_millis(cfg.settle_ms)).await;
@@ -554,7 +600,32 @@ pub async fn run(cfg: Config) -> Result<Report> {
     let mut arrived = vec![0u64; n_phases];
     let (mut errors, mut unparseable, mut other) = (0u64, 0u64, 0u64);
     let mut disconnects: BTreeMap<String, u64> = BTreeMap::new();
+    let with_roles = !shared.roles.is_empty();
+    let mut stall = StallReport::default();
+    let mut recon = ReconnectReport {
+        every_s: cfg.reconnect_every,
+        ..ReconnectReport::default()
+    };
+    let mut healthy_clients = 0usize;
     for r in &results {
+        if r.connected {
+            match r.role {
+                Role::Healthy => healthy_clients += 1,
+                Role::Stalled => {
+                    stall.clients += 1;
+                    stall.received += r.side_received;
+                }
+                Role::Reconnecting { .. } => {
+                    recon.clients += 1;
+                    recon.received += r.side_received;
+                }
+            }
+        }
+        recon.reconnects += r.reconnects;
+        recon.failed += r.reconnect_failures.len() as u64;
+        for f in &r.reconnect_failures {
+            *recon.failures.entry(f.clone()).or_insert(0) += 1;
+        }
         let recipients = u64::from(plan.recipients[(r.id % rooms) as usize]);
         for (p, pc) in r.phases.iter().enumerate() {
             let c = &mut counts[p];
@@ -569,10 +640,23 @@ pub async fn run(cfg: Config) -> Result<Report> {
         errors += r.errors;
         unparseable += r.unparseable;
         other += r.other_frames;
-        if let Some(d) = &r.disconnect {
-            *disconnects.entry(d.clone()).or_insert(0) += 1;
+        match (&r.disconnect, r.role) {
+            (Some(d), Role::Stalled) => {
+                stall.closed_by_server += 1;
+                *stall.close_reasons.entry(d.clone()).or_insert(0) += 1;
+            }
+            (None, Role::Stalled) if r.connected => stall.still_open += 1,
+            (Some(d), _) => *disconnects.entry(d.clone()).or_insert(0) += 1,
+            (None, _) => {}
         }
     }
+    let roles = with_roles.then_some(RolesReport {
+        healthy_clients,
+        stall_fraction: cfg.stall_fraction,
+        reconnect_fraction: cfg.reconnect_fraction,
+        stalled: stall,
+        reconnecting: recon,
+    });
     counts.iter_mut().for_each(Counts::finish);
     let mut lat: Vec<Histogram<u64>> = (0..n_phases).map(|_| new_hist()).collect();
     let mut lag: Vec<Histogram<u64>> = (0..n_phases).map(|_| new_hist()).collect();
@@ -753,6 +837,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
         other_frames: other,
         disconnects,
         unstopped_clients: unstopped,
+        roles,
         loadgen_cpu_total_s: sys::self_cpu_seconds() - cpu_at_start,
         server,
         drained,

@@ -32,6 +32,11 @@ pub struct Report {
     pub disconnects: BTreeMap<String, u64>,
     /// Client tasks that did not finish within the stop timeout (their counts are missing).
     pub unstopped_clients: u64,
+    /// With --stall-fraction or --reconnect-fraction: which clients `totals`, `warmup`,
+    /// `measured` and `steps` cover (loss, duplicates, order, routing, latency: the healthy
+    /// ones only) and what the others saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<RolesReport>,
     pub loadgen_cpu_total_s: f64,
     pub server: Option<ServerReport>,
     /// Whether every expected delivery arrived before the drain time ran out.
@@ -82,6 +87,46 @@ pub struct ConnectReport {
     pub max_ms: f64,
     /// Connected clients whose membership no readiness probe confirmed before sending began.
     pub not_ready: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RolesReport {
+    /// Connected clients that are neither stalled nor reconnecting: the only ones whose
+    /// deliveries are checked (senders included).
+    pub healthy_clients: usize,
+    pub stall_fraction: f64,
+    pub reconnect_fraction: f64,
+    pub stalled: StallReport,
+    pub reconnecting: ReconnectReport,
+}
+
+/// Clients that stopped reading after the readiness probe.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StallReport {
+    /// Connected stalled clients.
+    pub clients: usize,
+    /// Connections the server ended, by what they saw last ("close 1008", or how the
+    /// connection went without a close frame).
+    pub closed_by_server: u64,
+    pub close_reasons: BTreeMap<String, u64>,
+    /// Still open when the run ended.
+    pub still_open: u64,
+    /// Deliveries read before the stall began (normally 0: it begins before sending).
+    pub received: u64,
+}
+
+/// Clients that closed cleanly and reconnected on a timer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReconnectReport {
+    /// Connected (at first) reconnecting clients.
+    pub clients: usize,
+    pub every_s: f64,
+    pub reconnects: u64,
+    pub failed: u64,
+    pub failures: BTreeMap<String, u64>,
+    /// Distinct deliveries received while joined (not checked: they miss what is sent while
+    /// they are away).
+    pub received: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -228,10 +273,64 @@ fn counts_lines(out: &mut String, c: &Counts, sent_note: &str) {
     let _ = writeln!(out, "  {:<20}{}", "misrouted", c.misrouted);
 }
 
+fn roles_lines(out: &mut String, r: &RolesReport, connected: usize) {
+    let s = &r.stalled;
+    let c = &r.reconnecting;
+    let _ = writeln!(out, "clients");
+    let _ = writeln!(
+        out,
+        "  {:<20}{} of {connected} connected: neither stalled nor reconnecting; the loss, \
+         order, routing and latency figures below cover only these",
+        "healthy", r.healthy_clients
+    );
+    let _ = writeln!(
+        out,
+        "  {:<20}{} (--stall-fraction {}): stopped reading after the readiness probe",
+        "stalled", s.clients, r.stall_fraction
+    );
+    let reasons: Vec<String> = s
+        .close_reasons
+        .iter()
+        .map(|(k, n)| format!("{k} x {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  stalled clients closed by server: {} ({}); still open at the end: {}",
+        s.closed_by_server,
+        if reasons.is_empty() {
+            "none".to_string()
+        } else {
+            reasons.join(", ")
+        },
+        s.still_open
+    );
+    let _ = writeln!(
+        out,
+        "  {:<20}{} (--reconnect-fraction {}, every {} s): {} reconnects, {} failed; {} \
+         deliveries received (not checked for loss or order)",
+        "reconnecting",
+        c.clients,
+        r.reconnect_fraction,
+        c.every_s,
+        c.reconnects,
+        c.failed,
+        c.received
+    );
+    if !c.failures.is_empty() {
+        grouped(out, "reconnect failures", &c.failures);
+    }
+}
+
 impl Report {
     /// True when nothing was lost, duplicated, reordered or misrouted and no errors came back.
     pub fn clean(&self) -> bool {
-        self.totals.faults() == 0 && self.server_errors == 0 && self.connect.failed == 0
+        self.totals.faults() == 0
+            && self.server_errors == 0
+            && self.connect.failed == 0
+            && self
+                .roles
+                .as_ref()
+                .is_none_or(|r| r.reconnecting.failed == 0)
     }
 
     pub fn to_text(&self) -> String {
@@ -283,7 +382,16 @@ impl Report {
         grouped(&mut o, "failures", &k.failures);
         let _ = writeln!(o, "  {:<20}{}", "not ready", k.not_ready);
 
-        let _ = writeln!(o, "correctness (every message, warm-up included)");
+        if let Some(r) = &self.roles {
+            roles_lines(&mut o, r, k.connected);
+            let _ = writeln!(
+                o,
+                "correctness (every message, warm-up included; the {} healthy clients only)",
+                r.healthy_clients
+            );
+        } else {
+            let _ = writeln!(o, "correctness (every message, warm-up included)");
+        }
         counts_lines(
             &mut o,
             &self.totals,
@@ -320,7 +428,16 @@ impl Report {
         );
 
         let m = &self.measured;
-        let _ = writeln!(o, "measured window ({:.1} s)", m.duration_s);
+        let _ = writeln!(
+            o,
+            "measured window ({:.1} s{})",
+            m.duration_s,
+            if self.roles.is_some() {
+                "; latency of the healthy clients only"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(
             o,
             "  {:<20}{:.0} msg/s offered, {:.0} deliveries/s",

@@ -151,6 +151,51 @@ async fn ramp_reports_each_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_reconnecting_clients_are_left_out_of_the_check() {
+    // 16 non-senders: 4 stall (2 per room), half of the other 12 reconnect every 0.3 s.
+    let r = run_against(
+        Fault::None,
+        &[
+            "--stall-fraction",
+            "0.25",
+            "--reconnect-fraction",
+            "0.5",
+            "--reconnect-every",
+            "0.3",
+        ],
+    )
+    .await;
+    let roles = r.roles.as_ref().expect("roles are reported");
+    assert_eq!(roles.healthy_clients, 10);
+    assert_eq!(roles.stalled.clients, 4);
+    assert_eq!(roles.reconnecting.clients, 6);
+    let t = &r.totals;
+    // Each message is checked at the 5 healthy members of its room (2 senders, 3 receivers);
+    // the stalled clients read nothing and would show as loss if they were counted.
+    assert_eq!(t.expected, t.sent * 5);
+    assert_eq!(t.received, t.expected);
+    assert_eq!(
+        (t.lost, t.duplicates, t.order_violations, t.misrouted),
+        (0, 0, 0, 0)
+    );
+    let rc = &roles.reconnecting;
+    assert!(
+        rc.reconnects >= 6,
+        "each reconnecting client came back: {rc:?}"
+    );
+    assert_eq!(rc.failed, 0);
+    assert!(rc.received > 0);
+    // The test server has no slow-consumer limit, so the stalled clients are still open.
+    let st = &roles.stalled;
+    assert_eq!((st.closed_by_server, st.still_open, st.received), (0, 4, 0));
+    assert!(r.disconnects.is_empty(), "{:?}", r.disconnects);
+    assert!(r.drained && r.clean());
+    let text = r.to_text();
+    assert!(text.contains("stalled clients closed by server: 0 (none)"));
+    assert!(text.contains("the 10 healthy clients only"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_server_shows_loss() {
     let r = run_against(Fault::Drop(7), LOSSY).await;
     let t = &r.totals;
