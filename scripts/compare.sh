@@ -48,7 +48,7 @@ start_server() {
     local name=$1
     case "$name" in
         roomcast)
-            taskset -c "$SERVER_CPU" target/release/roomcast --listen "127.0.0.1:$PORT" \
+            taskset -c "$SERVER_CPU" "${ROOMCAST_BIN:-target/release/roomcast}" --listen "127.0.0.1:$PORT" \
                 --threads 1 --log warn &
             ;;
         node)

@@ -510,7 +510,13 @@ impl Session {
                     *slot = IoSlice::new(seg);
                     count += 1;
                 }
-                self.stream.try_write_vectored(&iov[..count])
+                // One segment (the usual case) takes plain write(2), a little cheaper than
+                // writev(2) with a single iovec.
+                if count == 1 {
+                    self.stream.try_write(&iov[0])
+                } else {
+                    self.stream.try_write_vectored(&iov[..count])
+                }
             };
             match written {
                 Ok(0) => return Err(End::Io(io::ErrorKind::WriteZero.into())),
