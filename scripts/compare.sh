@@ -53,10 +53,10 @@ start_server() {
             ;;
         node)
             if [[ "$DIALECT" == join ]]; then
-                PORT=$PORT taskset -c "$SERVER_CPU" node peers/node/dialect1.js &
+                PORT=$PORT taskset -c "$SERVER_CPU" node peers/node/dialect1.js >&2 &
             else
                 PORT=$PORT REDIS_URL="redis://127.0.0.1:$redis_port" \
-                    taskset -c "$SERVER_CPU" node peers/node/dialect2.js &
+                    taskset -c "$SERVER_CPU" node peers/node/dialect2.js >&2 &
             fi
             ;;
         *) echo "unknown server $name" >&2; exit 2 ;;
