@@ -145,12 +145,8 @@ impl Session {
             let early = early;
             (!early.is_empty()).then(|| early.to_vec())
         };
-        let end = self.serve(early, &mut shutdown).await;
-        match &end {
-            Ok(()) | Err(End::Eof) | Err(End::Closed) => {
-                tracing::debug!(conn = id.0, "session ended: {:?}", end)
-            }
-            Err(e) => tracing::debug!(conn = id.0, "session ended: {e}"),
+        if let Err(end) = self.serve(early, &mut shutdown).await {
+            tracing::debug!(conn = id.0, "session ended: {end}");
         }
         self.outbox.finish();
         for room in std::mem::take(&mut self.rooms) {

@@ -97,7 +97,7 @@ async fn an_oversized_frame_closes_with_1009_and_others_are_unaffected() {
 #[tokio::test]
 async fn invalid_utf8_text_closes_with_1007() {
     let node = Node::start().await;
-    let mut raw = raw_session(&node).await;
+    let mut raw = raw_upgrade(node.addr, "/").await;
     // A masked text frame whose payload is the lone byte 0xFF.
     raw.write_all(&[0x81, 0x81, 0, 0, 0, 0, 0xFF])
         .await
@@ -107,30 +107,6 @@ async fn invalid_utf8_text_closes_with_1007() {
     assert_eq!(reply[0], 0x88, "a close frame");
     assert_eq!(u16::from_be_bytes([reply[2], reply[3]]), 1007);
     still_serves(&node).await;
-}
-
-/// A WebSocket session opened by hand, for sending bytes no client library would.
-async fn raw_session(node: &Node) -> TcpStream {
-    let mut stream = TcpStream::connect(node.addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    stream
 }
 
 #[tokio::test]
@@ -235,7 +211,7 @@ async fn idle_connections_are_pinged_and_dead_ones_dropped() {
     .await;
     // A tungstenite client answers pings only while it is being polled.
     let mut alive = node.client().await;
-    let mut dead = raw_session(&node).await;
+    let mut dead = raw_upgrade(node.addr, "/").await;
     let poll_alive = tokio::spawn(async move {
         let mut pings = 0;
         while let Some(Ok(msg)) = alive.next().await {
