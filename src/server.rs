@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fastwebsockets::WebSocket;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -280,20 +282,35 @@ fn upgrade_session(
     };
     tokio::spawn(async move {
         let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
-        match upgrading.await {
-            Ok(ws) => {
-                let upgraded = ws.into_inner().into_inner();
-                match upgraded.downcast::<TokioIo<TcpStream>>() {
-                    Ok(parts) => {
-                        let session = Session::new(parts.io.into_inner(), id, shared.clone(), mode);
-                        session.run(parts.read_buf, stop).await;
-                    }
-                    Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
-                }
+        // Only the session's own future may live across its `.await`: an `async` block keeps
+        // a slot for every local held over an await (even one moved out before it), and this
+        // task's size is paid by every idle connection.
+        let stream = match upgrading.await {
+            Ok(ws) => tcp_stream(ws),
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                None
             }
-            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        };
+        if let Some((stream, early)) = stream {
+            Session::run(stream, early, id, shared.clone(), mode, stop).await;
         }
         shared.metrics.connection_closed();
     });
     response.map(|_| Full::new(Bytes::new()))
+}
+
+/// The TCP stream under a finished upgrade, with any bytes hyper read past the request.
+fn tcp_stream(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(TcpStream, Bytes)> {
+    match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            None
+        }
+    }
 }

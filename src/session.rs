@@ -9,6 +9,7 @@
 //! `writev`.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,6 +89,8 @@ pub struct Session {
     /// The unparsed tail of the last read when it ended inside a frame.
     rbuf: Vec<u8>,
     partial: Option<Partial>,
+    /// Frames taken from the outbox in one swap and not yet moved into the batch.
+    taken: VecDeque<Bytes>,
     batch: Batch,
     reading: bool,
     close_sent: bool,
@@ -112,7 +115,7 @@ enum Wake {
 }
 
 impl Session {
-    pub fn new(stream: TcpStream, id: ConnId, shared: Shared, mode: Mode) -> Self {
+    fn new(stream: TcpStream, id: ConnId, shared: Shared, mode: Mode) -> Self {
         let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()));
         Self {
             stream,
@@ -122,6 +125,7 @@ impl Session {
             rooms: Vec::new(),
             rbuf: Vec::new(),
             partial: None,
+            taken: VecDeque::new(),
             batch: Batch::default(),
             reading: true,
             close_sent: false,
@@ -134,17 +138,26 @@ impl Session {
         }
     }
 
-    /// Runs the session to its end. `early` holds bytes the HTTP layer read past the upgrade
-    /// request; `shutdown` turns true when the node stops.
-    pub async fn run(mut self, early: Bytes, mut shutdown: watch::Receiver<bool>) {
-        let id = self.outbox.id();
+    /// The future that runs a session on an upgraded `stream` to its end. `early` holds bytes
+    /// the HTTP layer read past the upgrade request; `shutdown` turns true when the node stops.
+    /// A plain function, so what is only needed to start is not stored in the future.
+    pub fn run(
+        stream: TcpStream,
+        early: Bytes,
+        id: ConnId,
+        shared: Shared,
+        mode: Mode,
+        shutdown: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> {
         // `early` is usually an empty slice of the HTTP layer's 8 KiB read buffer, and even an
-        // empty `Bytes` keeps that whole allocation alive: copy what it holds and drop it here
-        // (moving it into the block), not at the end of the session.
-        let early = {
-            let early = early;
-            (!early.is_empty()).then(|| early.to_vec())
-        };
+        // empty `Bytes` keeps that whole allocation alive: copy what it holds and let the
+        // buffer go now, not at the end of the session.
+        let early = (!early.is_empty()).then(|| early.to_vec());
+        Self::new(stream, id, shared, mode).run_to_end(early, shutdown)
+    }
+
+    async fn run_to_end(mut self, early: Option<Vec<u8>>, mut shutdown: watch::Receiver<bool>) {
+        let id = self.outbox.id();
         if let Err(end) = self.serve(early, &mut shutdown).await {
             tracing::debug!(conn = id.0, "session ended: {end}");
         }
@@ -200,6 +213,9 @@ impl Session {
                 Wake::Outbox => {
                     if self.outbox.is_slow() && !self.close_sent {
                         self.outbox.discard();
+                        for frame in std::mem::take(&mut self.taken) {
+                            self.outbox.release(&frame);
+                        }
                         self.begin_close(close_code::POLICY, "slow consumer", CLOSE_TIMEOUT);
                         timer
                             .as_mut()
@@ -493,7 +509,10 @@ impl Session {
     async fn flush(&mut self) -> Result<(), End> {
         for _ in 0..WRITES_PER_TURN {
             if self.batch.segs.is_empty() && !self.fill() {
+                // Nothing left to write: keep no buffer while idle.
                 self.batch.small = BytesMut::new();
+                self.batch.segs = VecDeque::new();
+                self.taken = VecDeque::new();
                 if self.close_sent && self.outbox.pending().0 == 0 {
                     self.after_close_flushed().await?;
                 }
@@ -552,10 +571,10 @@ impl Session {
     /// Moves frames from the outbox into the batch; false when there was nothing to move.
     fn fill(&mut self) -> bool {
         self.outbox.begin_drain();
-        let Some(first) = self.outbox.pop() else {
+        let Some(first) = self.next_frame() else {
             return false;
         };
-        let Some(second) = self.outbox.pop() else {
+        let Some(second) = self.next_frame() else {
             // The common case under light load: one frame, written straight from the shared
             // allocation.
             self.batch.uncounted += 1;
@@ -566,7 +585,7 @@ impl Session {
         self.batch.add(first);
         self.batch.add(second);
         while taken < BATCH_BYTES && self.batch.segs.len() < MAX_IOV - 1 {
-            let Some(frame) = self.outbox.pop() else {
+            let Some(frame) = self.next_frame() else {
                 break;
             };
             taken += frame.len();
@@ -574,6 +593,16 @@ impl Session {
         }
         self.batch.seal();
         true
+    }
+
+    /// The next frame to write, taking everything the outbox holds when the last take is used up.
+    fn next_frame(&mut self) -> Option<Bytes> {
+        if self.taken.is_empty() {
+            self.outbox.take_all(&mut self.taken);
+        }
+        let frame = self.taken.pop_front()?;
+        self.outbox.release(&frame);
+        Some(frame)
     }
 }
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Server memory per idle connection: RSS before any client, and the peak RSS while CLIENTS
+# clients sit connected in ROOMS rooms with one sender per room at 0.01 msg/s (so every client
+# has received a message and its outbox has been used, then all is quiet). Server pinned to
+# SERVER_CPU with one worker thread, loadgen to LOADGEN_CPU.
+#
+#   bash scripts/idle-memory.sh                     # the release build of this checkout
+#   BIN=/path/to/other/roomcast bash scripts/idle-memory.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-10000}
+ROOMS=${ROOMS:-50}
+SERVER_CPU=${SERVER_CPU:-0}
+LOADGEN_CPU=${LOADGEN_CPU:-1}
+PORT=${PORT:-18090}
+
+cargo build --release -q -p roomcast -p loadgen
+BIN=${BIN:-target/release/roomcast}
+
+taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+sleep 0.5
+before=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
+taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" --clients "$CLIENTS" \
+    --rooms "$ROOMS" --senders-per-room 1 --rate 0.01 --duration 5 --warmup 1 \
+    --connect-concurrency 128 --threads 1 -q >/dev/null
+peak=$(awk '/VmHWM/ {print $2}' "/proc/$server/status")
+awk -v b="$before" -v p="$peak" -v n="$CLIENTS" -v bin="$BIN" 'BEGIN {
+    printf "%s: RSS before %d kB, peak with %d clients %d kB, %.2f KiB per connection\n",
+        bin, b, n, p, (p - b) / n }'
