@@ -13,8 +13,14 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(config.log)
         .with_target(false)
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.threads > 0 {
+    // One thread needs no work stealing, and a process with a single thread lets the kernel
+    // skip the file-table reference count on every socket syscall (fdget's fast path).
+    let mut runtime = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.threads > 1 {
         runtime.worker_threads(config.threads);
     }
     let runtime = runtime
