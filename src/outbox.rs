@@ -10,11 +10,13 @@
 //! bytes together, so a push costs one `fetch_add`, one short lock and one flag swap.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::metrics::Metrics;
 
@@ -59,7 +61,11 @@ pub struct Outbox {
     /// True while a wake-up is owed or the writer is busy: pushers notify only on false → true.
     scheduled: AtomicBool,
     state: AtomicU8,
-    wake: Notify,
+    /// A wake-up was sent and the session has not seen it yet (a permit, like `Notify`'s).
+    signaled: AtomicBool,
+    /// The session task's waker. Exactly one task waits, so one slot replaces `Notify`'s
+    /// locked waiter list, which cost a lock on every register and drop.
+    waker: AtomicWaker,
     limits: Limits,
 }
 
@@ -79,7 +85,8 @@ impl Outbox {
             pending: AtomicU64::new(0),
             scheduled: AtomicBool::new(false),
             state: AtomicU8::new(OPEN),
-            wake: Notify::new(),
+            signaled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             limits,
         }
     }
@@ -111,7 +118,7 @@ impl Outbox {
                         .is_ok()
                     {
                         metrics.add_slow_closed();
-                        self.wake.notify_one();
+                        self.signal();
                     }
                     Pushed::Closed
                 }
@@ -140,13 +147,31 @@ impl Outbox {
     /// Makes sure the writer runs soon; costs one swap when a wake-up is already owed.
     pub fn wake(&self) {
         if !self.scheduled.swap(true, Ordering::AcqRel) {
-            self.wake.notify_one();
+            self.signal();
         }
     }
 
-    /// Resolves when there may be something to write or the outbox was closed as slow.
+    fn signal(&self) {
+        self.signaled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves when there may be something to write or the outbox was closed as slow. Only
+    /// the session task may wait here.
     pub async fn notified(&self) {
-        self.wake.notified().await
+        poll_fn(|cx| {
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A signal sent before the registration found no waker to wake: look again.
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Called by the writer before it takes: from here on a push must wake it again. The swap
