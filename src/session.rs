@@ -179,6 +179,10 @@ impl Session {
         let timer = tokio::time::sleep(config.ping_interval);
         tokio::pin!(timer);
         let mut stopping = *shutdown.borrow();
+        // One future for the whole loop: a fresh `changed()` per round would register with and
+        // unregister from the channel's waiter list (a lock each) on every wake-up.
+        let stop_signal = shutdown.changed();
+        tokio::pin!(stop_signal);
         if stopping {
             self.begin_close(
                 close_code::GOING_AWAY,
@@ -190,7 +194,7 @@ impl Session {
             let writing = !self.batch.segs.is_empty();
             let wake = tokio::select! {
                 biased;
-                _ = shutdown.changed(), if !stopping => Wake::Shutdown,
+                _ = &mut stop_signal, if !stopping => Wake::Shutdown,
                 // Polled even while blocked on a full socket: a slow-consumer verdict must be
                 // seen then most of all.
                 _ = self.outbox.notified() => Wake::Outbox,
