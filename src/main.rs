@@ -13,8 +13,8 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(config.log)
         .with_target(false)
         .init();
-    // One thread needs no work stealing, and a process with a single thread lets the kernel
-    // skip the file-table reference count on every socket syscall (fdget's fast path).
+    // With one thread, a current-thread runtime runs every task here: no work stealing and no
+    // wake-ups across threads.
     let mut runtime = if config.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
