@@ -14,7 +14,7 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Runtime worker threads; 0 means one per core.
+    /// Runtime worker threads; 0 means one per core, 1 runs everything on a single thread.
     #[arg(long, env = "ROOMCAST_THREADS", default_value_t = 0)]
     pub threads: usize,
 
