@@ -138,8 +138,8 @@ impl Outbox {
         self.wake();
     }
 
-    /// A panic elsewhere cannot leave the deque half-updated (`push_back` and a swap are the
-    /// only things done under the lock), so a poisoned lock is still good to use.
+    /// A panic elsewhere cannot leave the deque half-updated (a `push_back`, an append or a
+    /// swap is all that happens under the lock), so a poisoned lock is still good to use.
     fn queue(&self) -> MutexGuard<'_, VecDeque<Bytes>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -831,15 +831,21 @@ impl Conn {
         if self.out.is_empty() {
             return Next::Continue;
         }
+        match self.write_out().await {
+            None => Next::End(None),
+            Some(Ok(())) => Next::Continue,
+            Some(Err(e)) => Next::End(Some(format!("write: {e}"))),
+        }
+    }
+
+    /// Writes and clears `out`; `None` when loadgen stopped first.
+    async fn write_out(&mut self) -> Option<std::io::Result<()>> {
         let r = tokio::select! {
             r = self.wr.write_all(&self.out) => r,
-            _ = self.stop.changed() => return Next::End(None),
+            _ = self.stop.changed() => return None,
         };
         self.out.clear();
-        match r {
-            Ok(()) => Next::Continue,
-            Err(e) => Next::End(Some(format!("write: {e}"))),
-        }
+        Some(r)
     }
 
     async fn on_ctl(&mut self, c: Ctl) -> Next {
@@ -1047,14 +1053,10 @@ impl Conn {
         self.out.clear();
         let mask = self.rng.mask();
         ws::encode_frame(&mut self.out, ws::OP_PING, b"", mask);
-        let r = tokio::select! {
-            r = self.wr.write_all(&self.out) => r,
-            _ = self.stop.changed() => return Next::End(None),
-        };
-        self.out.clear();
-        match r {
-            Ok(()) => Next::Continue,
-            Err(e) => {
+        match self.write_out().await {
+            None => Next::End(None),
+            Some(Ok(())) => Next::Continue,
+            Some(Err(e)) => {
                 let found = self.drain_for_close(rd, Instant::now() + STALL_DRAIN).await;
                 Next::End(Some(found.unwrap_or_else(|| {
                     format!("write failed ({}), no close frame", e.kind())
