@@ -71,6 +71,11 @@ impl Backplane {
         self.redis.as_ref().is_none_or(redis::Bus::is_healthy)
     }
 
+    /// Hands `msg` to the bus. In-process, it is framed once and queued for every local member
+    /// before this returns. With Redis, it is queued for the worker in the order sessions call
+    /// this, and delivered (to this node too) when the room's channel echoes it; `Ok` means
+    /// queued, not delivered. `Err(Unavailable)` while the link is down or the queue is full:
+    /// the sender is told, nothing is sent.
     pub fn publish(&self, msg: Publish<'_>) -> Result<(), BackplaneError> {
         if let Some(bus) = &self.redis {
             return bus.publish(msg.room, msg.message, msg.skip);

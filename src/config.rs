@@ -1,117 +1,170 @@
-//! Every knob of a node, each a flag with an environment variable and a default.
+//! Every knob of a node as a plain struct: [`Config::default`] is what a node runs with when
+//! nothing is set, and [`Config::validate`] refuses values the engine cannot honour.
+//!
+//! The library reads no flags and no environment: the `roomcast` binary maps its command line
+//! (and `ROOMCAST_*` variables) onto this struct, and tests and embedders build it directly, so
+//! a variable in a developer's shell cannot change what a test runs.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use clap::Parser;
+use crate::outbox::{SlowConsumer, MAX_BYTES, MAX_FRAMES};
 
-use crate::outbox::SlowConsumer;
+/// The largest `max_message_bytes` a node accepts: 16 MiB. A message is held whole while it is
+/// decoded and framed once more per delivery format, so one client's message costs about twice
+/// this; chat and lobby traffic is far below it.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-#[derive(Debug, Clone, Parser)]
-#[command(name = "roomcast", version, about = "WebSocket room-broadcast server")]
+/// How a node behaves; see each field for its meaning and its default.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Address to listen on for HTTP and WebSocket.
-    #[arg(long, env = "ROOMCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    /// Address to listen on for HTTP and WebSocket. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
-
-    /// Runtime worker threads; 0 means one per core, 1 runs everything on a single thread.
-    #[arg(long, env = "ROOMCAST_THREADS", default_value_t = 0)]
-    pub threads: usize,
-
     /// Largest client message (a frame, or a fragmented message in total), in bytes; a larger
-    /// one closes the connection with 1009.
-    #[arg(long, env = "ROOMCAST_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    /// one closes the connection with 1009. Default 64 KiB, at most [`MAX_MESSAGE_BYTES`].
     pub max_message_bytes: usize,
-
-    /// Longest room name, in bytes.
-    #[arg(long, env = "ROOMCAST_MAX_ROOM_NAME", default_value_t = 128)]
+    /// Longest room name, in bytes. Default 128.
     pub max_room_name: usize,
-
-    /// Most rooms one connection may hold at once.
-    #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
+    /// Most rooms one connection may hold at once. Default 64.
     pub max_rooms_per_connection: usize,
-
-    /// Most WebSocket connections on this node; upgrades past it get HTTP 503.
-    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    /// Most WebSocket connections on this node; upgrades past it get HTTP 503. Default 100,000.
     pub max_connections: usize,
-
-    /// Frames a connection may have queued before it counts as a slow consumer.
-    #[arg(long, env = "ROOMCAST_OUTBOX_FRAMES", default_value_t = 4096)]
+    /// Frames a connection may have queued before it counts as a slow consumer. Default 4096.
     pub outbox_frames: u64,
-
-    /// Bytes a connection may have queued before it counts as a slow consumer.
-    #[arg(long, env = "ROOMCAST_OUTBOX_BYTES", default_value_t = 1024 * 1024)]
+    /// Bytes a connection may have queued before it counts as a slow consumer. Default 1 MiB;
+    /// at least one largest message.
     pub outbox_bytes: u64,
-
-    /// What to do with a slow consumer: close it (1008) or drop frames for it.
-    #[arg(long, env = "ROOMCAST_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumer::Close)]
+    /// What to do with a slow consumer. Default: close it with 1008.
     pub slow_consumer: SlowConsumer,
-
-    /// Ping a connection after this long without hearing from it.
-    #[arg(long, env = "ROOMCAST_PING_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    /// Ping a connection after this long without hearing from it. Default 30 s.
     pub ping_interval: Duration,
-
-    /// Drop a connection that has not answered a ping within this long.
-    #[arg(long, env = "ROOMCAST_PING_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    /// Drop a connection that has not answered a ping within this long. Default 10 s.
     pub ping_timeout: Duration,
-
     /// On shutdown, how long sessions get to flush and close before they are dropped.
-    #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    /// Default 5 s.
     pub drain_timeout: Duration,
-
-    /// How long a client may take to send its HTTP request headers.
-    #[arg(long, env = "ROOMCAST_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    /// How long a client may take to send its HTTP request headers. Default 10 s.
     pub header_timeout: Duration,
-
-    /// Join a cluster through this Redis (e.g. redis://127.0.0.1:6379); without it the node
-    /// runs alone on its in-process bus.
-    #[arg(long, env = "ROOMCAST_REDIS")]
+    /// Join a cluster through this Redis (e.g. `redis://127.0.0.1:6379`); `None` (the default)
+    /// runs the node alone on its in-process bus.
     pub redis: Option<String>,
-
-    /// Prefix for every room's Redis channel (none by default, so original nodes can share
-    /// the Redis during a migration).
-    #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = "")]
+    /// Prefix for every room's Redis channel. Default empty, so nodes of the original design
+    /// can share the Redis during a migration.
     pub redis_prefix: String,
-
-    /// Serve an echo WebSocket on /echo (for conformance suites); off by default.
-    #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
+    /// Serve an echo WebSocket on `/echo` (for conformance suites). Default off.
     pub echo: bool,
+}
 
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, env = "ROOMCAST_LOG", default_value = "info")]
-    pub log: tracing::Level,
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_message_bytes: 64 * 1024,
+            max_room_name: 128,
+            max_rooms_per_connection: 64,
+            max_connections: 100_000,
+            outbox_frames: 4096,
+            outbox_bytes: 1024 * 1024,
+            slow_consumer: SlowConsumer::Close,
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            redis: None,
+            redis_prefix: String::new(),
+            echo: false,
+        }
+    }
+}
+
+/// A configuration value the node cannot run with; the message names the setting as its flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A number outside the range the engine supports.
+    #[error("--{name} is {value}; it must be between {} and {}", .range.start(), .range.end())]
+    OutOfRange {
+        /// The setting, spelled as its flag.
+        name: &'static str,
+        /// The value given.
+        value: u64,
+        /// What is allowed.
+        range: RangeInclusive<u64>,
+    },
+    /// A timeout or interval of zero.
+    #[error("--{name} must be longer than zero")]
+    ZeroDuration {
+        /// The setting, spelled as its flag.
+        name: &'static str,
+    },
+    /// A single largest message would already make every recipient a slow consumer.
+    #[error(
+        "--outbox-bytes ({outbox}) cannot hold one largest message \
+         (--max-message-bytes {message} plus its frame header)"
+    )]
+    OutboxBelowMessage {
+        /// `outbox_bytes` given.
+        outbox: u64,
+        /// `max_message_bytes` given.
+        message: u64,
+    },
 }
 
 impl Config {
     /// The defaults, listening on `addr`: what tests and embedders start from.
     pub fn with_listen(addr: SocketAddr) -> Self {
-        let mut config = Self::parse_from(["roomcast"]);
-        config.listen = addr;
-        config
+        Self {
+            listen: addr,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every bound; [`Server::bind`](crate::Server::bind) refuses a config that fails.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let max_message = MAX_MESSAGE_BYTES as u64;
+        in_range("max-message-bytes", self.max_message_bytes, 1..=max_message)?;
+        // Longer names would only let clients grow the registry's keys and the error replies
+        // that echo them; a Redis channel name is this plus the prefix.
+        in_range("max-room-name", self.max_room_name, 1..=1024)?;
+        in_range(
+            "max-rooms-per-connection",
+            self.max_rooms_per_connection,
+            1..=65_536,
+        )?;
+        in_range("max-connections", self.max_connections, 1..=10_000_000)?;
+        in_range("outbox-frames", self.outbox_frames, 1..=MAX_FRAMES)?;
+        in_range("outbox-bytes", self.outbox_bytes, 1..=MAX_BYTES)?;
+        let largest = self.max_message_bytes as u64 + crate::frame::MAX_HEADER as u64;
+        if self.outbox_bytes < largest {
+            return Err(ConfigError::OutboxBelowMessage {
+                outbox: self.outbox_bytes,
+                message: self.max_message_bytes as u64,
+            });
+        }
+        for (name, value) in [
+            ("ping-interval", self.ping_interval),
+            ("ping-timeout", self.ping_timeout),
+            ("header-timeout", self.header_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration { name });
+            }
+        }
+        Ok(())
     }
 }
 
-/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 250ms, 10s or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        _ => {
-            return Err(format!(
-                "unknown unit `{unit}` in `{text}` (use ms, s or m)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+fn in_range(
+    name: &'static str,
+    value: impl TryInto<u64>,
+    range: RangeInclusive<u64>,
+) -> Result<(), ConfigError> {
+    let value = value.try_into().unwrap_or(u64::MAX);
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { name, value, range })
+    }
 }
 
 #[cfg(test)]
@@ -119,18 +172,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("3h").is_err());
-    }
-
-    #[test]
-    fn defaults_parse() {
+    fn defaults_are_valid() {
         let c = Config::with_listen("127.0.0.1:0".parse().unwrap());
         assert_eq!(c.max_message_bytes, 65536);
         assert_eq!(c.slow_consumer, SlowConsumer::Close);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_name() {
+        let refused = |tweak: fn(&mut Config)| {
+            let mut c = Config::default();
+            tweak(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        let e = refused(|c| c.max_message_bytes = MAX_MESSAGE_BYTES + 1);
+        assert!(e.starts_with("--max-message-bytes is 16777217"), "{e}");
+        // The outbox packs its frame count into 24 bits: a larger bound would overflow it.
+        let e = refused(|c| c.outbox_frames = 1 << 24);
+        assert!(e.starts_with("--outbox-frames"), "{e}");
+        let e = refused(|c| c.outbox_bytes = 1000);
+        assert!(e.starts_with("--outbox-bytes (1000)"), "{e}");
+        let e = refused(|c| c.ping_timeout = Duration::ZERO);
+        assert_eq!(e, "--ping-timeout must be longer than zero");
+        let e = refused(|c| c.max_connections = 0);
+        assert!(e.starts_with("--max-connections is 0"), "{e}");
     }
 }

@@ -12,18 +12,26 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The largest header a server frame can have: 2 bytes + 8 bytes of extended length.
 pub const MAX_HEADER: usize = 10;
 
+/// A frame's type (RFC 6455 §5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpCode {
+    /// The next piece of a fragmented message.
     Continuation,
+    /// A UTF-8 text message (or its first fragment).
     Text,
+    /// A binary message (or its first fragment).
     Binary,
+    /// The close handshake.
     Close,
+    /// A liveness probe; answered with a pong carrying the same payload.
     Ping,
+    /// The answer to a ping (or an unsolicited heartbeat).
     Pong,
 }
 
 impl OpCode {
-    fn from_bits(bits: u8) -> Option<Self> {
+    /// The opcode in the low four bits of a frame's first byte.
+    pub fn from_bits(bits: u8) -> Option<Self> {
         Some(match bits {
             0x0 => Self::Continuation,
             0x1 => Self::Text,
@@ -35,7 +43,8 @@ impl OpCode {
         })
     }
 
-    fn bits(self) -> u8 {
+    /// The four bits this opcode has on the wire.
+    pub fn bits(self) -> u8 {
         match self {
             Self::Continuation => 0x0,
             Self::Text => 0x1,
@@ -53,38 +62,54 @@ impl OpCode {
 
 /// Close codes this server sends (RFC 6455 §7.4.1).
 pub mod close_code {
+    /// Normal closure.
     pub const NORMAL: u16 = 1000;
+    /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke RFC 6455.
     pub const PROTOCOL: u16 = 1002;
+    /// A text message was not UTF-8.
     pub const INVALID_DATA: u16 = 1007;
+    /// A policy was violated (slow consumer, incomplete frame).
     pub const POLICY: u16 = 1008;
+    /// A message was over `--max-message-bytes`.
     pub const TOO_BIG: u16 = 1009;
 }
 
 /// A violation of RFC 6455 by the peer; each maps to the close code the connection ends with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// RSV1-3 set: no extension is ever negotiated.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// An opcode RFC 6455 reserves.
     #[error("unknown opcode {0:#x}")]
     UnknownOpCode(u8),
+    /// Clients must mask every frame (§5.3).
     #[error("client frame is not masked")]
     Unmasked,
+    /// Control frames are single frames of at most 125 bytes (§5.5).
     #[error("control frame is fragmented or longer than 125 bytes")]
     BadControlFrame,
+    /// A continuation with no fragmented message open.
     #[error("continuation frame without a message to continue")]
     UnexpectedContinuation,
+    /// A new text or binary frame before the open fragmented message ended.
     #[error("new data frame while a fragmented message is unfinished")]
     UnfinishedMessage,
+    /// A frame, or a fragmented message in total, over the limit given.
     #[error("message larger than the configured limit of {0} bytes")]
     TooBig(usize),
+    /// A text message or close reason that is not UTF-8.
     #[error("text message is not valid UTF-8")]
     InvalidUtf8,
+    /// A close payload of one byte, or with a code no endpoint may send.
     #[error("malformed close frame")]
     BadClose,
 }
 
 impl FrameError {
+    /// The close code the connection ends with.
     pub fn close_code(self) -> u16 {
         match self {
             Self::TooBig(_) => close_code::TOO_BIG,
@@ -97,20 +122,42 @@ impl FrameError {
 /// Builds one complete server frame (FIN set, unmasked) in a single allocation.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(MAX_HEADER + payload.len());
-    buf.put_u8(0x80 | opcode.bits());
-    match payload.len() {
-        len @ 0..=125 => buf.put_u8(len as u8),
-        len @ 126..=0xFFFF => {
-            buf.put_u8(126);
+    put_header(&mut buf, 0x80 | opcode.bits(), payload.len(), None);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Builds a masked client frame as a browser sends it; `first` is the FIN/RSV/opcode byte
+/// (0x81 a final text frame, 0x01 a first fragment, 0x88 a close), so tests and the fuzzer can
+/// also write frames no client library would. The server never sends these.
+pub fn encode_client(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER + 4 + payload.len());
+    put_header(&mut buf, first, payload.len(), Some(key));
+    let start = buf.len();
+    buf.put_slice(payload);
+    apply_mask(&mut buf[start..], key);
+    buf.to_vec()
+}
+
+/// The one place the RFC 6455 length classes are written: 7 bits, 16 bits after 126, or 64
+/// bits after 127, then the masking key when there is one.
+fn put_header(buf: &mut BytesMut, first: u8, len: usize, key: Option<[u8; 4]>) {
+    let mask_bit = if key.is_some() { 0x80 } else { 0 };
+    buf.put_u8(first);
+    match len {
+        0..=125 => buf.put_u8(mask_bit | len as u8),
+        126..=0xFFFF => {
+            buf.put_u8(mask_bit | 126);
             buf.put_u16(len as u16);
         }
-        len => {
-            buf.put_u8(127);
+        _ => {
+            buf.put_u8(mask_bit | 127);
             buf.put_u64(len as u64);
         }
     }
-    buf.put_slice(payload);
-    buf.freeze()
+    if let Some(key) = key {
+        buf.put_slice(&key);
+    }
 }
 
 /// A text frame carrying `text`: the unit every delivery is made of.
@@ -130,17 +177,22 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     encode(OpCode::Close, &payload[..2 + end])
 }
 
-/// One parsed client frame header; the payload sits at `payload` within the parsed slice and
-/// has already been unmasked.
+/// One parsed client frame header. The payload is bytes `header_len..frame_len()` of the
+/// slice the header was parsed from, still masked until [`unmask`] runs on that frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The last frame of its message.
     pub fin: bool,
+    /// What the frame carries.
     pub opcode: OpCode,
+    /// Bytes of header, masking key included: 6, 8 or 14.
     pub header_len: usize,
+    /// Bytes of payload after the header.
     pub payload_len: usize,
 }
 
 impl Header {
+    /// Header and payload together: how much of the buffer this frame takes.
     pub fn frame_len(&self) -> usize {
         self.header_len + self.payload_len
     }
@@ -251,31 +303,11 @@ pub fn parse_close(payload: &[u8]) -> Result<u16, FrameError> {
 mod tests {
     use super::*;
 
-    fn masked(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![first];
-        match payload.len() {
-            n @ 0..=125 => out.push(0x80 | n as u8),
-            n @ 126..=0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&key);
-        let mut body = payload.to_vec();
-        apply_mask(&mut body, key);
-        out.extend_from_slice(&body);
-        out
-    }
-
     #[test]
     fn round_trips_every_length_class() {
         for len in [0usize, 1, 7, 8, 125, 126, 1000, 65535, 65536, 70000] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let mut wire = masked(0x82, &payload, [1, 2, 3, 250]);
+            let mut wire = encode_client(0x82, &payload, [1, 2, 3, 250]);
             let header = parse_header(&wire, 1 << 20).unwrap().unwrap();
             assert_eq!(header.payload_len, len);
             assert_eq!(header.frame_len(), wire.len());
@@ -294,7 +326,7 @@ mod tests {
 
     #[test]
     fn needs_more_until_header_complete() {
-        let wire = masked(0x81, &[0u8; 300], [9, 9, 9, 9]);
+        let wire = encode_client(0x81, &[0u8; 300], [9, 9, 9, 9]);
         for cut in 0..8 {
             assert_eq!(parse_header(&wire[..cut], 1 << 20), Ok(None));
         }
@@ -305,11 +337,11 @@ mod tests {
     fn rejects_protocol_violations() {
         let key = [1, 2, 3, 4];
         assert_eq!(
-            parse_header(&masked(0xC1, b"x", key), 100),
+            parse_header(&encode_client(0xC1, b"x", key), 100),
             Err(FrameError::ReservedBits)
         );
         assert_eq!(
-            parse_header(&masked(0x83, b"x", key), 100),
+            parse_header(&encode_client(0x83, b"x", key), 100),
             Err(FrameError::UnknownOpCode(3))
         );
         assert_eq!(
@@ -317,15 +349,15 @@ mod tests {
             Err(FrameError::Unmasked)
         );
         assert_eq!(
-            parse_header(&masked(0x09, b"x", key), 100),
+            parse_header(&encode_client(0x09, b"x", key), 100),
             Err(FrameError::BadControlFrame)
         );
         assert_eq!(
-            parse_header(&masked(0x89, &[0; 126], key), 1000),
+            parse_header(&encode_client(0x89, &[0; 126], key), 1000),
             Err(FrameError::BadControlFrame)
         );
         assert_eq!(
-            parse_header(&masked(0x81, &[0; 101], key), 100),
+            parse_header(&encode_client(0x81, &[0; 101], key), 100),
             Err(FrameError::TooBig(100))
         );
         let mut huge = vec![0x81, 0xFF];

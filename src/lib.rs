@@ -7,30 +7,38 @@
 //!  (server)   (session)   (backplane)   (room)   (room)      (outbox)   (session)
 //! ```
 //!
-//! 1. **socket** — [`server`] accepts TCP, speaks HTTP/1.1 through hyper (`/healthz`,
+//! 1. **socket** — `server` accepts TCP, speaks HTTP/1.1 through hyper (`/healthz`,
 //!    `/metrics`) and upgrades `GET /` to WebSocket (handshake by fastwebsockets).
-//! 2. **session** — [`session`] owns the upgraded `TcpStream` in one task: it parses client
+//! 2. **session** — `session` owns the upgraded `TcpStream` in one task: it parses client
 //!    frames in place ([`frame`]), decodes the two JSON dialects ([`protocol`]) and keeps the
 //!    handles of the rooms the connection holds.
-//! 3. **backplane** — [`backplane`] carries a published message to every node's copy of the
+//! 3. **backplane** — `backplane` carries a published message to every node's copy of the
 //!    room: in-process by default.
 //! 4. **room** — [`room`] holds each room's members as an immutable `ArcSwap` snapshot in a
-//!    sharded registry; a broadcast is one atomic load, no lock.
+//!    sharded registry; a broadcast reads it with one atomic load and takes no lock (joins and
+//!    leaves take their shard's mutex).
 //! 5. **fan-out** — the message is framed once into a `Bytes` ([`frame::text`]); every
-//!    recipient's [`outbox`] gets a clone of it (a reference-count bump, never a copy).
+//!    recipient's [`outbox`] gets a clone of it (a reference-count bump, never a copy). The
+//!    push is not lock-free: it holds that outbox's own mutex for one `push_back`, a lock no
+//!    other recipient shares.
 //! 6. **writer** — each session drains its outbox in batches, many frames per `writev`.
 //!
 //! [`config`] holds every knob; [`metrics`] counts what `/healthz` and `/metrics` report.
 
-pub mod backplane;
+#![warn(missing_docs)]
+
+// `backplane`, `server` internals and `session` are the node's own; benches, fuzz targets and
+// tests reach the engine through the public modules below.
+pub(crate) mod backplane;
 pub mod config;
 pub mod frame;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod room;
-pub mod server;
-pub mod session;
+mod server;
+mod session;
 
-pub use config::Config;
+pub use backplane::RedisError;
+pub use config::{Config, ConfigError};
 pub use server::{Server, ServerError};

@@ -1,27 +1,145 @@
-//! The `roomcast` binary: configuration, logging, allocator, runtime; the rest is the library.
+//! The `roomcast` binary: command line and environment, logging, allocator, runtime; the rest
+//! is the library. Every flag maps onto one field of [`roomcast::Config`], whose docs give the
+//! meaning; this file only says how each is spelled.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use roomcast::outbox::SlowConsumer;
 use roomcast::{Config, Server};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// WebSocket room-broadcast server.
+#[derive(Debug, Parser)]
+#[command(name = "roomcast", version)]
+struct Args {
+    /// Address to listen on for HTTP and WebSocket.
+    #[arg(long, env = "ROOMCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+
+    /// Runtime worker threads; 0 means one per core, 1 runs everything on a single thread.
+    #[arg(long, env = "ROOMCAST_THREADS", default_value_t = 0)]
+    threads: usize,
+
+    /// Largest client message (a frame, or a fragmented message in total), in bytes; a larger
+    /// one closes the connection with 1009. At most 16777216.
+    #[arg(long, env = "ROOMCAST_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    max_message_bytes: usize,
+
+    /// Longest room name, in bytes (at most 1024).
+    #[arg(long, env = "ROOMCAST_MAX_ROOM_NAME", default_value_t = 128)]
+    max_room_name: usize,
+
+    /// Most rooms one connection may hold at once.
+    #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
+    max_rooms_per_connection: usize,
+
+    /// Most WebSocket connections on this node; upgrades past it get HTTP 503.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+
+    /// Frames a connection may have queued before it counts as a slow consumer (at most 2^20).
+    #[arg(long, env = "ROOMCAST_OUTBOX_FRAMES", default_value_t = 4096)]
+    outbox_frames: u64,
+
+    /// Bytes a connection may have queued before it counts as a slow consumer; at least one
+    /// largest message.
+    #[arg(long, env = "ROOMCAST_OUTBOX_BYTES", default_value_t = 1024 * 1024)]
+    outbox_bytes: u64,
+
+    /// What to do with a slow consumer: close it (1008) or drop frames for it.
+    #[arg(long, env = "ROOMCAST_SLOW_CONSUMER", value_enum, default_value_t = SlowPolicy::Close)]
+    slow_consumer: SlowPolicy,
+
+    /// Ping a connection after this long without hearing from it.
+    #[arg(long, env = "ROOMCAST_PING_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    ping_interval: Duration,
+
+    /// Drop a connection that has not answered a ping within this long.
+    #[arg(long, env = "ROOMCAST_PING_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    ping_timeout: Duration,
+
+    /// On shutdown, how long sessions get to flush and close before they are dropped.
+    #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    drain_timeout: Duration,
+
+    /// How long a client may take to send its HTTP request headers.
+    #[arg(long, env = "ROOMCAST_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    header_timeout: Duration,
+
+    /// Join a cluster through this Redis (e.g. redis://127.0.0.1:6379); without it the node
+    /// runs alone on its in-process bus.
+    #[arg(long, env = "ROOMCAST_REDIS")]
+    redis: Option<String>,
+
+    /// Prefix for every room's Redis channel (none by default, so original nodes can share
+    /// the Redis during a migration).
+    #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = "")]
+    redis_prefix: String,
+
+    /// Serve an echo WebSocket on /echo (for conformance suites); off by default.
+    #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
+    echo: bool,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "ROOMCAST_LOG", default_value = "info")]
+    log: tracing::Level,
+}
+
+/// `--slow-consumer`, spelled for the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SlowPolicy {
+    /// Close the connection with 1008 "slow consumer".
+    Close,
+    /// Drop the frame for that recipient and count it.
+    Drop,
+}
+
+impl Args {
+    fn config(&self) -> Config {
+        Config {
+            listen: self.listen,
+            max_message_bytes: self.max_message_bytes,
+            max_room_name: self.max_room_name,
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            max_connections: self.max_connections,
+            outbox_frames: self.outbox_frames,
+            outbox_bytes: self.outbox_bytes,
+            slow_consumer: match self.slow_consumer {
+                SlowPolicy::Close => SlowConsumer::Close,
+                SlowPolicy::Drop => SlowConsumer::Drop,
+            },
+            ping_interval: self.ping_interval,
+            ping_timeout: self.ping_timeout,
+            drain_timeout: self.drain_timeout,
+            header_timeout: self.header_timeout,
+            redis: self.redis.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            echo: self.echo,
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let args = Args::parse();
+    let config = args.config();
     tracing_subscriber::fmt()
-        .with_max_level(config.log)
+        .with_max_level(args.log)
         .with_target(false)
         .init();
     // With one thread, a current-thread runtime runs every task here: no work stealing and no
     // wake-ups across threads.
-    let mut runtime = if config.threads == 1 {
+    let mut runtime = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
-    if config.threads > 1 {
-        runtime.worker_threads(config.threads);
+    if args.threads > 1 {
+        runtime.worker_threads(args.threads);
     }
     let runtime = runtime
         .enable_all()
@@ -33,6 +151,30 @@ fn main() -> anyhow::Result<()> {
         server.run(shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds (loadgen reads durations the same
+/// way).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 250ms, 10s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}` (use ms, s or m)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -57,5 +199,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+
+    /// The command line's defaults are the library's: one table, not two that drift apart.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROOMCAST_")) {
+            // Each test runs in its own process under nextest: nothing else reads the env here.
+            std::env::remove_var(name);
+        }
+        let args = Args::try_parse_from(["roomcast"]).expect("defaults parse");
+        assert_eq!(args.config(), Config::default());
     }
 }

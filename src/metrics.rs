@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// The node's counters; one per node, shared by every task.
 #[derive(Debug, Default)]
 pub struct Metrics {
     connections: AtomicU64,
@@ -22,14 +23,23 @@ pub struct Metrics {
 /// A point-in-time copy of [`Metrics`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Snapshot {
+    /// WebSocket connections open (slots taken, upgrades in progress included).
     pub connections: u64,
+    /// Client messages received.
     pub messages_in: u64,
+    /// Frames queued for recipients.
     pub deliveries: u64,
+    /// Frames dropped for slow consumers under policy `drop`.
     pub dropped: u64,
+    /// Connections closed as slow consumers.
     pub slow_closed: u64,
+    /// Frames written to sockets (a frame split over two writes counts twice).
     pub frames_out: u64,
+    /// Bytes written to sockets.
     pub bytes_out: u64,
+    /// Socket writes.
     pub writes: u64,
+    /// Upgrades refused at the connection limit.
     pub refused: u64,
 }
 
@@ -41,21 +51,27 @@ impl Metrics {
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .is_ok()
     }
+    /// Gives a connection slot back.
     pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Relaxed);
     }
+    /// One client message received.
     pub fn add_message_in(&self) {
         self.messages_in.fetch_add(1, Relaxed);
     }
+    /// `n` frames queued by one fan-out.
     pub fn add_deliveries(&self, n: u64) {
         self.deliveries.fetch_add(n, Relaxed);
     }
+    /// `n` frames dropped for slow consumers.
     pub fn add_dropped(&self, n: u64) {
         self.dropped.fetch_add(n, Relaxed);
     }
+    /// One connection marked as a slow consumer.
     pub fn add_slow_closed(&self) {
         self.slow_closed.fetch_add(1, Relaxed);
     }
+    /// One upgrade refused.
     pub fn add_refused(&self) {
         self.refused.fetch_add(1, Relaxed);
     }
@@ -66,6 +82,7 @@ impl Metrics {
         self.bytes_out.fetch_add(bytes, Relaxed);
     }
 
+    /// Every counter, each read once (not one atomic cut across them).
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             connections: self.connections.load(Relaxed),

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 pub struct ConnId(pub u64);
 
 /// What happens when a push finds the ring full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowConsumer {
     /// Close the connection with 1008 "slow consumer".
     Close,
@@ -33,10 +33,14 @@ pub enum SlowConsumer {
     Drop,
 }
 
+/// The bound on one outbox and what happens past it.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Frames pending (queued or taken and not yet released) at most.
     pub max_frames: u64,
+    /// Bytes pending at most.
     pub max_bytes: u64,
+    /// What a push past either bound does.
     pub policy: SlowConsumer,
 }
 
@@ -44,6 +48,11 @@ pub struct Limits {
 const BYTE_BITS: u32 = 40;
 const BYTE_MASK: u64 = (1 << BYTE_BITS) - 1;
 const ONE_FRAME: u64 = 1 << BYTE_BITS;
+/// The largest frame bound a config may set. The count field has 24 bits; pushers add before
+/// they check, so 16× headroom keeps concurrent pushes from carrying into nothing.
+pub const MAX_FRAMES: u64 = 1 << 20;
+/// The largest byte bound a config may set (4 GiB), far below the 40-bit field's 1 TiB.
+pub const MAX_BYTES: u64 = 1 << 32;
 
 const OPEN: u8 = 0;
 /// Closed because the consumer fell behind: queued frames are discarded, 1008 is sent.
@@ -51,6 +60,13 @@ const SLOW: u8 = 1;
 /// Closed by the session itself: nothing more is accepted, queued frames still go out.
 const DONE: u8 = 2;
 
+/// One connection's bounded queue of outbound frames: pushed into by fan-out on any thread,
+/// drained by its session alone.
+///
+/// What must stay true: a frame counts against the bound from its push until the writer
+/// releases it; a push past the bound either drops that frame (policy `Drop`) or marks the
+/// outbox slow and wakes the session to close it (policy `Close`), and never blocks the pusher;
+/// after [`finish`](Self::finish) nothing more is accepted.
 pub struct Outbox {
     id: ConnId,
     /// Frames pushed and not yet taken by the writer. Never held across anything but a
@@ -72,12 +88,16 @@ pub struct Outbox {
 /// Outcome of one push, for the caller's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
+    /// The frame will be written.
     Queued,
+    /// The outbox was full and the policy is `Drop`: this frame is lost for this recipient.
     Dropped,
+    /// The outbox is closed (finished, or slow under policy `Close`).
     Closed,
 }
 
 impl Outbox {
+    /// An empty, open outbox for connection `id`; it allocates nothing until the first push.
     pub fn new(id: ConnId, limits: Limits) -> Self {
         Self {
             id,
@@ -91,6 +111,7 @@ impl Outbox {
         }
     }
 
+    /// The connection this outbox belongs to.
     pub fn id(&self) -> ConnId {
         self.id
     }
@@ -209,6 +230,7 @@ impl Outbox {
             .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// True once a push found the outbox full under policy `Close`.
     pub fn is_slow(&self) -> bool {
         self.state.load(Ordering::Acquire) == SLOW
     }
@@ -221,7 +243,8 @@ impl Outbox {
         }
     }
 
-    /// Frames and bytes queued right now.
+    /// Frames and bytes pushed and not yet released: still queued, or taken by the writer and
+    /// not yet in a batch. This is what the bound is checked against.
     pub fn pending(&self) -> (u64, u64) {
         let word = self.pending.load(Ordering::Acquire);
         (word >> BYTE_BITS, word & BYTE_MASK)

@@ -18,42 +18,69 @@ use crate::frame;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command<'a> {
     /// Dialect 1: join a room; the first room held becomes the chat room.
-    Join { room: &'a str },
+    Join {
+        /// The room's name as the client spelled it.
+        room: &'a str,
+    },
     /// Dialect 1: say `message` to every other member of the chat room (or of `room`).
     Chat {
+        /// The text every recipient receives, exactly as sent.
         message: &'a str,
+        /// The held room to speak in (extension); the chat room when absent.
         room: Option<&'a str>,
     },
     /// Dialect 1 extension: drop a membership.
-    Leave { room: &'a str },
+    Leave {
+        /// The room's name as the client spelled it.
+        room: &'a str,
+    },
     /// Dialect 2: add a room.
-    Subscribe { room: &'a str },
+    Subscribe {
+        /// The room's name as the client spelled it.
+        room: &'a str,
+    },
     /// Dialect 2 extension: drop a room.
-    Unsubscribe { room: &'a str },
+    Unsubscribe {
+        /// The room's name as the client spelled it.
+        room: &'a str,
+    },
     /// Dialect 2: deliver `message` to every member of `room`, the sender included.
-    SendMessage { room: &'a str, message: &'a str },
+    SendMessage {
+        /// The room's name as the client spelled it.
+        room: &'a str,
+        /// The text every recipient receives, exactly as sent.
+        message: &'a str,
+    },
 }
 
 /// Everything a client can get wrong; each becomes an error reply and the session stays open.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
+    /// `bad_json`: the text is not a JSON object.
     #[error("frame is not a JSON object")]
     BadJson,
+    /// `unknown_type`: a `type` neither dialect has (echoed back capped).
     #[error("unknown message type \"{0}\"")]
     UnknownType(String),
+    /// `bad_field`: a field missing or of the wrong type; names the field.
     #[error("field `{0}` is missing or not a non-empty string")]
     BadField(&'static str),
+    /// `not_in_room`: `chat` with no room held, or to a room not held.
     #[error("{0}")]
     NotInRoom(String),
+    /// `limit`: a configured limit was reached; says which.
     #[error("{0}")]
     Limit(String),
+    /// `unsupported_frame`: a binary frame.
     #[error("binary frames are not supported; send JSON in text frames")]
     UnsupportedFrame,
+    /// `backplane_unavailable`: the bus cannot take the message; it was not sent.
     #[error("the backplane is unavailable; the message was not sent")]
     BackplaneUnavailable,
 }
 
 impl ClientError {
+    /// The wire code of the error reply (`shared/protocol.md`, "Errors").
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadJson => "bad_json",
@@ -140,8 +167,11 @@ fn with_tape<'i, R>(buf: &'i mut [u8], f: impl FnOnce(Value<'_, 'i>) -> R) -> Op
 /// sending connection, present when the sender must not hear it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Relay<'a> {
+    /// The text to deliver.
     pub message: &'a str,
+    /// The publishing node's id; absent from original nodes.
     pub origin: Option<&'a str>,
+    /// The sending connection on `origin`, to be skipped there (dialect 1's `chat`).
     pub conn: Option<u64>,
 }
 

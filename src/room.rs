@@ -25,10 +25,12 @@ use crate::outbox::{ConnId, Outbox, Pushed};
 pub struct RoomId(Arc<str>);
 
 impl RoomId {
+    /// Copies `name` into a shared allocation.
     pub fn new(name: &str) -> Self {
         Self(Arc::from(name))
     }
 
+    /// The name as the client spelled it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -58,10 +60,16 @@ impl fmt::Display for RoomId {
 /// broadcast several-fold in the registry bench.
 #[derive(Clone)]
 pub struct Member {
+    /// The member's connection.
     pub id: ConnId,
+    /// Where fan-out pushes the member's frames.
     pub outbox: Arc<Outbox>,
 }
 
+/// One room on this node: its name and the current snapshot of its local members.
+///
+/// What must stay true: the snapshot is only replaced under the room's shard lock (so joins
+/// and leaves never lose each other's change), and readers never lock.
 pub struct Room {
     id: RoomId,
     members: ArcSwap<Vec<Member>>,
@@ -75,14 +83,17 @@ impl Room {
         }
     }
 
+    /// The room's name.
     pub fn id(&self) -> &RoomId {
         &self.id
     }
 
+    /// Local members right now.
     pub fn len(&self) -> usize {
         self.members.load().len()
     }
 
+    /// True when no local member is left (the registry then removes the room).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -108,7 +119,9 @@ impl Room {
 /// Told, under the room's shard lock, when a room gains its first member on this node and when
 /// it loses its last one. Implementations must not block.
 pub trait RoomWatcher: Send + Sync {
+    /// `room` gained its first local member.
     fn opened(&self, room: &RoomId);
+    /// `room` lost its last local member.
     fn closed(&self, room: &RoomId);
 }
 
@@ -131,6 +144,7 @@ struct Inner {
 pub const SHARDS: usize = 64;
 
 impl Registry {
+    /// An empty registry; `watcher` hears every room's first join and last leave.
     pub fn new(watcher: Option<Arc<dyn RoomWatcher>>) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -156,6 +170,7 @@ impl Registry {
         self.inner.rooms.load(Ordering::Relaxed)
     }
 
+    /// The room `name` when it has local members.
     pub fn get(&self, name: &str) -> Option<Arc<Room>> {
         self.shard(name).get(name).cloned()
     }

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::backplane::{Backplane, RedisError};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Limits};
 use crate::room::Registry;
@@ -35,18 +35,25 @@ use crate::session::{Mode, Session};
 /// Failures that stop a node from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// A setting out of its range.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The Redis settings cannot be used.
     #[error(transparent)]
     Backplane(#[from] RedisError),
+    /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// Why the bind failed.
         source: std::io::Error,
     },
 }
 
 /// State every connection of the node shares; cheap to clone.
 #[derive(Clone)]
-pub struct Shared {
+pub(crate) struct Shared {
     pub config: Arc<Config>,
     pub registry: Registry,
     pub backplane: Backplane,
@@ -77,14 +84,18 @@ impl Shared {
     }
 }
 
-/// A bound, not yet running node.
+/// A bound, not yet running node: [`bind`](Self::bind), then [`run`](Self::run).
 pub struct Server {
     listener: TcpListener,
     shared: Shared,
 }
 
 impl Server {
+    /// Validates `config`, binds its listen address and, with Redis configured, starts the
+    /// backplane worker (so it must run inside the runtime). Nothing is served until
+    /// [`run`](Self::run).
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
         let addr = config.listen;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
@@ -93,14 +104,11 @@ impl Server {
         })
     }
 
+    /// The address bound, with the port the OS chose for port 0.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .unwrap_or(self.shared.config.listen)
-    }
-
-    pub fn shared(&self) -> &Shared {
-        &self.shared
     }
 
     /// Serves until `shutdown` resolves, then drains: sessions flush what is queued and close

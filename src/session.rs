@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backplane::{BackplaneError, Publish};
+use crate::config::Config;
 use crate::frame::{self, close_code, FrameError, OpCode};
 use crate::outbox::{ConnId, Outbox};
 use crate::protocol::{self, ClientError, Command};
@@ -79,7 +80,14 @@ struct Batch {
     uncounted: u64,
 }
 
-pub struct Session {
+/// One upgraded connection, run by a single task from upgrade to close.
+///
+/// It reads and parses the client's frames, runs their commands against the registry and the
+/// backplane, holds the connection's room handles (so a send needs no registry lookup), and is
+/// the only writer of its socket: fan-out on other tasks only pushes into its [`Outbox`].
+/// What must stay true: every room in `rooms` has this connection as a member until the session
+/// leaves it, and leaving happens before the task ends.
+pub(crate) struct Session {
     stream: TcpStream,
     outbox: Arc<Outbox>,
     shared: Shared,
@@ -216,11 +224,7 @@ impl Session {
                 }
                 Wake::Outbox => {
                     if self.outbox.is_slow() && !self.close_sent {
-                        self.outbox.discard();
-                        for frame in std::mem::take(&mut self.taken) {
-                            self.outbox.release(&frame);
-                        }
-                        self.begin_close(close_code::POLICY, "slow consumer", CLOSE_TIMEOUT);
+                        self.close_slow_consumer();
                         timer
                             .as_mut()
                             .reset(self.deadline.unwrap_or_else(Instant::now));
@@ -243,30 +247,42 @@ impl Session {
                     self.flush().await?;
                 }
                 Wake::Timer => {
-                    let now = Instant::now();
-                    if let Some(deadline) = self.deadline {
-                        if now >= deadline {
-                            return Err(End::Deadline);
-                        }
-                        timer.as_mut().reset(deadline);
-                        continue;
-                    }
-                    let next = match self.ping_sent {
-                        Some(sent) if now >= sent + config.ping_timeout => {
-                            return Err(End::Unresponsive)
-                        }
-                        Some(sent) => sent + config.ping_timeout,
-                        None if now >= self.last_heard + config.ping_interval => {
-                            self.outbox.push_control(frame::encode(OpCode::Ping, b""));
-                            self.ping_sent = Some(now);
-                            now + config.ping_timeout
-                        }
-                        None => self.last_heard + config.ping_interval,
-                    };
+                    let next = self.on_timer(&config)?;
                     timer.as_mut().reset(next);
                 }
             }
         }
+    }
+
+    /// The timer fired: enforces the close deadline and the ping schedule, and returns when the
+    /// timer should fire next.
+    fn on_timer(&mut self, config: &Config) -> Result<Instant, End> {
+        let now = Instant::now();
+        if let Some(deadline) = self.deadline {
+            if now >= deadline {
+                return Err(End::Deadline);
+            }
+            return Ok(deadline);
+        }
+        Ok(match self.ping_sent {
+            Some(sent) if now >= sent + config.ping_timeout => return Err(End::Unresponsive),
+            Some(sent) => sent + config.ping_timeout,
+            None if now >= self.last_heard + config.ping_interval => {
+                self.outbox.push_control(frame::encode(OpCode::Ping, b""));
+                self.ping_sent = Some(now);
+                now + config.ping_timeout
+            }
+            None => self.last_heard + config.ping_interval,
+        })
+    }
+
+    /// Drops everything queued for a consumer that fell behind and closes it with 1008.
+    fn close_slow_consumer(&mut self) {
+        self.outbox.discard();
+        for frame in std::mem::take(&mut self.taken) {
+            self.outbox.release(&frame);
+        }
+        self.begin_close(close_code::POLICY, "slow consumer", CLOSE_TIMEOUT);
     }
 
     /// Starts a server-side close: nothing more is accepted for delivery, what is queued goes

@@ -42,32 +42,10 @@ const OPCODES: [OpCode; 6] = [
     OpCode::Pong,
 ];
 
-fn opcode_bits(op: OpCode) -> u8 {
-    match op {
-        OpCode::Continuation => 0x0,
-        OpCode::Text => 0x1,
-        OpCode::Binary => 0x2,
-        OpCode::Close => 0x8,
-        OpCode::Ping => 0x9,
-        OpCode::Pong => 0xA,
-    }
-}
-
 /// Turns a server frame from `frame::encode` into the client frame a browser would send.
-fn as_client_frame(server: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let hl = match server[1] & 0x7F {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
-    let mut out = Vec::with_capacity(server.len() + 4);
-    out.extend_from_slice(&server[..hl]);
-    out[1] |= 0x80;
-    out.extend_from_slice(&key);
-    let start = out.len();
-    out.extend_from_slice(&server[hl..]);
-    frame::apply_mask(&mut out[start..], key);
-    out
+/// The server frame's own header is checked against `server_header` in `check_encode`.
+fn as_client_frame(server: &[u8], payload_len: usize, key: [u8; 4]) -> Vec<u8> {
+    frame::encode_client(server[0], &server[server_header(payload_len)..], key)
 }
 
 fn check_encode(op: OpCode, len: usize, key: [u8; 4]) {
@@ -78,7 +56,7 @@ fn check_encode(op: OpCode, len: usize, key: [u8; 4]) {
     let out = frame::encode(op, &payload);
     let hl = server_header(len);
     assert_eq!(out.len(), hl + len, "encode({len}) length");
-    assert_eq!(out[0], 0x80 | opcode_bits(op));
+    assert_eq!(out[0], 0x80 | op.bits());
     match hl {
         2 => assert_eq!(out[1] as usize, len),
         4 => {
@@ -95,7 +73,7 @@ fn check_encode(op: OpCode, len: usize, key: [u8; 4]) {
     assert_eq!(&out[hl..], &payload[..]);
 
     // Parse it back as a client would send it (control frames over 125 bytes are refused).
-    let mut wire = as_client_frame(&out, key);
+    let mut wire = as_client_frame(&out, len, key);
     match frame::parse_header(&wire, len) {
         Ok(Some(h)) => {
             assert_eq!(
@@ -150,7 +128,7 @@ fn check_frame(frame: &mut [u8], h: &Header) {
 
     // Round trip through the server encoder: same opcode and length, minimal header.
     let out = frame::encode(h.opcode, payload);
-    let wire = as_client_frame(&out, key);
+    let wire = as_client_frame(&out, h.payload_len, key);
     let back = frame::parse_header(&wire, h.payload_len)
         .expect("re-encoded frame is valid")
         .expect("re-encoded frame is complete");

@@ -31,6 +31,7 @@ use crate::room::{Registry, RoomId, RoomWatcher};
 /// Problems with the Redis configuration itself (runtime failures are retried, not returned).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
+    /// The URL does not parse or names an unsupported scheme.
     #[error("invalid Redis URL: {0}")]
     Url(#[source] redis::RedisError),
 }
@@ -186,24 +187,40 @@ enum Ended {
     /// The node is gone (every sender dropped): stop for good.
     Stop,
     /// Redis failed us; reconnect. `connected` says whether we got as far as serving.
-    Lost { why: String, connected: bool },
+    Lost { why: LinkError, connected: bool },
 }
 
-fn lost(why: impl std::fmt::Display, connected: bool) -> Ended {
-    Ended::Lost {
-        why: why.to_string(),
-        connected,
-    }
+/// Why the worker gave up a connection to Redis; logged, then it reconnects.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{step}: {source}")]
+    Redis {
+        step: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("{step}: no answer within {OP_TIMEOUT:?}")]
+    Timeout { step: &'static str },
+    #[error("subscriber is deaf: our own probe did not come back")]
+    Deaf,
+    #[error("subscriber connection closed")]
+    SubscriberClosed,
 }
 
-/// Runs `fut` with the operation timeout; a timeout counts as a failure like any other.
+fn lost(why: LinkError, connected: bool) -> Ended {
+    Ended::Lost { why, connected }
+}
+
+/// Runs `fut`, the worker's `step`, with the operation timeout; a timeout counts as a failure
+/// like any other.
 async fn timed<T>(
+    step: &'static str,
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, String> {
+) -> Result<T, LinkError> {
     match tokio::time::timeout(OP_TIMEOUT, fut).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".to_owned()),
+        Ok(Err(source)) => Err(LinkError::Redis { step, source }),
+        Err(_) => Err(LinkError::Timeout { step }),
     }
 }
 
@@ -252,17 +269,19 @@ impl Worker {
 
     /// One connected period: connect, subscribe everything, serve until something fails.
     async fn connected(&mut self, registry: &Registry, metrics: &Arc<Metrics>) -> Ended {
-        let mut conn = match timed(self.client.get_multiplexed_async_connection()).await {
+        let mut conn = match timed("connect", self.client.get_multiplexed_async_connection()).await
+        {
             Ok(conn) => conn,
-            Err(e) => return lost(format!("connect: {e}"), false),
+            Err(e) => return lost(e, false),
         };
-        let (mut sink, stream) = match timed(self.client.get_async_pubsub()).await {
-            Ok(pubsub) => pubsub.split(),
-            Err(e) => return lost(format!("connect subscriber: {e}"), false),
-        };
+        let (mut sink, stream) =
+            match timed("connect subscriber", self.client.get_async_pubsub()).await {
+                Ok(pubsub) => pubsub.split(),
+                Err(e) => return lost(e, false),
+            };
         let probe = self.probe_channel();
-        if let Err(e) = timed(sink.subscribe(&probe)).await {
-            return lost(format!("subscribe probe: {e}"), false);
+        if let Err(e) = timed("subscribe probe", sink.subscribe(&probe)).await {
+            return lost(e, false);
         }
         let rooms: Vec<String> = registry
             .room_ids()
@@ -270,8 +289,8 @@ impl Worker {
             .map(|r| self.channel(r))
             .collect();
         for chunk in rooms.chunks(256) {
-            if let Err(e) = timed(sink.subscribe(chunk)).await {
-                return lost(format!("re-subscribe: {e}"), false);
+            if let Err(e) = timed("re-subscribe", sink.subscribe(chunk)).await {
+                return lost(e, false);
             }
         }
         self.state.heard_probe();
@@ -300,7 +319,7 @@ impl Worker {
         conn: &mut MultiplexedConnection,
         sink: &mut PubSubSink,
         batch: &mut Vec<(String, Vec<u8>)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         let mut pending = Some(first);
         while let Some(op) = pending.take() {
             match op {
@@ -317,11 +336,11 @@ impl Worker {
                 }
                 Op::Subscribe(room) => {
                     self.flush(conn, batch).await?;
-                    timed(sink.subscribe(self.channel(&room))).await?;
+                    timed("subscribe", sink.subscribe(self.channel(&room))).await?;
                 }
                 Op::Unsubscribe(room) => {
                     self.flush(conn, batch).await?;
-                    timed(sink.unsubscribe(self.channel(&room))).await?;
+                    timed("unsubscribe", sink.unsubscribe(self.channel(&room))).await?;
                 }
             }
         }
@@ -332,7 +351,7 @@ impl Worker {
         &self,
         conn: &mut MultiplexedConnection,
         batch: &mut Vec<(String, Vec<u8>)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -341,9 +360,9 @@ impl Worker {
         for (channel, payload) in batch.drain(..) {
             pipe.publish(channel, payload).ignore();
         }
-        let result = timed(pipe.query_async::<()>(conn)).await;
+        let result = timed("publish", pipe.query_async::<()>(conn)).await;
         self.state.queued.fetch_sub(sent, Ordering::Relaxed);
-        result.map_err(|e| format!("publish: {e}"))
+        result
     }
 
     async fn serve(
@@ -365,14 +384,15 @@ impl Worker {
                 }
                 _ = tick.tick() => {
                     if self.state.since_probe() > PROBE_DEADLINE {
-                        break lost("subscriber is deaf: our own probe did not come back", true);
+                        break lost(LinkError::Deaf, true);
                     }
-                    let sent = timed(redis::cmd("PUBLISH").arg(&probe).arg("probe").query_async::<()>(conn)).await;
-                    if let Err(e) = sent {
-                        break lost(format!("probe: {e}"), true);
+                    let mut publish = redis::cmd("PUBLISH");
+                    publish.arg(&probe).arg("probe");
+                    if let Err(e) = timed("probe", publish.query_async::<()>(conn)).await {
+                        break lost(e, true);
                     }
                 }
-                _ = &mut listener => break lost("subscriber connection closed", true),
+                _ = &mut listener => break lost(LinkError::SubscriberClosed, true),
             }
         };
         listener.abort();

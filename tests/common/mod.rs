@@ -234,22 +234,7 @@ pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
 /// One masked client frame: `first` is the FIN/RSV/opcode byte (0x81 a final text frame,
 /// 0x88 a close), `payload` its unmasked payload.
 pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![first];
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&KEY);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
-    out
+    roomcast::frame::encode_client(first, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// A masked close frame with `code` and `reason`.
