@@ -6,6 +6,7 @@
 //! so a slow server cannot hide its queueing delay by slowing the senders down.
 
 pub mod client;
+pub mod config;
 pub mod progress;
 pub mod report;
 pub mod sys;
@@ -13,12 +14,10 @@ pub mod ws;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -27,6 +26,7 @@ use client::{
     assign_roles, client_task, instant_at, new_hist, now_ns, ClientArgs, ClientResult, Ctl, Hists,
     PhaseSpec, Plan, Role, Schedule, Shared,
 };
+pub use config::{parse_duration, Config, ConfigError, Dialect, DurationError};
 use progress::Progress;
 pub use report::Report;
 use report::{
@@ -59,209 +59,12 @@ impl From<std::io::Error> for Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dialect {
-    /// `{"type":"join",...}` / `chat`: the sender does not hear itself.
-    Join,
-    /// `{"type":"SUBSCRIBE",...}` / `sendMessage`: every member hears it, the sender too.
-    Subscribe,
-}
-
-impl Dialect {
-    fn name(self) -> &'static str {
-        match self {
-            Dialect::Join => "join",
-            Dialect::Subscribe => "subscribe",
-        }
-    }
-}
-
-/// Open-loop WebSocket load generator and correctness checker for roomcast.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "loadgen", version, args_override_self = true)]
-pub struct Config {
-    /// Server URL (ws:// only); repeat or comma-separate to spread clients round-robin.
-    #[arg(
-        long = "url",
-        env = "LOADGEN_URL",
-        value_delimiter = ',',
-        default_value = "ws://127.0.0.1:8080"
-    )]
-    pub urls: Vec<String>,
-
-    /// Number of WebSocket connections.
-    #[arg(long, default_value_t = 1000)]
-    pub clients: usize,
-
-    /// Number of rooms (`lg-0` ...); client i joins room i % rooms.
-    #[arg(long, default_value_t = 10)]
-    pub rooms: usize,
-
-    /// The first N clients of each room send.
-    #[arg(long, default_value_t = 2)]
-    pub senders_per_room: usize,
-
-    /// Messages per second per sender (ignored with --ramp).
-    #[arg(long, default_value_t = 5.0)]
-    pub rate: f64,
-
-    /// Length of the measured window (of each step with --ramp), seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
-
-    /// Sending before measurement starts, at the first step's rate, seconds (checked for
-    /// correctness, excluded from latency).
-    #[arg(long, default_value_t = 2.0)]
-    pub warmup: f64,
-
-    /// Bytes of each message string (padded with `x`; never shorter than its header).
-    #[arg(long, default_value_t = 64)]
-    pub payload: usize,
-
-    /// Wire dialect used to join and send.
-    #[arg(long, value_enum, default_value_t = Dialect::Subscribe)]
-    pub dialect: Dialect,
-
-    /// Connection attempts in flight at once.
-    #[arg(long, default_value_t = 256)]
-    pub connect_concurrency: usize,
-
-    /// Per-connection limit for TCP connect + upgrade + join, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub connect_timeout: f64,
-
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-
-    /// Rising per-sender rates, e.g. 5,10,20: one --duration step each on the same
-    /// connections; reports each step and the highest sustainable one.
-    #[arg(long, value_delimiter = ',')]
-    pub ramp: Vec<f64>,
-
-    /// Server process to measure (CPU over the window, RSS); repeatable.
-    #[arg(long = "server-pid", env = "LOADGEN_SERVER_PID", value_delimiter = ',')]
-    pub server_pids: Vec<u32>,
-
-    /// Write an SVG latency-percentile plot to this file.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-
-    /// Tokio worker threads [default: number of cores].
-    #[arg(long)]
-    pub threads: Option<usize>,
-
-    /// Longest wait for in-flight deliveries after sending stops, seconds.
-    #[arg(long, default_value_t = 2.0)]
-    pub drain: f64,
-
-    /// No progress output.
-    #[arg(long, short)]
-    pub quiet: bool,
-
-    /// Pause after all joins are sent before probing readiness, milliseconds.
-    #[arg(long, default_value_t = 500, hide = true)]
-    pub settle_ms: u64,
-
-    /// Fraction of the non-sender clients (spread over the rooms) that stop reading their
-    /// socket after the readiness probe, so the server should close them as slow consumers.
-    /// They are left out of the loss, order and latency figures; how they ended is reported
-    /// on its own.
-    #[arg(long, default_value_t = 0.0)]
-    pub stall_fraction: f64,
-
-    /// Fraction of the remaining non-sender clients (neither senders nor stalled) that close
-    /// cleanly and reconnect and rejoin every --reconnect-every seconds, staggered. They are
-    /// left out of the loss, order and latency figures; what they received is reported on
-    /// its own.
-    #[arg(long, default_value_t = 0.0)]
-    pub reconnect_fraction: f64,
-
-    /// Seconds between reconnects of each reconnecting client.
-    #[arg(long, default_value_t = 5.0)]
-    pub reconnect_every: f64,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config::parse_from(["loadgen"])
-    }
-}
-
 /// Readiness probes are resent this often until every member has seen one.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// Gap between publishing the schedule and its first slot, so every client has it.
 const SCHEDULE_LEAD: Duration = Duration::from_millis(200);
 /// How long stopped clients get to finish and hand in their counts.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Config {
-    /// Per-sender rate of each measured step.
-    pub fn rates(&self) -> Vec<f64> {
-        if self.ramp.is_empty() {
-            vec![self.rate]
-        } else {
-            self.ramp.clone()
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        let fail = |m: &str| Err(Error::new(m));
-        if self.urls.is_empty() {
-            return fail("at least one --url is needed");
-        }
-        if self.clients == 0 || self.clients > u32::MAX as usize / 2 {
-            return fail("--clients must be between 1 and 2^31");
-        }
-        if self.rooms == 0 {
-            return fail("--rooms must be at least 1");
-        }
-        if self.senders_per_room == 0 {
-            return fail("--senders-per-room must be at least 1");
-        }
-        if self.rates().iter().any(|r| !r.is_finite() || *r <= 0.0) {
-            return fail("--rate and --ramp values must be positive");
-        }
-        for (v, name) in [
-            (self.duration, "--duration"),
-            (self.connect_timeout, "--connect-timeout"),
-        ] {
-            if !v.is_finite() || v <= 0.0 {
-                return Err(Error::new(format!("{name} must be positive")));
-            }
-        }
-        for (v, name) in [(self.warmup, "--warmup"), (self.drain, "--drain")] {
-            if !v.is_finite() || v < 0.0 {
-                return Err(Error::new(format!("{name} must not be negative")));
-            }
-        }
-        for (v, name) in [
-            (self.stall_fraction, "--stall-fraction"),
-            (self.reconnect_fraction, "--reconnect-fraction"),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(Error::new(format!("{name} must be between 0 and 1")));
-            }
-        }
-        if !self.reconnect_every.is_finite() || self.reconnect_every <= 0.0 {
-            return fail("--reconnect-every must be positive");
-        }
-        if self.connect_concurrency == 0 {
-            return fail("--connect-concurrency must be at least 1");
-        }
-        if self.threads == Some(0) {
-            return fail("--threads must be at least 1");
-        }
-        if self.payload > ws::MAX_FRAME / 2 {
-            return fail("--payload is too large");
-        }
-        Ok(())
-    }
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
-}
 
 struct CpuSample {
     own: f64,
@@ -291,7 +94,7 @@ fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
 /// Runs the whole load test: connect, join, confirm readiness, send on schedule, drain,
 /// and summarise. Always finishes within roughly connect phase + warm-up + steps + drain.
 pub async fn run(cfg: Config) -> Result<Report> {
-    cfg.validate()?;
+    cfg.validate().map_err(|e| Error::new(e.to_string()))?;
     let run_started = Instant::now();
     client::base();
     let cpu_at_start = sys::self_cpu_seconds();
@@ -330,7 +133,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
     // so the buffer shrinks as the client count grows (frames larger than it still fit:
     // the buffer grows for them).
     let read_buf = ((256usize << 20) / clients).clamp(4 << 10, 64 << 10);
-    let connect_timeout = secs(cfg.connect_timeout);
+    let connect_timeout = cfg.connect_timeout;
     // The connect phase as a whole is bounded too: twice the per-connection limit plus a
     // second per 500 clients.
     let connect_deadline =
@@ -361,7 +164,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
         error_codes: Mutex::new(BTreeMap::new()),
         roles,
         reconnect_slots,
-        reconnect_every: secs(cfg.reconnect_every),
+        reconnect_every: cfg.reconnect_every,
     });
 
     let (ctl_tx, ctl_rx) = watch::channel(Ctl::default());
@@ -460,7 +263,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
         recipients,
     });
     ctl_tx.send_modify(|c| c.plan = Some(Arc::clone(&plan)));
-    sleep(Duration::from_millis(cfg.settle_ms)).await;
+    sleep(cfg.settle).await;
 
     let total_required: u64 = required.iter().map(|&r| u64::from(r)).sum();
     let count_ready = || -> u64 {
@@ -498,8 +301,8 @@ pub async fn run(cfg: Config) -> Result<Report> {
 
     // ---- open-loop sending -----------------------------------------------------------------
     let t0 = now_ns() + SCHEDULE_LEAD.as_nanos() as u64;
-    let warm_ns = secs(cfg.warmup).as_nanos() as u64;
-    let step_ns = secs(cfg.duration).as_nanos() as u64;
+    let warm_ns = cfg.warmup.as_nanos() as u64;
+    let step_ns = cfg.duration.as_nanos() as u64;
     let mut phases = vec![PhaseSpec {
         start_ns: t0,
         end_ns: t0 + warm_ns,
@@ -560,8 +363,8 @@ pub async fn run(cfg: Config) -> Result<Report> {
 
     // ---- drain -------------------------------------------------------------------------------
     let drain_started = Instant::now();
-    let drain_deadline = drain_started + secs(cfg.drain);
-    progress.stage("drain", (cfg.drain * 1000.0) as u64, "ms");
+    let drain_deadline = drain_started + cfg.drain;
+    progress.stage("drain", cfg.drain.as_millis() as u64, "ms");
     let drained = loop {
         let got = shared.received.load(Ordering::Relaxed);
         let exp = shared.expected.load(Ordering::Relaxed);
@@ -603,7 +406,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
     let with_roles = !shared.roles.is_empty();
     let mut stall = StallReport::default();
     let mut recon = ReconnectReport {
-        every_s: cfg.reconnect_every,
+        every_s: cfg.reconnect_every.as_secs_f64(),
         ..ReconnectReport::default()
     };
     let mut healthy_clients = 0usize;
@@ -713,7 +516,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
         steps.push(step_report(
             counts[p].clone(),
             rate,
-            cfg.duration,
+            cfg.duration.as_secs_f64(),
             arrived[p],
             &lat[p],
             &lag[p],
@@ -741,7 +544,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
     let mut measured = step_report(
         all,
         rates[0],
-        cfg.duration * rates.len() as f64,
+        cfg.duration.as_secs_f64() * rates.len() as f64,
         measured_arrived,
         &all_lat,
         &all_lag,
@@ -808,9 +611,9 @@ pub async fn run(cfg: Config) -> Result<Report> {
             senders: total_senders as usize,
             dialect: cfg.dialect.name().to_string(),
             rates: rates.clone(),
-            duration_s: cfg.duration,
-            warmup_s: cfg.warmup,
-            drain_s: cfg.drain,
+            duration_s: cfg.duration.as_secs_f64(),
+            warmup_s: cfg.warmup.as_secs_f64(),
+            drain_s: cfg.drain.as_secs_f64(),
             payload_bytes: cfg.payload,
             connect_concurrency: cfg.connect_concurrency,
             threads,
