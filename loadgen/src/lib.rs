@@ -34,27 +34,37 @@ use report::{
     RolesReport, ServerProc, ServerReport, StallReport, StepReport, SUSTAINABLE_P99_US,
 };
 
-#[derive(Debug)]
-pub struct Error(String);
-
-impl Error {
-    pub fn new(msg: impl Into<String>) -> Error {
-        Error(msg.into())
-    }
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Url(#[from] ws::UrlError),
+    #[error("{url}: cannot resolve: {source}")]
+    Resolve { url: String, source: std::io::Error },
+    #[error("{url}: no address")]
+    NoAddress { url: String },
+    /// Too many clients for this process's open files or the local port range.
+    #[error(transparent)]
+    Limit(#[from] sys::LimitError),
+    #[error("--server-pid {0}: no such process")]
+    NoServerProcess(u32),
+    /// Every client failed to connect; `reasons` lists the failures, commonest first.
+    #[error("no client could connect to {urls}: {reasons}")]
+    NoneConnected { urls: String, reasons: String },
 }
 
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Error {
-        Error(e.to_string())
-    }
+/// Why the --json, --plot or --rss-plot file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("JSON encoding: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -94,7 +104,7 @@ fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
 /// Runs the whole load test: connect, join, confirm readiness, send on schedule, drain,
 /// and summarise. Always finishes within roughly connect phase + warm-up + steps + drain.
 pub async fn run(cfg: Config) -> Result<Report> {
-    cfg.validate().map_err(|e| Error::new(e.to_string()))?;
+    cfg.validate()?;
     let run_started = Instant::now();
     client::base();
     let cpu_at_start = sys::self_cpu_seconds();
@@ -109,9 +119,12 @@ pub async fn run(cfg: Config) -> Result<Report> {
         let url = ws::WsUrl::parse(u)?;
         let addr = tokio::net::lookup_host(url.socket_addr_string())
             .await
-            .map_err(|e| Error::new(format!("{u}: cannot resolve: {e}")))?
+            .map_err(|source| Error::Resolve {
+                url: u.clone(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| Error::new(format!("{u}: no address")))?;
+            .ok_or_else(|| Error::NoAddress { url: u.clone() })?;
         urls.push(Arc::new(url));
         addrs.push(addr);
     }
@@ -124,7 +137,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
     sys::raise_nofile(clients)?;
     for &pid in &cfg.server_pids {
         if !sys::process_exists(pid) {
-            return Err(Error::new(format!("--server-pid {pid}: no such process")));
+            return Err(Error::NoServerProcess(pid));
         }
     }
 
@@ -208,7 +221,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
                         connect_hist.saturating_record((d.as_micros() as u64).max(1));
                         connected_ids.push(o.id);
                     }
-                    Err(reason) => *failures.entry(reason).or_insert(0) += 1,
+                    Err(reason) => *failures.entry(reason.to_string()).or_insert(0) += 1,
                 }
             }
             _ = tick.tick() => {}
@@ -228,11 +241,10 @@ pub async fn run(cfg: Config) -> Result<Report> {
         let mut reasons: Vec<_> = failures.iter().collect();
         reasons.sort_by(|a, b| b.1.cmp(a.1));
         let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} x {r}")).collect();
-        return Err(Error::new(format!(
-            "no client could connect to {}: {}",
-            cfg.urls.join(", "),
-            list.join("; ")
-        )));
+        return Err(Error::NoneConnected {
+            urls: cfg.urls.join(", "),
+            reasons: list.join("; "),
+        });
     }
 
     // ---- plan and readiness ----------------------------------------------------------------
@@ -650,16 +662,18 @@ pub async fn run(cfg: Config) -> Result<Report> {
 }
 
 /// Writes the --json and --plot files the configuration asks for.
-pub fn write_outputs(cfg: &Config, report: &Report) -> Result<()> {
+pub fn write_outputs(cfg: &Config, report: &Report) -> std::result::Result<(), OutputError> {
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text).map_err(|source| OutputError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     if let Some(path) = &cfg.json {
-        let json = serde_json::to_string_pretty(report)
-            .map_err(|e| Error::new(format!("JSON encoding: {e}")))?;
-        std::fs::write(path, json + "\n")
-            .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        write(path, serde_json::to_string_pretty(report)? + "\n")?;
     }
     if let Some(path) = &cfg.plot {
-        std::fs::write(path, report.to_svg())
-            .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        write(path, report.to_svg())?;
     }
     Ok(())
 }
