@@ -1193,40 +1193,54 @@ impl Conn {
     }
 }
 
-pub async fn client_task(mut a: ClientArgs) -> ClientResult {
+impl ClientState {
+    fn new(id: u32, sh: &Shared) -> ClientState {
+        ClientState {
+            id,
+            room: id % sh.rooms,
+            rooms: sh.rooms,
+            senders_per_room: sh.senders_per_room,
+            dialect: sh.dialect,
+            phases: vec![PhaseCounters::default(); sh.n_phases],
+            trackers: vec![SeqTracker::default(); sh.senders_per_room as usize],
+            ready: false,
+            errors: 0,
+            unparseable: 0,
+            other_frames: 0,
+            frag: None,
+            schedule: None,
+            unique_in_batch: 0,
+            role: sh.role(id),
+            side_received: 0,
+        }
+    }
+}
+
+/// The buffers a client keeps for its whole life, across reconnects.
+struct Buffers {
+    rbuf: Vec<u8>,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    rng: Rng,
+}
+
+pub async fn client_task(a: ClientArgs) -> ClientResult {
     let sh = Arc::clone(&a.shared);
     let id = a.id;
-    let room = id % sh.rooms;
-    let st = ClientState {
-        id,
-        room,
-        rooms: sh.rooms,
-        senders_per_room: sh.senders_per_room,
-        dialect: sh.dialect,
-        phases: vec![PhaseCounters::default(); sh.n_phases],
-        trackers: vec![SeqTracker::default(); sh.senders_per_room as usize],
-        ready: false,
-        errors: 0,
-        unparseable: 0,
-        other_frames: 0,
-        frag: None,
-        schedule: None,
-        unique_in_batch: 0,
-        role: sh.role(id),
-        side_received: 0,
+    let st = ClientState::new(id, &sh);
+    let mut b = Buffers {
+        rbuf: vec![0u8; sh.read_buf],
+        out: Vec::with_capacity(256),
+        scratch: Vec::with_capacity(sh.payload + 128),
+        rng: Rng::new(u64::from(id) ^ now_ns()),
     };
-    let mut rbuf = vec![0u8; sh.read_buf];
-    let mut out: Vec<u8> = Vec::with_capacity(256);
-    let mut scratch: Vec<u8> = Vec::with_capacity(sh.payload + 128);
-    let mut rng = Rng::new(u64::from(id) ^ now_ns());
-
     let connected = connect(
         &a,
         sh.connect_deadline,
-        &mut rbuf,
-        &mut scratch,
-        &mut out,
-        &mut rng,
+        &mut b.rbuf,
+        &mut b.scratch,
+        &mut b.out,
+        &mut b.rng,
     )
     .await;
     let (stream, end) = match connected {
@@ -1243,82 +1257,94 @@ pub async fn client_task(mut a: ClientArgs) -> ClientResult {
         }
     };
     let (mut rd, wr) = stream.into_split();
-    let role = sh.role(id);
-    let mut c = Conn {
-        id,
-        room,
-        is_sender: id / sh.rooms < sh.senders_per_room,
-        sh,
-        st,
-        wr,
-        stop: a.stop.clone(),
-        rbuf,
-        start: 0,
-        end,
-        out,
-        scratch,
-        rng,
-        sender: None,
-        plan: None,
-        last_probe_round: 0,
-        role,
-        stalled: false,
-        next_ping: 0,
-        closing: false,
-        down: false,
-        reconnect_n: 0,
-        reconnects: 0,
-        reconnect_failures: Vec::new(),
-    };
-    let far = Instant::now() + Duration::from_secs(86_400);
-    let sleep = tokio::time::sleep_until(far);
-    tokio::pin!(sleep);
-    let mut armed = u64::MAX;
-    // Stall pings and reconnects (a client has at most one of the two).
-    let aux = tokio::time::sleep_until(far);
-    tokio::pin!(aux);
-    let mut aux_armed = u64::MAX;
-    let disconnect = loop {
-        let due = c.sender.as_ref().filter(|s| !s.done).map(|s| s.next);
-        if let Some(t) = due.filter(|&t| t != armed) {
-            sleep.as_mut().reset(instant_at(t));
-            armed = t;
-        }
-        let reading = c.reading();
-        let aux_due = c.aux_due();
-        if let Some(t) = aux_due.filter(|&t| t != aux_armed) {
-            aux.as_mut().reset(instant_at(t));
-            aux_armed = t;
-        }
-        // Deliberately not `biased`: under overload a fixed order would let constant incoming
-        // traffic starve the sender (or a late sender starve the reader), and either would be
-        // loadgen's fault, not the server's.
-        let next = tokio::select! {
-            _ = a.stop.changed() => Next::End(None),
-            r = a.ctl.changed() => match r {
-                Ok(()) => {
-                    let ctl = a.ctl.borrow_and_update().clone();
-                    c.on_ctl(ctl).await
-                }
-                Err(_) => Next::End(None),
-            },
-            () = &mut sleep, if due.is_some() => {
-                // Re-arm even if nothing was due yet (a timer firing a hair early), or the
-                // elapsed sleep would spin.
-                armed = u64::MAX;
-                c.on_send_due().await
-            }
-            () = &mut aux, if aux_due.is_some() => {
-                aux_armed = u64::MAX;
-                c.on_aux(&a, &mut rd).await
-            }
-            r = rd.read(&mut c.rbuf[c.end..]), if reading => c.on_read(r).await,
-        };
-        if let Next::End(reason) = next {
-            break reason;
-        }
-    };
+    let mut c = Conn::new(&a, st, wr, b, end);
+    let disconnect = c.serve(a, &mut rd).await;
     c.close(disconnect, &mut rd).await
+}
+
+impl Conn {
+    fn new(a: &ClientArgs, st: ClientState, wr: OwnedWriteHalf, b: Buffers, end: usize) -> Conn {
+        let sh = Arc::clone(&a.shared);
+        Conn {
+            id: a.id,
+            room: st.room,
+            is_sender: a.id / sh.rooms < sh.senders_per_room,
+            role: st.role,
+            sh,
+            st,
+            wr,
+            stop: a.stop.clone(),
+            rbuf: b.rbuf,
+            start: 0,
+            end,
+            out: b.out,
+            scratch: b.scratch,
+            rng: b.rng,
+            sender: None,
+            plan: None,
+            last_probe_round: 0,
+            stalled: false,
+            next_ping: 0,
+            closing: false,
+            down: false,
+            reconnect_n: 0,
+            reconnects: 0,
+            reconnect_failures: Vec::new(),
+        }
+    }
+
+    /// The connection's life after the join: reads, sends, control messages, stall pings and
+    /// reconnects, until loadgen stops it or it ends. Returns why it ended, if not stopped.
+    async fn serve(&mut self, mut a: ClientArgs, rd: &mut OwnedReadHalf) -> Option<String> {
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let sleep = tokio::time::sleep_until(far);
+        tokio::pin!(sleep);
+        let mut armed = u64::MAX;
+        // Stall pings and reconnects (a client has at most one of the two).
+        let aux = tokio::time::sleep_until(far);
+        tokio::pin!(aux);
+        let mut aux_armed = u64::MAX;
+        loop {
+            let due = self.sender.as_ref().filter(|s| !s.done).map(|s| s.next);
+            if let Some(t) = due.filter(|&t| t != armed) {
+                sleep.as_mut().reset(instant_at(t));
+                armed = t;
+            }
+            let reading = self.reading();
+            let aux_due = self.aux_due();
+            if let Some(t) = aux_due.filter(|&t| t != aux_armed) {
+                aux.as_mut().reset(instant_at(t));
+                aux_armed = t;
+            }
+            // Deliberately not `biased`: under overload a fixed order would let constant
+            // incoming traffic starve the sender (or a late sender starve the reader), and
+            // either would be loadgen's fault, not the server's.
+            let next = tokio::select! {
+                _ = a.stop.changed() => Next::End(None),
+                r = a.ctl.changed() => match r {
+                    Ok(()) => {
+                        let ctl = a.ctl.borrow_and_update().clone();
+                        self.on_ctl(ctl).await
+                    }
+                    Err(_) => Next::End(None),
+                },
+                () = &mut sleep, if due.is_some() => {
+                    // Re-arm even if nothing was due yet (a timer firing a hair early), or
+                    // the elapsed sleep would spin.
+                    armed = u64::MAX;
+                    self.on_send_due().await
+                }
+                () = &mut aux, if aux_due.is_some() => {
+                    aux_armed = u64::MAX;
+                    self.on_aux(&a, rd).await
+                }
+                r = rd.read(&mut self.rbuf[self.end..]), if reading => self.on_read(r).await,
+            };
+            if let Next::End(reason) = next {
+                return reason;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
