@@ -4,6 +4,12 @@
 //! self-describing messages on a fixed schedule, and every receiver checks what it gets
 //! (loss, duplicates, order, routing) and how late it is relative to the *scheduled* send time,
 //! so a slow server cannot hide its queueing delay by slowing the senders down.
+//!
+//! Where things are: `config` (what a run is asked to do; the command line is in main.rs),
+//! `run` (the run's phases, in the order [`run`] calls them), `client` (one simulated
+//! connection), `ws` (loadgen's own WebSocket codec, independent of the server's on purpose),
+//! `assemble` (measurements to [`Report`]), `report` (the report's data and text), `plot` (the
+//! SVG plots), `sys` (/proc readings and OS limits), `progress` (what the terminal shows).
 
 pub mod assemble;
 pub mod client;
