@@ -1,4 +1,4 @@
-//! The report: data (serialised for --json), its text form, and the SVG percentile plot.
+//! The report: its data (serialised for --json) and its text form. The SVG plots are in plot.rs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
