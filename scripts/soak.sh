@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Soak: one roomcast process under steady load for DURATION seconds (default 10 minutes), with
 # 10% of the non-sender clients that stop reading (the server should close them as slow
-# consumers, 1008) and 5% of the rest that close and reconnect every 5 s. The server's VmRSS is
-# sampled from /proc every SAMPLE_EVERY seconds into $OUT/rss.csv (seconds,rss_kb), and
-# /healthz into $OUT/healthz.csv (seconds,connections,slow_consumers_closed,messages_in,
-# deliveries); seconds count from loadgen's start.
+# consumers, 1008) and 5% of the rest that close and reconnect every 5 s. loadgen samples the
+# server's VmRSS every SAMPLE_EVERY seconds itself (--server-pid, --rss-every) and reports the
+# samples, seconds since its start, in soak.json; /healthz is read once at the end.
 #
 # It passes (exit 0) when all of these hold, and exits 1 otherwise:
 #   1. nothing crashed: loadgen exited 0 and wrote its JSON report, the server process is still
@@ -14,11 +13,13 @@
 #   3. RSS stopped growing after warm-up: the RSS samples of the measured window (the
 #      DURATION seconds after warm-up) are split into thirds by time, and the largest sample in
 #      the last third is at most RSS_TOLERANCE_PCT (10) percent above the largest in the middle
-#      third. (The first third is left out: the stalled clients' queues fill up and are then
-#      closed in it.) The window must span at least three sampling steps.
+#      third (loadgen reports both as server.rss_trend). The first third is left out: the
+#      stalled clients' queues fill up and are then closed in it. The window must span at least
+#      three sampling steps.
 #
-# Writes $OUT/soak.json (loadgen --json), loadgen.txt (its report), server.log, rss.csv,
-# healthz.csv, rss.svg (RSS over time, hand-written SVG) and summary.md (figures and checks).
+# Writes $OUT/soak.json (loadgen --json), loadgen.txt (its report), server.log, rss.csv
+# (seconds,rss_kb, from soak.json), healthz.json (at the end), rss.svg (RSS over time, loadgen
+# --rss-plot) and summary.md (figures and checks).
 #
 #   RATE=80 bash scripts/soak.sh                       # the 10-minute soak
 #   DURATION=40 WARMUP=10 CLIENTS=2000 bash scripts/soak.sh   # a quick check of the script
@@ -31,6 +32,7 @@
 # SERVER_CPU and LOADGEN_CPU (pin each to a core with taskset, as scripts/compare.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 CLIENTS=${CLIENTS:-10000}
 ROOMS=${ROOMS:-50}
@@ -52,7 +54,7 @@ SERVER_CPU=${SERVER_CPU:-}
 LOADGEN_CPU=${LOADGEN_CPU:-}
 
 mkdir -p "$OUT"
-rm -f "$OUT"/{soak.json,loadgen.txt,server.log,rss.csv,healthz.csv,rss.svg,summary.md}
+rm -f "$OUT"/{soak.json,loadgen.txt,server.log,rss.csv,healthz.csv,healthz.json,rss.svg,summary.md}
 if [[ "$BUILD" != 0 ]]; then
     cargo build --release -q -p roomcast -p loadgen
 fi
@@ -60,12 +62,11 @@ fi
 # 10k connections need 10k descriptors in the server too.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for _ in $(seq 1 50); do
-    port_busy "$PORT" || break
+    port_open 127.0.0.1 "$PORT" || break
     PORT=$((PORT + 1))
 done
-if port_busy "$PORT"; then
+if port_open 127.0.0.1 "$PORT"; then
     echo "soak: no free port found" >&2
     exit 2
 fi
@@ -73,9 +74,7 @@ fi
 pin() { if [[ -n "$1" ]]; then echo "taskset -c $1"; fi; }
 
 server_pid=""
-sampler_pid=""
 cleanup() {
-    [[ -n "$sampler_pid" ]] && kill "$sampler_pid" 2>/dev/null || true
     [[ -n "$server_pid" ]] && kill "$server_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -84,53 +83,20 @@ trap cleanup EXIT
 $(pin "$SERVER_CPU") target/release/roomcast --listen "127.0.0.1:$PORT" $SERVER_ARGS \
     >"$OUT/server.log" 2>&1 &
 server_pid=$!
-for _ in $(seq 1 100); do
-    if port_busy "$PORT"; then break; fi
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "soak: roomcast did not start:" >&2
-        cat "$OUT/server.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
+if ! wait_for_port 127.0.0.1 "$PORT" 10; then
+    echo "soak: roomcast did not start:" >&2
+    cat "$OUT/server.log" >&2
+    exit 1
+fi
 
 # True while the process exists and is not a zombie (a crashed child stays one until reaped).
+# The state is the field after the command name, which ends at the last ')'.
 alive() {
-    local state
-    state=$(awk '{ sub(/.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) || return 1
-    [[ -n "$state" && "$state" != Z ]]
+    local stat
+    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ -n "$stat" && "${stat%% *}" != Z ]]
 }
-
-t0=$EPOCHREALTIME
-elapsed() { awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-sample() {
-    local t rss h
-    t=$(elapsed)
-    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$server_pid/status" 2>/dev/null || true)
-    [[ -n "$rss" ]] && echo "$t,$rss" >>"$OUT/rss.csv"
-    h=$(curl -s -m 2 "http://127.0.0.1:$PORT/healthz" || true)
-    if [[ -n "$h" ]]; then
-        local f
-        f() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$h"; }
-        echo "$t,$(f connections),$(f slow_consumers_closed),$(f messages_in),$(f deliveries)" \
-            >>"$OUT/healthz.csv"
-    fi
-}
-echo "seconds,rss_kb" >"$OUT/rss.csv"
-echo "seconds,connections,slow_consumers_closed,messages_in,deliveries" >"$OUT/healthz.csv"
-sample # the baseline, before loadgen starts
-(
-    set +e
-    i=1
-    while alive "$server_pid"; do
-        # Sleep to the next multiple of SAMPLE_EVERY, so the samples do not drift.
-        sleep "$(awk -v a="$t0" -v b="$EPOCHREALTIME" -v s="$SAMPLE_EVERY" -v i="$i" \
-            'BEGIN { d = a + i * s - b; printf "%.3f", (d > 0 ? d : 0) }')"
-        sample
-        i=$((i + 1))
-    done
-) &
-sampler_pid=$!
 
 echo "soak: roomcast pid $server_pid on 127.0.0.1:$PORT; $CLIENTS clients, $RATE/s per sender," \
     "warm-up $WARMUP s + $DURATION s; output in $OUT" >&2
@@ -140,15 +106,11 @@ $(pin "$LOADGEN_CPU") target/release/loadgen --url "ws://127.0.0.1:$PORT" \
     --clients "$CLIENTS" --rooms "$ROOMS" --senders-per-room "$SENDERS" --rate "$RATE" \
     --duration "$DURATION" --warmup "$WARMUP" --stall-fraction "$STALL" \
     --reconnect-fraction "$RECONNECT" --reconnect-every "$RECONNECT_EVERY" \
-    --server-pid "$server_pid" --json "$OUT/soak.json" $LOADGEN_ARGS \
-    >"$OUT/loadgen.txt" || loadgen_rc=$?
-kill "$sampler_pid" 2>/dev/null || true
-wait "$sampler_pid" 2>/dev/null || true
-sampler_pid=""
-sample
+    --server-pid "$server_pid" --rss-every "$SAMPLE_EVERY" --rss-plot "$OUT/rss.svg" \
+    --json "$OUT/soak.json" $LOADGEN_ARGS >"$OUT/loadgen.txt" || loadgen_rc=$?
 
 server_alive=no
-if alive "$server_pid" && curl -s -m 2 -o /dev/null "http://127.0.0.1:$PORT/healthz"; then
+if alive "$server_pid" && curl -s -m 2 -o "$OUT/healthz.json" "http://127.0.0.1:$PORT/healthz"; then
     server_alive=yes
 fi
 # Stop the server gracefully; how it exits is reported, not judged.
@@ -162,9 +124,100 @@ cat "$OUT/loadgen.txt"
 echo
 echo "server exit status after SIGTERM: $server_rc"
 set +e
-python3 scripts/plot_rss.py "$OUT" --duration "$DURATION" --warmup "$WARMUP" \
-    --tolerance "$RSS_TOLERANCE_PCT" --server-alive "$server_alive" \
-    --loadgen-rc "$loadgen_rc" --panics "${panics:-0}"
+python3 - "$OUT" "$RSS_TOLERANCE_PCT" "$server_alive" "$loadgen_rc" "${panics:-0}" <<'PY'
+# Judges the run from soak.json (and healthz.json); writes rss.csv and summary.md.
+import json, os, sys
+
+out, tolerance, alive, loadgen_rc, panics = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+mib = lambda kb: kb / 1024.0
+report, health = load("soak.json"), load("healthz.json") or {}
+checks = [  # (name, ok, detail)
+    ("loadgen finished", loadgen_rc == 0 and report is not None,
+     f"exit {loadgen_rc}" + ("" if report else ", no JSON report")),
+    ("server alive at the end", alive == "yes", "yes" if alive == "yes" else "no: it crashed or exited"),
+    ("no panics in the server log", panics == 0, f"{panics}"),
+]
+lines, samples = [], []
+if report:
+    c, t, m, k = report["config"], report["totals"], report["measured"], report["connect"]
+    lat = m["latency"]
+    roles = report.get("roles") or {}
+    st, rc = roles.get("stalled", {}), roles.get("reconnecting", {})
+    server = report.get("server") or {}
+    samples = [(s["t_s"], s["rss_kb"]) for s in server.get("rss_samples", [])]
+    ws, we = report["measured_window_s"]
+    faults = t["lost"] + t["duplicates"] + t["order_violations"] + t["misrouted"]
+    checks.append(("healthy clients lost nothing", faults == 0 and t["expected"] > 0,
+                   f"lost {t['lost']} of {t['expected']}, duplicates {t['duplicates']}, "
+                   f"order violations {t['order_violations']}, misrouted {t['misrouted']}"))
+    trend = server.get("rss_trend")
+    if trend:
+        mid, last = trend["middle_third_max_kb"], trend["last_third_max_kb"]
+        checks.append(("RSS stopped growing after warm-up", last <= mid * (1 + tolerance / 100),
+                       f"max in last third {mib(last):.1f} MiB vs middle third {mib(mid):.1f} MiB "
+                       f"({trend['growth_pct']:+.1f}%, limit +{tolerance:g}%)"))
+    else:
+        checks.append(("RSS stopped growing after warm-up", False,
+                       "too few samples (the measured window must span at least three sampling steps)"))
+    lines += [
+        f"- load: {c['clients']} clients in {c['rooms']} rooms, {c['senders']} senders at "
+        f"{c['rates'][0]}/s each ({m['offered_msgs_per_s']:.0f} msg/s offered, "
+        f"{m['deliveries_per_s']:.0f} deliveries/s), payload {c['payload_bytes']} B, "
+        f"warm-up {c['warmup_s']:g} s + {c['duration_s']:g} s measured",
+        f"- connected {k['connected']}/{k['attempted']} in {k['total_s']:.1f} s, not ready {k['not_ready']}",
+        f"- healthy clients: {roles.get('healthy_clients', k['connected'])}; messages sent "
+        f"{t['sent']}, deliveries expected {t['expected']}, received {t['received']}, "
+        f"lost {t['lost']}, duplicates {t['duplicates']}, order violations "
+        f"{t['order_violations']}, misrouted {t['misrouted']}; server errors {report['server_errors']}",
+        f"- healthy latency (measured window): p50 {lat['p50_us'] / 1000:.2f} / p99 "
+        f"{lat['p99_us'] / 1000:.2f} / p99.9 {lat['p999_us'] / 1000:.2f} / max {lat['max_us'] / 1000:.2f} ms",
+    ]
+    if roles:
+        reasons = ", ".join(f"{r} x {n}" for r, n in st.get("close_reasons", {}).items())
+        lines += [
+            f"- stalled clients: {st.get('clients', 0)}; closed by server: "
+            f"{st.get('closed_by_server', 0)} ({reasons or 'none'}); still open at the end: "
+            f"{st.get('still_open', 0)}",
+            f"- reconnecting clients: {rc.get('clients', 0)} every {rc.get('every_s', 0):g} s; "
+            f"reconnects {rc.get('reconnects', 0)}, failed {rc.get('failed', 0)}; "
+            f"deliveries received {rc.get('received', 0)} (not checked)",
+        ]
+    if report.get("disconnects"):
+        d = ", ".join(f"{r} x {n}" for r, n in report["disconnects"].items())
+        lines.append(f"- unexpected disconnects: {d}")
+    if samples:
+        kbs = [kb for _, kb in samples]
+        before = [kb for s, kb in samples if s <= ws] or kbs[:1]
+        lines.append(f"- server RSS: {mib(kbs[0]):.1f} MiB at start, {mib(max(before)):.1f} MiB max "
+                     f"by the end of warm-up, peak {mib(max(kbs)):.1f} MiB, {mib(kbs[-1]):.1f} MiB "
+                     f"at the end ({len(samples)} samples)")
+    lines.append(f"- measured window at {ws:.1f}-{we:.1f} s after loadgen start; thirds of {(we - ws) / 3:.1f} s")
+else:
+    checks.append(("RSS stopped growing after warm-up", False, "no loadgen report, so no RSS samples"))
+if health:
+    lines.append(f"- /healthz at the end: {health.get('connections')} connections, "
+                 f"slow consumers closed (server's count): {health.get('slow_consumers_closed')}")
+
+with open(os.path.join(out, "rss.csv"), "w") as f:
+    f.write("seconds,rss_kb\n" + "".join(f"{s:.1f},{kb}\n" for s, kb in samples))
+ok = all(c[1] for c in checks)
+text = [f"## soak: {'PASS' if ok else 'FAIL'}", ""] + lines
+text += ["", "| check | result | detail |", "|---|---|---|"]
+text += [f"| {n} | {'PASS' if k else 'FAIL'} | {d} |" for n, k, d in checks]
+table = ["", "| seconds | RSS (MiB) |", "|---:|---:|"] + [f"| {s:.0f} | {mib(kb):.1f} |" for s, kb in samples]
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(text + table) + "\n")
+print("\n".join(text))
+sys.exit(0 if ok else 1)
+PY
 verdict=$?
 set -e
 echo

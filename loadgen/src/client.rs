@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::ws::{self, HeaderParse};
+use crate::ws::{self, HandshakeError, ProtocolError, Walk};
 use crate::Dialect;
 
 static BASE: OnceLock<std::time::Instant> = OnceLock::new();
@@ -267,7 +267,31 @@ pub struct ClientResult {
 
 pub struct Outcome {
     pub id: u32,
-    pub result: Result<Duration, String>,
+    /// How long connect + upgrade + join took, or why it failed.
+    pub result: Result<Duration, ConnectError>,
+}
+
+/// Why a client could not connect, upgrade and join (the connect report groups by its text).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect: aborted")]
+    Aborted,
+    #[error("connect: connect phase deadline passed while queued")]
+    Queued,
+    #[error("connect: {0}")]
+    Tcp(std::io::Error),
+    #[error("handshake: write: {0}")]
+    HandshakeWrite(std::io::Error),
+    #[error("handshake: read: {0}")]
+    HandshakeRead(std::io::Error),
+    #[error("handshake: connection closed before upgrade")]
+    ClosedBeforeUpgrade,
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("join: write: {0}")]
+    JoinWrite(std::io::Error),
+    #[error("connect: timed out after {:.1} s (TCP + upgrade + join)", .0.as_secs_f64())]
+    Timeout(Duration),
 }
 
 /// Sliding-window record of the sequences seen from one sender, to tell a duplicate (seen
@@ -369,26 +393,37 @@ fn parse_num(b: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-/// Finds the string value of `"key"` in a flat JSON object without a JSON parser: only used
-/// on the rare non-delivery frames (errors), whose shape the protocol fixes.
-pub fn json_str_field<'a>(b: &'a [u8], key: &str) -> Option<&'a [u8]> {
-    let pat = format!("\"{key}\"");
-    let i = b.windows(pat.len()).position(|w| w == pat.as_bytes())?;
-    let mut rest = &b[i + pat.len()..];
-    let skip_ws = |r: &mut &'a [u8]| {
-        while let Some((&c, tail)) = r.split_first() {
-            if !c.is_ascii_whitespace() {
-                break;
-            }
-            *r = tail;
-        }
-    };
-    skip_ws(&mut rest);
-    rest = rest.strip_prefix(b":")?;
-    skip_ws(&mut rest);
-    rest = rest.strip_prefix(b"\"")?;
-    let end = rest.iter().position(|&c| c == b'"')?;
-    Some(&rest[..end])
+/// The fields loadgen reads from a JSON frame of the server (errors, acknowledgements).
+/// Deliveries are not JSON (they are the bare message text), so this parse is off the hot
+/// path: it runs only for the rare frames that start with `{`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ServerJson<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    code: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// What a JSON frame is to the checker.
+#[derive(Debug, PartialEq, Eq)]
+enum JsonFrame {
+    /// An error reply, with its code.
+    Error(String),
+    /// Valid JSON of another type.
+    Other,
+    /// Not a JSON object at all.
+    Invalid,
+}
+
+fn classify_json(msg: &[u8]) -> JsonFrame {
+    match serde_json::from_slice::<ServerJson<'_>>(msg) {
+        Ok(j) if j.kind.as_deref() == Some("error") => JsonFrame::Error(
+            j.code
+                .map_or_else(|| "(no code)".into(), |c| c.into_owned()),
+        ),
+        Ok(_) => JsonFrame::Other,
+        Err(_) => JsonFrame::Invalid,
+    }
 }
 
 struct Rng(u64);
@@ -515,35 +550,29 @@ impl ClientState {
         sh: &Shared,
         out: &mut Vec<u8>,
         rng: &mut Rng,
-    ) -> Result<(usize, Flow), String> {
+    ) -> Result<(usize, Flow), ProtocolError> {
         let mut pos = 0;
         let mut hists: Option<MutexGuard<'_, Hists>> = None;
         loop {
-            let h = match ws::parse_header(&buf[pos..])? {
-                HeaderParse::Need(n) => return Ok((pos, Flow::More(n))),
-                HeaderParse::Header(h) => h,
+            let h = match ws::next_frame(&mut buf[pos..])? {
+                Walk::Need(n) => return Ok((pos, Flow::More(n))),
+                Walk::Frame(h) => h,
             };
-            if buf.len() - pos < h.frame_len() {
-                return Ok((pos, Flow::More(h.frame_len())));
-            }
-            let payload = &mut buf[pos + h.header_len..pos + h.frame_len()];
-            if let Some(m) = h.mask {
-                ws::apply_mask(payload, m);
-            }
+            let payload = &buf[pos + h.header_len..pos + h.frame_len()];
             pos += h.frame_len();
             match h.opcode {
                 ws::OP_TEXT | ws::OP_BINARY if self.frag.is_some() => {
-                    return Err("protocol: new message inside a fragmented one".into());
+                    return Err(ProtocolError::NewMessageInFragment);
                 }
                 ws::OP_TEXT if h.fin => self.on_text(payload, now, sh, &mut hists),
                 ws::OP_BINARY if h.fin => self.other_frames += 1,
                 ws::OP_TEXT | ws::OP_BINARY => self.frag = Some((h.opcode, payload.to_vec())),
                 ws::OP_CONT => {
                     let Some((_, data)) = self.frag.as_mut() else {
-                        return Err("protocol: continuation without a message".into());
+                        return Err(ProtocolError::ContinuationWithoutMessage);
                     };
                     if data.len() + payload.len() > ws::MAX_FRAME {
-                        return Err("protocol: fragmented message too large".into());
+                        return Err(ProtocolError::FragmentedTooLarge);
                     }
                     data.extend_from_slice(payload);
                     if h.fin {
@@ -558,12 +587,8 @@ impl ClientState {
                 }
                 ws::OP_PING => ws::encode_frame(out, ws::OP_PONG, payload, rng.mask()),
                 ws::OP_PONG => {}
-                ws::OP_CLOSE => {
-                    let code =
-                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    return Ok((pos, Flow::Close(code)));
-                }
-                _ => return Err("protocol: unknown opcode".into()),
+                ws::OP_CLOSE => return Ok((pos, Flow::Close(ws::close_code(payload)))),
+                _ => return Err(ProtocolError::UnknownOpcode),
             }
         }
     }
@@ -662,17 +687,15 @@ impl ClientState {
     }
 
     fn on_json(&mut self, msg: &[u8], sh: &Shared) {
-        if json_str_field(msg, "type") != Some(b"error") {
-            self.other_frames += 1;
-            return;
+        match classify_json(msg) {
+            JsonFrame::Error(code) => {
+                self.errors += 1;
+                let mut codes = sh.error_codes.lock().unwrap_or_else(|e| e.into_inner());
+                *codes.entry(code).or_insert(0) += 1;
+            }
+            JsonFrame::Other => self.other_frames += 1,
+            JsonFrame::Invalid => self.unparseable += 1,
         }
-        self.errors += 1;
-        let code = json_str_field(msg, "code").map_or_else(
-            || "(no code)".to_string(),
-            |c| String::from_utf8_lossy(c).into_owned(),
-        );
-        let mut codes = sh.error_codes.lock().unwrap_or_else(|e| e.into_inner());
-        *codes.entry(code).or_insert(0) += 1;
     }
 }
 
@@ -725,39 +748,37 @@ async fn connect(
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
     rng: &mut Rng,
-) -> Result<(TcpStream, usize, Duration), String> {
+) -> Result<(TcpStream, usize, Duration), ConnectError> {
     let sh = &a.shared;
     let _permit = tokio::select! {
-        p = a.connect_permits.acquire() => p.map_err(|_| "connect: aborted".to_string())?,
-        () = tokio::time::sleep_until(phase_deadline) => {
-            return Err("connect: connect phase deadline passed while queued".into());
-        }
+        p = a.connect_permits.acquire() => p.map_err(|_| ConnectError::Aborted)?,
+        () = tokio::time::sleep_until(phase_deadline) => return Err(ConnectError::Queued),
     };
     let started = Instant::now();
     let deadline = (started + sh.connect_timeout).min(phase_deadline);
     let attempt = async {
         let mut s = TcpStream::connect(a.addr)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(ConnectError::Tcp)?;
         // Deliveries are small frames; Nagle would add latency loadgen would then report.
         let _ = s.set_nodelay(true);
         s.write_all(&ws::upgrade_request(&a.url, rng.key()))
             .await
-            .map_err(|e| format!("handshake: write: {e}"))?;
+            .map_err(ConnectError::HandshakeWrite)?;
         let mut filled = 0;
         let header_len = loop {
             if filled == rbuf.len() {
                 if rbuf.len() >= ws::MAX_HANDSHAKE {
-                    return Err("handshake: response header too large".to_string());
+                    return Err(HandshakeError::TooLarge.into());
                 }
                 rbuf.resize(ws::MAX_HANDSHAKE, 0);
             }
             let n = s
                 .read(&mut rbuf[filled..])
                 .await
-                .map_err(|e| format!("handshake: read: {e}"))?;
+                .map_err(ConnectError::HandshakeRead)?;
             if n == 0 {
-                return Err("handshake: connection closed before upgrade".to_string());
+                return Err(ConnectError::ClosedBeforeUpgrade);
             }
             filled += n;
             if let ws::Handshake::Done { header_len } = ws::check_handshake(&rbuf[..filled])? {
@@ -768,19 +789,14 @@ async fn connect(
         build_join(scratch, sh.dialect, a.id % sh.rooms);
         out.clear();
         ws::encode_frame(out, ws::OP_TEXT, scratch, rng.mask());
-        s.write_all(out)
-            .await
-            .map_err(|e| format!("join: write: {e}"))?;
+        s.write_all(out).await.map_err(ConnectError::JoinWrite)?;
         out.clear();
         Ok((s, filled - header_len))
     };
     match tokio::time::timeout_at(deadline, attempt).await {
         Ok(Ok((s, left))) => Ok((s, left, started.elapsed())),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!(
-            "connect: timed out after {:.1} s (TCP + upgrade + join)",
-            sh.connect_timeout.as_secs_f64()
-        )),
+        Err(_) => Err(ConnectError::Timeout(sh.connect_timeout)),
     }
 }
 
@@ -836,6 +852,13 @@ impl Conn {
             Some(Ok(())) => Next::Continue,
             Some(Err(e)) => Next::End(Some(format!("write: {e}"))),
         }
+    }
+
+    /// Writes whatever `out` holds followed by a close frame, giving up after CLOSE_WAIT:
+    /// the connection ends next either way.
+    async fn send_close(&mut self, code: u16) {
+        ws::encode_close(&mut self.out, code, self.rng.mask());
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
     }
 
     /// Writes and clears `out`; `None` when loadgen stopped first.
@@ -945,7 +968,7 @@ impl Conn {
         }
         let (used, flow) = match res {
             Ok(x) => x,
-            Err(e) => return Next::End(Some(e)),
+            Err(e) => return Next::End(Some(e.to_string())),
         };
         self.start += used;
         let need = match flow {
@@ -955,9 +978,7 @@ impl Conn {
                 if !self.closing {
                     // Echo the close as RFC 6455 asks, then end; waiting for the TCP close
                     // would only make shutdown slower.
-                    let mask = self.rng.mask();
-                    ws::encode_frame(&mut self.out, ws::OP_CLOSE, &code.to_be_bytes(), mask);
-                    let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
+                    self.send_close(code).await;
                 }
                 return Next::End(Some(format!("server sent close {code}")));
             }
@@ -1074,27 +1095,20 @@ impl Conn {
     ) -> Option<String> {
         loop {
             let need = loop {
-                let h = match ws::parse_header(&self.rbuf[self.start..self.end]) {
+                let h = match ws::next_frame(&mut self.rbuf[self.start..self.end]) {
                     Err(e) => return Some(e.to_string()),
-                    Ok(HeaderParse::Need(n)) => break n,
-                    Ok(HeaderParse::Header(h)) => h,
+                    Ok(Walk::Need(n)) => break n,
+                    Ok(Walk::Frame(h)) => h,
                 };
-                if self.end - self.start < h.frame_len() {
-                    break h.frame_len();
-                }
-                if h.opcode == ws::OP_CLOSE {
-                    let at = self.start + h.header_len;
-                    let p = &mut self.rbuf[at..at + h.payload_len];
-                    if let Some(m) = h.mask {
-                        ws::apply_mask(p, m);
-                    }
-                    self.start += h.frame_len();
-                    return Some(match p {
-                        [a, b, ..] => format!("close {}", u16::from_be_bytes([*a, *b])),
-                        _ => "close without a code".to_string(),
-                    });
-                }
+                let payload = &self.rbuf[self.start + h.header_len..self.start + h.frame_len()];
+                let code = ws::close_code(payload);
                 self.start += h.frame_len();
+                if h.opcode == ws::OP_CLOSE {
+                    return Some(code.map_or_else(
+                        || "close without a code".to_string(),
+                        |c| format!("close {c}"),
+                    ));
+                }
             };
             self.make_room(need);
             match tokio::time::timeout_at(deadline, rd.read(&mut self.rbuf[self.end..])).await {
@@ -1111,8 +1125,7 @@ impl Conn {
     async fn reconnect(&mut self, a: &ClientArgs, rd: &mut OwnedReadHalf) -> Next {
         if !self.down {
             self.out.clear();
-            let mask = self.rng.mask();
-            ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), mask);
+            ws::encode_close(&mut self.out, 1000, self.rng.mask());
             if let Next::End(None) = self.flush().await {
                 return Next::End(None);
             }
@@ -1155,7 +1168,7 @@ impl Conn {
                 self.down = false;
                 self.reconnects += 1;
             }
-            Err(e) => self.reconnect_failures.push(e),
+            Err(e) => self.reconnect_failures.push(e.to_string()),
         }
         Next::Continue
     }
@@ -1171,9 +1184,7 @@ impl Conn {
         if disconnect.is_none() && !self.down {
             // Polite close; not waiting for the server's answer keeps shutdown bounded.
             self.out.clear();
-            let mask = self.rng.mask();
-            ws::encode_frame(&mut self.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), mask);
-            let _ = tokio::time::timeout(CLOSE_WAIT, self.wr.write_all(&self.out)).await;
+            self.send_close(1000).await;
         }
         let mut r = self.st.into_result(true, disconnect);
         r.reconnects = self.reconnects;
@@ -1182,40 +1193,54 @@ impl Conn {
     }
 }
 
-pub async fn client_task(mut a: ClientArgs) -> ClientResult {
+impl ClientState {
+    fn new(id: u32, sh: &Shared) -> ClientState {
+        ClientState {
+            id,
+            room: id % sh.rooms,
+            rooms: sh.rooms,
+            senders_per_room: sh.senders_per_room,
+            dialect: sh.dialect,
+            phases: vec![PhaseCounters::default(); sh.n_phases],
+            trackers: vec![SeqTracker::default(); sh.senders_per_room as usize],
+            ready: false,
+            errors: 0,
+            unparseable: 0,
+            other_frames: 0,
+            frag: None,
+            schedule: None,
+            unique_in_batch: 0,
+            role: sh.role(id),
+            side_received: 0,
+        }
+    }
+}
+
+/// The buffers a client keeps for its whole life, across reconnects.
+struct Buffers {
+    rbuf: Vec<u8>,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    rng: Rng,
+}
+
+pub async fn client_task(a: ClientArgs) -> ClientResult {
     let sh = Arc::clone(&a.shared);
     let id = a.id;
-    let room = id % sh.rooms;
-    let st = ClientState {
-        id,
-        room,
-        rooms: sh.rooms,
-        senders_per_room: sh.senders_per_room,
-        dialect: sh.dialect,
-        phases: vec![PhaseCounters::default(); sh.n_phases],
-        trackers: vec![SeqTracker::default(); sh.senders_per_room as usize],
-        ready: false,
-        errors: 0,
-        unparseable: 0,
-        other_frames: 0,
-        frag: None,
-        schedule: None,
-        unique_in_batch: 0,
-        role: sh.role(id),
-        side_received: 0,
+    let st = ClientState::new(id, &sh);
+    let mut b = Buffers {
+        rbuf: vec![0u8; sh.read_buf],
+        out: Vec::with_capacity(256),
+        scratch: Vec::with_capacity(sh.payload + 128),
+        rng: Rng::new(u64::from(id) ^ now_ns()),
     };
-    let mut rbuf = vec![0u8; sh.read_buf];
-    let mut out: Vec<u8> = Vec::with_capacity(256);
-    let mut scratch: Vec<u8> = Vec::with_capacity(sh.payload + 128);
-    let mut rng = Rng::new(u64::from(id) ^ now_ns());
-
     let connected = connect(
         &a,
         sh.connect_deadline,
-        &mut rbuf,
-        &mut scratch,
-        &mut out,
-        &mut rng,
+        &mut b.rbuf,
+        &mut b.scratch,
+        &mut b.out,
+        &mut b.rng,
     )
     .await;
     let (stream, end) = match connected {
@@ -1232,82 +1257,94 @@ pub async fn client_task(mut a: ClientArgs) -> ClientResult {
         }
     };
     let (mut rd, wr) = stream.into_split();
-    let role = sh.role(id);
-    let mut c = Conn {
-        id,
-        room,
-        is_sender: id / sh.rooms < sh.senders_per_room,
-        sh,
-        st,
-        wr,
-        stop: a.stop.clone(),
-        rbuf,
-        start: 0,
-        end,
-        out,
-        scratch,
-        rng,
-        sender: None,
-        plan: None,
-        last_probe_round: 0,
-        role,
-        stalled: false,
-        next_ping: 0,
-        closing: false,
-        down: false,
-        reconnect_n: 0,
-        reconnects: 0,
-        reconnect_failures: Vec::new(),
-    };
-    let far = Instant::now() + Duration::from_secs(86_400);
-    let sleep = tokio::time::sleep_until(far);
-    tokio::pin!(sleep);
-    let mut armed = u64::MAX;
-    // Stall pings and reconnects (a client has at most one of the two).
-    let aux = tokio::time::sleep_until(far);
-    tokio::pin!(aux);
-    let mut aux_armed = u64::MAX;
-    let disconnect = loop {
-        let due = c.sender.as_ref().filter(|s| !s.done).map(|s| s.next);
-        if let Some(t) = due.filter(|&t| t != armed) {
-            sleep.as_mut().reset(instant_at(t));
-            armed = t;
-        }
-        let reading = c.reading();
-        let aux_due = c.aux_due();
-        if let Some(t) = aux_due.filter(|&t| t != aux_armed) {
-            aux.as_mut().reset(instant_at(t));
-            aux_armed = t;
-        }
-        // Deliberately not `biased`: under overload a fixed order would let constant incoming
-        // traffic starve the sender (or a late sender starve the reader), and either would be
-        // loadgen's fault, not the server's.
-        let next = tokio::select! {
-            _ = a.stop.changed() => Next::End(None),
-            r = a.ctl.changed() => match r {
-                Ok(()) => {
-                    let ctl = a.ctl.borrow_and_update().clone();
-                    c.on_ctl(ctl).await
-                }
-                Err(_) => Next::End(None),
-            },
-            () = &mut sleep, if due.is_some() => {
-                // Re-arm even if nothing was due yet (a timer firing a hair early), or the
-                // elapsed sleep would spin.
-                armed = u64::MAX;
-                c.on_send_due().await
-            }
-            () = &mut aux, if aux_due.is_some() => {
-                aux_armed = u64::MAX;
-                c.on_aux(&a, &mut rd).await
-            }
-            r = rd.read(&mut c.rbuf[c.end..]), if reading => c.on_read(r).await,
-        };
-        if let Next::End(reason) = next {
-            break reason;
-        }
-    };
+    let mut c = Conn::new(&a, st, wr, b, end);
+    let disconnect = c.serve(a, &mut rd).await;
     c.close(disconnect, &mut rd).await
+}
+
+impl Conn {
+    fn new(a: &ClientArgs, st: ClientState, wr: OwnedWriteHalf, b: Buffers, end: usize) -> Conn {
+        let sh = Arc::clone(&a.shared);
+        Conn {
+            id: a.id,
+            room: st.room,
+            is_sender: a.id / sh.rooms < sh.senders_per_room,
+            role: st.role,
+            sh,
+            st,
+            wr,
+            stop: a.stop.clone(),
+            rbuf: b.rbuf,
+            start: 0,
+            end,
+            out: b.out,
+            scratch: b.scratch,
+            rng: b.rng,
+            sender: None,
+            plan: None,
+            last_probe_round: 0,
+            stalled: false,
+            next_ping: 0,
+            closing: false,
+            down: false,
+            reconnect_n: 0,
+            reconnects: 0,
+            reconnect_failures: Vec::new(),
+        }
+    }
+
+    /// The connection's life after the join: reads, sends, control messages, stall pings and
+    /// reconnects, until loadgen stops it or it ends. Returns why it ended, if not stopped.
+    async fn serve(&mut self, mut a: ClientArgs, rd: &mut OwnedReadHalf) -> Option<String> {
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let sleep = tokio::time::sleep_until(far);
+        tokio::pin!(sleep);
+        let mut armed = u64::MAX;
+        // Stall pings and reconnects (a client has at most one of the two).
+        let aux = tokio::time::sleep_until(far);
+        tokio::pin!(aux);
+        let mut aux_armed = u64::MAX;
+        loop {
+            let due = self.sender.as_ref().filter(|s| !s.done).map(|s| s.next);
+            if let Some(t) = due.filter(|&t| t != armed) {
+                sleep.as_mut().reset(instant_at(t));
+                armed = t;
+            }
+            let reading = self.reading();
+            let aux_due = self.aux_due();
+            if let Some(t) = aux_due.filter(|&t| t != aux_armed) {
+                aux.as_mut().reset(instant_at(t));
+                aux_armed = t;
+            }
+            // Deliberately not `biased`: under overload a fixed order would let constant
+            // incoming traffic starve the sender (or a late sender starve the reader), and
+            // either would be loadgen's fault, not the server's.
+            let next = tokio::select! {
+                _ = a.stop.changed() => Next::End(None),
+                r = a.ctl.changed() => match r {
+                    Ok(()) => {
+                        let ctl = a.ctl.borrow_and_update().clone();
+                        self.on_ctl(ctl).await
+                    }
+                    Err(_) => Next::End(None),
+                },
+                () = &mut sleep, if due.is_some() => {
+                    // Re-arm even if nothing was due yet (a timer firing a hair early), or
+                    // the elapsed sleep would spin.
+                    armed = u64::MAX;
+                    self.on_send_due().await
+                }
+                () = &mut aux, if aux_due.is_some() => {
+                    aux_armed = u64::MAX;
+                    self.on_aux(&a, rd).await
+                }
+                r = rd.read(&mut self.rbuf[self.end..]), if reading => self.on_read(r).await,
+            };
+            if let Next::End(reason) = next {
+                return reason;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1399,11 +1436,16 @@ mod tests {
     }
 
     #[test]
-    fn error_frame_fields() {
+    fn json_frames() {
         let e = br#"{"type": "error", "code":"limit","message":"rate"}"#;
-        assert_eq!(json_str_field(e, "type"), Some(&b"error"[..]));
-        assert_eq!(json_str_field(e, "code"), Some(&b"limit"[..]));
-        assert_eq!(json_str_field(e, "nope"), None);
+        assert_eq!(classify_json(e), JsonFrame::Error("limit".into()));
+        let e = br#"{"type":"error","code":"a\"b"}"#;
+        assert_eq!(classify_json(e), JsonFrame::Error("a\"b".into()));
+        let e = br#"{"type":"error"}"#;
+        assert_eq!(classify_json(e), JsonFrame::Error("(no code)".into()));
+        let j = br#"{"type":"joined","room":"lg-1","members":[1,2]}"#;
+        assert_eq!(classify_json(j), JsonFrame::Other);
+        assert_eq!(classify_json(b"{not json"), JsonFrame::Invalid);
     }
 
     #[test]

@@ -4,859 +4,130 @@
 //! self-describing messages on a fixed schedule, and every receiver checks what it gets
 //! (loss, duplicates, order, routing) and how late it is relative to the *scheduled* send time,
 //! so a slow server cannot hide its queueing delay by slowing the senders down.
+//!
+//! Where things are: `config` (what a run is asked to do; the command line is in main.rs),
+//! `run` (the run's phases, in the order [`run`] calls them), `client` (one simulated
+//! connection), `ws` (loadgen's own WebSocket codec, independent of the server's on purpose),
+//! `assemble` (measurements to [`Report`]), `report` (the report's data and text), `plot` (the
+//! SVG plots), `sys` (/proc readings and OS limits), `progress` (what the terminal shows).
 
+pub mod assemble;
 pub mod client;
+pub mod config;
+pub mod plot;
 pub mod progress;
 pub mod report;
+mod run;
 pub mod sys;
 pub mod ws;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use tokio::time::Instant;
 
-use clap::Parser;
-use hdrhistogram::Histogram;
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::{sleep, sleep_until, Instant};
-
-use client::{
-    assign_roles, client_task, instant_at, new_hist, now_ns, ClientArgs, ClientResult, Ctl, Hists,
-    PhaseSpec, Plan, Role, Schedule, Shared,
-};
-use progress::Progress;
+pub use config::{parse_duration, Config, ConfigError, Dialect, DurationError};
 pub use report::Report;
-use report::{
-    per_delivery_us, ConfigEcho, ConnectReport, Counts, Curves, Lag, Latency, ReconnectReport,
-    RolesReport, ServerProc, ServerReport, StallReport, StepReport, SUSTAINABLE_P99_US,
-};
 
-#[derive(Debug)]
-pub struct Error(String);
-
-impl Error {
-    pub fn new(msg: impl Into<String>) -> Error {
-        Error(msg.into())
-    }
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Url(#[from] ws::UrlError),
+    #[error("{url}: cannot resolve: {source}")]
+    Resolve { url: String, source: std::io::Error },
+    #[error("{url}: no address")]
+    NoAddress { url: String },
+    /// Too many clients for this process's open files or the local port range.
+    #[error(transparent)]
+    Limit(#[from] sys::LimitError),
+    #[error("--server-pid {0}: no such process")]
+    NoServerProcess(u32),
+    /// Every client failed to connect; `reasons` lists the failures, commonest first.
+    #[error("no client could connect to {urls}: {reasons}")]
+    NoneConnected { urls: String, reasons: String },
 }
 
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Error {
-        Error(e.to_string())
-    }
+/// Why the --json, --plot or --rss-plot file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("JSON encoding: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dialect {
-    /// `{"type":"join",...}` / `chat`: the sender does not hear itself.
-    Join,
-    /// `{"type":"SUBSCRIBE",...}` / `sendMessage`: every member hears it, the sender too.
-    Subscribe,
-}
-
-impl Dialect {
-    fn name(self) -> &'static str {
-        match self {
-            Dialect::Join => "join",
-            Dialect::Subscribe => "subscribe",
-        }
-    }
-}
-
-/// Open-loop WebSocket load generator and correctness checker for roomcast.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "loadgen", version, args_override_self = true)]
-pub struct Config {
-    /// Server URL (ws:// only); repeat or comma-separate to spread clients round-robin.
-    #[arg(
-        long = "url",
-        env = "LOADGEN_URL",
-        value_delimiter = ',',
-        default_value = "ws://127.0.0.1:8080"
-    )]
-    pub urls: Vec<String>,
-
-    /// Number of WebSocket connections.
-    #[arg(long, default_value_t = 1000)]
-    pub clients: usize,
-
-    /// Number of rooms (`lg-0` ...); client i joins room i % rooms.
-    #[arg(long, default_value_t = 10)]
-    pub rooms: usize,
-
-    /// The first N clients of each room send.
-    #[arg(long, default_value_t = 2)]
-    pub senders_per_room: usize,
-
-    /// Messages per second per sender (ignored with --ramp).
-    #[arg(long, default_value_t = 5.0)]
-    pub rate: f64,
-
-    /// Length of the measured window (of each step with --ramp), seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
-
-    /// Sending before measurement starts, at the first step's rate, seconds (checked for
-    /// correctness, excluded from latency).
-    #[arg(long, default_value_t = 2.0)]
-    pub warmup: f64,
-
-    /// Bytes of each message string (padded with `x`; never shorter than its header).
-    #[arg(long, default_value_t = 64)]
-    pub payload: usize,
-
-    /// Wire dialect used to join and send.
-    #[arg(long, value_enum, default_value_t = Dialect::Subscribe)]
-    pub dialect: Dialect,
-
-    /// Connection attempts in flight at once.
-    #[arg(long, default_value_t = 256)]
-    pub connect_concurrency: usize,
-
-    /// Per-connection limit for TCP connect + upgrade + join, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub connect_timeout: f64,
-
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-
-    /// Rising per-sender rates, e.g. 5,10,20: one --duration step each on the same
-    /// connections; reports each step and the highest sustainable one.
-    #[arg(long, value_delimiter = ',')]
-    pub ramp: Vec<f64>,
-
-    /// Server process to measure (CPU over the window, RSS); repeatable.
-    #[arg(long = "server-pid", env = "LOADGEN_SERVER_PID", value_delimiter = ',')]
-    pub server_pids: Vec<u32>,
-
-    /// Write an SVG latency-percentile plot to this file.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-
-    /// Tokio worker threads [default: number of cores].
-    #[arg(long)]
-    pub threads: Option<usize>,
-
-    /// Longest wait for in-flight deliveries after sending stops, seconds.
-    #[arg(long, default_value_t = 2.0)]
-    pub drain: f64,
-
-    /// No progress output.
-    #[arg(long, short)]
-    pub quiet: bool,
-
-    /// Pause after all joins are sent before probing readiness, milliseconds.
-    #[arg(long, default_value_t = 500, hide = true)]
-    pub settle_ms: u64,
-
-    /// Fraction of the non-sender clients (spread over the rooms) that stop reading their
-    /// socket after the readiness probe, so the server should close them as slow consumers.
-    /// They are left out of the loss, order and latency figures; how they ended is reported
-    /// on its own.
-    #[arg(long, default_value_t = 0.0)]
-    pub stall_fraction: f64,
-
-    /// Fraction of the remaining non-sender clients (neither senders nor stalled) that close
-    /// cleanly and reconnect and rejoin every --reconnect-every seconds, staggered. They are
-    /// left out of the loss, order and latency figures; what they received is reported on
-    /// its own.
-    #[arg(long, default_value_t = 0.0)]
-    pub reconnect_fraction: f64,
-
-    /// Seconds between reconnects of each reconnecting client.
-    #[arg(long, default_value_t = 5.0)]
-    pub reconnect_every: f64,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config::parse_from(["loadgen"])
-    }
-}
-
-/// Readiness probes are resent this often until every member has seen one.
-const PROBE_EVERY: Duration = Duration::from_millis(250);
-/// Gap between publishing the schedule and its first slot, so every client has it.
-const SCHEDULE_LEAD: Duration = Duration::from_millis(200);
-/// How long stopped clients get to finish and hand in their counts.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Config {
-    /// Per-sender rate of each measured step.
-    pub fn rates(&self) -> Vec<f64> {
-        if self.ramp.is_empty() {
-            vec![self.rate]
-        } else {
-            self.ramp.clone()
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        let fail = |m: &str| Err(Error::new(m));
-        if self.urls.is_empty() {
-            return fail("at least one --url is needed");
-        }
-        if self.clients == 0 || self.clients > u32::MAX as usize / 2 {
-            return fail("--clients must be between 1 and 2^31");
-        }
-        if self.rooms == 0 {
-            return fail("--rooms must be at least 1");
-        }
-        if self.senders_per_room == 0 {
-            return fail("--senders-per-room must be at least 1");
-        }
-        if self.rates().iter().any(|r| !r.is_finite() || *r <= 0.0) {
-            return fail("--rate and --ramp values must be positive");
-        }
-        for (v, name) in [
-            (self.duration, "--duration"),
-            (self.connect_timeout, "--connect-timeout"),
-        ] {
-            if !v.is_finite() || v <= 0.0 {
-                return Err(Error::new(format!("{name} must be positive")));
-            }
-        }
-        for (v, name) in [(self.warmup, "--warmup"), (self.drain, "--drain")] {
-            if !v.is_finite() || v < 0.0 {
-                return Err(Error::new(format!("{name} must not be negative")));
-            }
-        }
-        for (v, name) in [
-            (self.stall_fraction, "--stall-fraction"),
-            (self.reconnect_fraction, "--reconnect-fraction"),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(Error::new(format!("{name} must be between 0 and 1")));
-            }
-        }
-        if !self.reconnect_every.is_finite() || self.reconnect_every <= 0.0 {
-            return fail("--reconnect-every must be positive");
-        }
-        if self.connect_concurrency == 0 {
-            return fail("--connect-concurrency must be at least 1");
-        }
-        if self.threads == Some(0) {
-            return fail("--threads must be at least 1");
-        }
-        if self.payload > ws::MAX_FRAME / 2 {
-            return fail("--payload is too large");
-        }
-        Ok(())
-    }
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
-}
-
-struct CpuSample {
-    own: f64,
-    server: Vec<Option<f64>>,
-}
-
-fn sample_cpu(pids: &[u32]) -> CpuSample {
-    CpuSample {
-        own: sys::self_cpu_seconds(),
-        server: pids.iter().map(|&p| sys::proc_cpu_seconds(p)).collect(),
-    }
-}
-
-fn server_delta(a: &CpuSample, b: &CpuSample) -> f64 {
-    a.server
-        .iter()
-        .zip(&b.server)
-        .filter_map(|(x, y)| Some(y.as_ref()? - x.as_ref()?))
-        .sum()
-}
-
-fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
-    // Both come from new_hist(), so their bounds always match.
-    let _ = into.add(from);
-}
 
 /// Runs the whole load test: connect, join, confirm readiness, send on schedule, drain,
 /// and summarise. Always finishes within roughly connect phase + warm-up + steps + drain.
 pub async fn run(cfg: Config) -> Result<Report> {
     cfg.validate()?;
-    let run_started = Instant::now();
-    client::base();
+    let started = Instant::now();
+    let started_ns = client::now_ns();
     let cpu_at_start = sys::self_cpu_seconds();
-    let rates = cfg.rates();
-    let n_phases = 1 + rates.len();
-    let clients = cfg.clients;
-    let rooms = cfg.rooms as u32;
-
-    let mut urls = Vec::new();
-    let mut addrs: Vec<SocketAddr> = Vec::new();
-    for u in &cfg.urls {
-        let url = ws::WsUrl::parse(u)?;
-        let addr = tokio::net::lookup_host(url.socket_addr_string())
-            .await
-            .map_err(|e| Error::new(format!("{u}: cannot resolve: {e}")))?
-            .next()
-            .ok_or_else(|| Error::new(format!("{u}: no address")))?;
-        urls.push(Arc::new(url));
-        addrs.push(addr);
-    }
-    let mut per_dest: BTreeMap<SocketAddr, usize> = BTreeMap::new();
-    for (i, a) in addrs.iter().enumerate() {
-        let n = clients / addrs.len() + usize::from(i < clients % addrs.len());
-        *per_dest.entry(*a).or_insert(0) += n;
-    }
-    sys::check_port_range(per_dest.values().copied().max().unwrap_or(0))?;
-    sys::raise_nofile(clients)?;
-    for &pid in &cfg.server_pids {
-        if !sys::process_exists(pid) {
-            return Err(Error::new(format!("--server-pid {pid}: no such process")));
-        }
-    }
-
+    let targets = run::resolve(&cfg).await?;
+    run::preflight(&cfg, &targets)?;
+    let rss = run::RssSampler::start(&cfg.server_pids, cfg.rss_every, started);
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    // Big reads keep syscalls per delivery low, but 10k clients x 64 KiB would be 640 MiB,
-    // so the buffer shrinks as the client count grows (frames larger than it still fit:
-    // the buffer grows for them).
-    let read_buf = ((256usize << 20) / clients).clamp(4 << 10, 64 << 10);
-    let connect_timeout = secs(cfg.connect_timeout);
-    // The connect phase as a whole is bounded too: twice the per-connection limit plus a
-    // second per 500 clients.
-    let connect_deadline =
-        Instant::now() + connect_timeout * 2 + Duration::from_secs_f64(clients as f64 / 500.0);
-    let (roles, reconnect_slots) = assign_roles(
-        clients,
-        rooms,
-        cfg.senders_per_room as u32,
-        cfg.stall_fraction,
-        cfg.reconnect_fraction,
-    );
-    let shared = Arc::new(Shared {
-        rooms,
-        senders_per_room: cfg.senders_per_room as u32,
-        dialect: cfg.dialect,
-        payload: cfg.payload,
-        n_phases,
-        read_buf,
-        connect_timeout,
-        connect_deadline,
-        room_ready: (0..rooms).map(|_| AtomicU32::new(0)).collect(),
-        shards: (0..(threads * 4).max(4))
-            .map(|_| Mutex::new(Hists::new(n_phases)))
-            .collect(),
-        sent: AtomicU64::new(0),
-        expected: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-        error_codes: Mutex::new(BTreeMap::new()),
-        roles,
-        reconnect_slots,
-        reconnect_every: secs(cfg.reconnect_every),
-    });
 
-    let (ctl_tx, ctl_rx) = watch::channel(Ctl::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
-    let permits = Arc::new(Semaphore::new(cfg.connect_concurrency));
-    let mut progress = Progress::new(cfg.quiet);
-
-    // ---- connect -------------------------------------------------------------------------
-    progress.stage("connect", clients as u64, "clients");
-    let connect_started = Instant::now();
-    let handles: Vec<_> = (0..clients)
-        .map(|i| {
-            tokio::spawn(client_task(ClientArgs {
-                id: i as u32,
-                addr: addrs[i % addrs.len()],
-                url: Arc::clone(&urls[i % urls.len()]),
-                shared: Arc::clone(&shared),
-                connect_permits: Arc::clone(&permits),
-                outcomes: outcome_tx.clone(),
-                ctl: ctl_rx.clone(),
-                stop: stop_rx.clone(),
-            }))
-        })
-        .collect();
-    drop(outcome_tx);
-
-    let mut connect_hist = new_hist();
-    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-    let mut connected_ids: Vec<u32> = Vec::with_capacity(clients);
-    let mut outcomes = 0usize;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let collect_deadline = connect_deadline + Duration::from_secs(2);
-    while outcomes < clients {
-        tokio::select! {
-            o = outcome_rx.recv() => {
-                let Some(o) = o else { break };
-                outcomes += 1;
-                match o.result {
-                    Ok(d) => {
-                        connect_hist.saturating_record((d.as_micros() as u64).max(1));
-                        connected_ids.push(o.id);
-                    }
-                    Err(reason) => *failures.entry(reason).or_insert(0) += 1,
-                }
-            }
-            _ = tick.tick() => {}
-            () = sleep_until(collect_deadline) => break,
-        }
-        let (ok, failed) = (connected_ids.len(), outcomes - connected_ids.len());
-        progress.update(outcomes as u64, || format!("ok {ok}, failed {failed}"));
-    }
-    if outcomes < clients {
-        *failures
-            .entry("connect: no outcome by the connect phase deadline".into())
-            .or_insert(0) += (clients - outcomes) as u64;
-    }
-    let connect_total = connect_started.elapsed();
-    if connected_ids.is_empty() {
-        let _ = stop_tx.send(true);
-        let mut reasons: Vec<_> = failures.iter().collect();
-        reasons.sort_by(|a, b| b.1.cmp(a.1));
-        let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} x {r}")).collect();
-        return Err(Error::new(format!(
-            "no client could connect to {}: {}",
-            cfg.urls.join(", "),
-            list.join("; ")
-        )));
-    }
-
-    // ---- plan and readiness ----------------------------------------------------------------
-    let mut members = vec![0u32; rooms as usize];
-    // Members whose deliveries are checked: not stalled, not reconnecting.
-    let mut healthy = vec![0u32; rooms as usize];
-    let mut prober = vec![u32::MAX; rooms as usize];
-    for &id in &connected_ids {
-        let r = (id % rooms) as usize;
-        members[r] += 1;
-        if shared.role(id) == Role::Healthy {
-            healthy[r] += 1;
-        }
-        prober[r] = prober[r].min(id);
-    }
-    // The join dialect never echoes to the sender, so a room's sender cannot confirm its
-    // own probe nor receive its own messages.
-    let others = |m: u32| match cfg.dialect {
-        Dialect::Subscribe => m,
-        Dialect::Join => m.saturating_sub(1),
-    };
-    let required: Vec<u32> = members.iter().map(|&m| others(m)).collect();
-    // Senders are always healthy, so the join dialect's "not the sender" applies as is.
-    let recipients: Vec<u32> = healthy.iter().map(|&m| others(m)).collect();
-    let plan = Arc::new(Plan {
-        prober,
-        required: required.clone(),
-        recipients,
-    });
-    ctl_tx.send_modify(|c| c.plan = Some(Arc::clone(&plan)));
-    sleep(Duration::from_millis(cfg.settle_ms)).await;
-
-    let total_required: u64 = required.iter().map(|&r| u64::from(r)).sum();
-    let count_ready = || -> u64 {
-        shared
-            .room_ready
-            .iter()
-            .zip(&required)
-            .map(|(r, &req)| u64::from(r.load(Ordering::Relaxed).min(req)))
-            .sum()
-    };
-    progress.stage("ready", total_required, "clients");
-    let probe_deadline =
-        Instant::now() + Duration::from_secs(5) + Duration::from_secs_f64(clients as f64 / 2000.0);
-    let mut round = 0u32;
-    let mut next_probe = Instant::now();
-    loop {
-        let ready = count_ready();
-        progress.update(ready, String::new);
-        if ready >= total_required || Instant::now() >= probe_deadline {
-            break;
-        }
-        if Instant::now() >= next_probe {
-            round += 1;
-            ctl_tx.send_modify(|c| c.probe_round = round);
-            next_probe = Instant::now() + PROBE_EVERY;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-    let not_ready = total_required - count_ready();
-    if not_ready > 0 {
-        progress.note(&format!(
-            "warning: {not_ready} clients never confirmed their room membership; sending anyway"
-        ));
-    }
-
-    // ---- open-loop sending -----------------------------------------------------------------
-    let t0 = now_ns() + SCHEDULE_LEAD.as_nanos() as u64;
-    let warm_ns = secs(cfg.warmup).as_nanos() as u64;
-    let step_ns = secs(cfg.duration).as_nanos() as u64;
-    let mut phases = vec![PhaseSpec {
-        start_ns: t0,
-        end_ns: t0 + warm_ns,
-        rate: rates[0],
-    }];
-    for (i, &rate) in rates.iter().enumerate() {
-        let start = t0 + warm_ns + i as u64 * step_ns;
-        phases.push(PhaseSpec {
-            start_ns: start,
-            end_ns: start + step_ns,
-            rate,
-        });
-    }
-    let total_senders = (rooms as usize * cfg.senders_per_room).min(clients) as u32;
-    let schedule = Arc::new(Schedule {
-        phases: phases.clone(),
-        total_senders,
-    });
-    ctl_tx.send_modify(|c| c.schedule = Some(Arc::clone(&schedule)));
-
-    let run_len = schedule.end_ns() - t0;
-    progress.stage("run", run_len / 1_000_000_000, "s");
-    let mut samples: Vec<CpuSample> = Vec::with_capacity(n_phases);
-    let mut rss: Vec<(u64, u64)> = Vec::new();
-    for (i, ph) in phases.iter().enumerate().skip(1) {
-        // Sample at the start of the first measured step, and at the end of every step.
-        let marks = if i == 1 {
-            vec![ph.start_ns, ph.end_ns]
-        } else {
-            vec![ph.end_ns]
-        };
-        for mark in marks {
-            loop {
-                let now = now_ns();
-                if now >= mark {
-                    break;
-                }
-                let sent = shared.sent.load(Ordering::Relaxed);
-                let got = shared.received.load(Ordering::Relaxed);
-                let exp = shared.expected.load(Ordering::Relaxed);
-                let step = schedule.phase_of(now).unwrap_or(0);
-                progress.update(now.saturating_sub(t0) / 1_000_000_000, || {
-                    let what = if step == 0 {
-                        "warm-up".to_string()
-                    } else {
-                        format!("{}/s", schedule.phases[step].rate)
-                    };
-                    format!("{what} sent {sent} delivered {got}/{exp}")
-                });
-                sleep_until(instant_at(mark.min(now + 1_000_000_000))).await;
-            }
-            samples.push(sample_cpu(&cfg.server_pids));
-        }
-    }
-    for &pid in &cfg.server_pids {
-        rss.push(sys::proc_rss_kb(pid).unwrap_or((0, 0)));
-    }
-
-    // ---- drain -------------------------------------------------------------------------------
-    let drain_started = Instant::now();
-    let drain_deadline = drain_started + secs(cfg.drain);
-    progress.stage("drain", (cfg.drain * 1000.0) as u64, "ms");
-    let drained = loop {
-        let got = shared.received.load(Ordering::Relaxed);
-        let exp = shared.expected.load(Ordering::Relaxed);
-        if got >= exp {
-            break true;
-        }
-        if Instant::now() >= drain_deadline {
-            break false;
-        }
-        let waited = drain_started.elapsed().as_millis() as u64;
-        progress.update(waited, || format!("waiting for {} deliveries", exp - got));
-        sleep(Duration::from_millis(10)).await;
-    };
-
-    // ---- stop and collect ----------------------------------------------------------------
-    let _ = stop_tx.send(true);
-    progress.finish();
-    let stop_deadline = Instant::now() + STOP_TIMEOUT;
-    let mut results: Vec<ClientResult> = Vec::with_capacity(clients);
-    let mut unstopped = 0u64;
-    for h in handles {
-        let abort = h.abort_handle();
-        match tokio::time::timeout_at(stop_deadline, h).await {
-            Ok(Ok(r)) => results.push(r),
-            Ok(Err(_)) => unstopped += 1,
-            Err(_) => {
-                abort.abort();
-                unstopped += 1;
-            }
-        }
-    }
-    progress.finish();
-
-    // ---- summarise -----------------------------------------------------------------------
-    let mut counts = vec![Counts::default(); n_phases];
-    let mut arrived = vec![0u64; n_phases];
-    let (mut errors, mut unparseable, mut other) = (0u64, 0u64, 0u64);
-    let mut disconnects: BTreeMap<String, u64> = BTreeMap::new();
-    let with_roles = !shared.roles.is_empty();
-    let mut stall = StallReport::default();
-    let mut recon = ReconnectReport {
-        every_s: cfg.reconnect_every,
-        ..ReconnectReport::default()
-    };
-    let mut healthy_clients = 0usize;
-    for r in &results {
-        if r.connected {
-            match r.role {
-                Role::Healthy => healthy_clients += 1,
-                Role::Stalled => {
-                    stall.clients += 1;
-                    stall.received += r.side_received;
-                }
-                Role::Reconnecting { .. } => {
-                    recon.clients += 1;
-                    recon.received += r.side_received;
-                }
-            }
-        }
-        recon.reconnects += r.reconnects;
-        recon.failed += r.reconnect_failures.len() as u64;
-        for f in &r.reconnect_failures {
-            *recon.failures.entry(f.clone()).or_insert(0) += 1;
-        }
-        let recipients = u64::from(plan.recipients[(r.id % rooms) as usize]);
-        for (p, pc) in r.phases.iter().enumerate() {
-            let c = &mut counts[p];
-            c.sent += pc.sent;
-            c.expected += pc.sent * recipients;
-            c.received += pc.received;
-            c.duplicates += pc.duplicates;
-            c.order_violations += pc.order_violations;
-            c.misrouted += pc.misrouted;
-            arrived[p] += pc.arrived;
-        }
-        errors += r.errors;
-        unparseable += r.unparseable;
-        other += r.other_frames;
-        match (&r.disconnect, r.role) {
-            (Some(d), Role::Stalled) => {
-                stall.closed_by_server += 1;
-                *stall.close_reasons.entry(d.clone()).or_insert(0) += 1;
-            }
-            (None, Role::Stalled) if r.connected => stall.still_open += 1,
-            (Some(d), _) => *disconnects.entry(d.clone()).or_insert(0) += 1,
-            (None, _) => {}
-        }
-    }
-    let roles = with_roles.then_some(RolesReport {
-        healthy_clients,
-        stall_fraction: cfg.stall_fraction,
-        reconnect_fraction: cfg.reconnect_fraction,
-        stalled: stall,
-        reconnecting: recon,
-    });
-    counts.iter_mut().for_each(Counts::finish);
-    let mut lat: Vec<Histogram<u64>> = (0..n_phases).map(|_| new_hist()).collect();
-    let mut lag: Vec<Histogram<u64>> = (0..n_phases).map(|_| new_hist()).collect();
-    for shard in &shared.shards {
-        let h = shard.lock().unwrap_or_else(|e| e.into_inner());
-        for p in 0..n_phases {
-            merge(&mut lat[p], &h.latency[p]);
-            merge(&mut lag[p], &h.lag[p]);
-        }
-    }
-    let active_senders = connected_ids
+    let mut clients = run::Clients::spawn(&cfg, &targets, run::new_shared(&cfg, threads));
+    let mut connect = clients.collect_connects(&cfg).await?;
+    let plan = clients.publish_plan(&cfg, &connect.connected_ids);
+    connect.not_ready = clients.await_readiness(&cfg, &plan).await;
+    let schedule = clients.publish_schedule(&cfg);
+    let cpu = clients.send(&cfg, &schedule).await;
+    let server_rss = cfg
+        .server_pids
         .iter()
-        .filter(|&&id| id / rooms < cfg.senders_per_room as u32)
-        .count() as f64;
-    let with_server = !cfg.server_pids.is_empty();
+        .map(|&pid| sys::proc_rss_kb(pid).unwrap_or((0, 0)))
+        .collect();
+    let drained = clients.drain(&cfg).await;
+    let collected = clients.stop().await;
 
-    let step_report = |counts: Counts,
-                       rate: f64,
-                       dur: f64,
-                       arrived: u64,
-                       lat: &Histogram<u64>,
-                       lag: &Histogram<u64>,
-                       a: &CpuSample,
-                       b: &CpuSample| {
-        let own = b.own - a.own;
-        let server = server_delta(a, b);
-        let latency = Latency::from_hist(lat);
-        let sustainable =
-            counts.lost == 0 && latency.samples > 0 && latency.p99_us < SUSTAINABLE_P99_US;
-        StepReport {
-            rate_per_sender: rate,
-            offered_msgs_per_s: rate * active_senders,
-            duration_s: dur,
-            counts,
-            deliveries_in_window: arrived,
-            deliveries_per_s: arrived as f64 / dur,
-            latency,
-            sender_lag: Lag {
-                p99_us: lag.value_at_quantile(0.99),
-                max_us: lag.max(),
-            },
-            loadgen_cpu_s: own,
-            loadgen_cpu_us_per_delivery: per_delivery_us(own, arrived),
-            server_cpu_s: with_server.then_some(server),
-            server_cpu_us_per_delivery: with_server.then(|| per_delivery_us(server, arrived)),
-            sustainable,
-        }
-    };
-
-    let mut steps = Vec::new();
-    let mut curves = Vec::new();
-    for (i, &rate) in rates.iter().enumerate() {
-        let p = i + 1;
-        steps.push(step_report(
-            counts[p].clone(),
-            rate,
-            cfg.duration,
-            arrived[p],
-            &lat[p],
-            &lag[p],
-            &samples[i],
-            &samples[i + 1],
-        ));
-        let name = if rates.len() == 1 {
-            "measured".to_string()
-        } else {
-            format!("{rate}/s per sender")
-        };
-        curves.push((name, lat[p].clone()));
-    }
-    let mut all = Counts::default();
-    let mut all_lat = new_hist();
-    let mut all_lag = new_hist();
-    for p in 1..n_phases {
-        all.add(&counts[p]);
-        merge(&mut all_lat, &lat[p]);
-        merge(&mut all_lag, &lag[p]);
-    }
-    let measured_arrived: u64 = arrived[1..].iter().sum();
-    let first = &samples[0];
-    let last = &samples[samples.len() - 1];
-    let mut measured = step_report(
-        all,
-        rates[0],
-        cfg.duration * rates.len() as f64,
-        measured_arrived,
-        &all_lat,
-        &all_lag,
-        first,
-        last,
-    );
-    if rates.len() > 1 {
-        // A ramp has no single rate; the offered load is the time-weighted mean.
-        let mean_rate = rates.iter().sum::<f64>() / rates.len() as f64;
-        measured.rate_per_sender = mean_rate;
-        measured.offered_msgs_per_s = mean_rate * active_senders;
-    }
-    let highest_sustainable_rate = if cfg.ramp.is_empty() {
-        None
-    } else {
-        steps
-            .iter()
-            .filter(|s| s.sustainable)
-            .map(|s| s.rate_per_sender)
-            .reduce(f64::max)
-    };
-    let mut totals = Counts::default();
-    for c in &counts {
-        totals.add(c);
-    }
-
-    let server = with_server.then(|| {
-        let pids: Vec<ServerProc> = cfg
-            .server_pids
-            .iter()
-            .enumerate()
-            .map(|(i, &pid)| ServerProc {
-                pid,
-                cpu_s: match (first.server[i], last.server[i]) {
-                    (Some(a), Some(b)) => b - a,
-                    _ => 0.0,
-                },
-                rss_kb: rss[i].0,
-                peak_rss_kb: rss[i].1,
-            })
-            .collect();
-        let cpu_s = pids.iter().map(|p| p.cpu_s).sum();
-        ServerReport {
-            cpu_s,
-            cpu_us_per_delivery: per_delivery_us(cpu_s, measured_arrived),
-            rss_kb: pids.iter().map(|p| p.rss_kb).sum(),
-            peak_rss_kb: pids.iter().map(|p| p.peak_rss_kb).sum(),
-            pids,
-        }
-    });
-
-    let error_codes = shared
-        .error_codes
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let ms = |us: u64| us as f64 / 1000.0;
-    Ok(Report {
-        config: ConfigEcho {
-            urls: cfg.urls.clone(),
-            clients,
-            rooms: cfg.rooms,
-            senders_per_room: cfg.senders_per_room,
-            senders: total_senders as usize,
-            dialect: cfg.dialect.name().to_string(),
-            rates: rates.clone(),
-            duration_s: cfg.duration,
-            warmup_s: cfg.warmup,
-            drain_s: cfg.drain,
-            payload_bytes: cfg.payload,
-            connect_concurrency: cfg.connect_concurrency,
-            threads,
-        },
-        connect: ConnectReport {
-            attempted: clients,
-            connected: connected_ids.len(),
-            failed: clients - connected_ids.len(),
-            failures,
-            total_s: connect_total.as_secs_f64(),
-            p50_ms: ms(connect_hist.value_at_quantile(0.5)),
-            p99_ms: ms(connect_hist.value_at_quantile(0.99)),
-            max_ms: ms(connect_hist.max()),
-            not_ready,
-        },
-        totals,
-        warmup: counts[0].clone(),
-        measured,
-        steps,
-        highest_sustainable_rate,
-        server_errors: errors,
-        server_error_codes: error_codes,
-        unparseable_frames: unparseable,
-        other_frames: other,
-        disconnects,
-        unstopped_clients: unstopped,
-        roles,
-        loadgen_cpu_total_s: sys::self_cpu_seconds() - cpu_at_start,
-        server,
+    let since_start = |ns: u64| ns.saturating_sub(started_ns) as f64 / 1e9;
+    let measurements = assemble::Measurements {
+        threads,
+        senders: schedule.total_senders as usize,
+        connect,
+        recipients: plan.recipients.clone(),
+        results: collected.results,
+        unstopped: collected.unstopped,
+        latency: collected.latency,
+        lag: collected.lag,
+        error_codes: collected.error_codes,
+        cpu,
+        server_rss,
+        rss_samples: rss.map(run::RssSampler::finish).unwrap_or_default(),
+        window_s: (
+            since_start(schedule.phases[1].start_ns),
+            since_start(schedule.end_ns()),
+        ),
         drained,
-        elapsed_s: run_started.elapsed().as_secs_f64(),
-        curves: Curves(curves),
-    })
+        loadgen_cpu_total_s: sys::self_cpu_seconds() - cpu_at_start,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    Ok(Report::assemble(&cfg, measurements))
 }
 
-/// Writes the --json and --plot files the configuration asks for.
-pub fn write_outputs(cfg: &Config, report: &Report) -> Result<()> {
+/// Writes the --json, --plot and --rss-plot files the configuration asks for.
+pub fn write_outputs(cfg: &Config, report: &Report) -> std::result::Result<(), OutputError> {
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text).map_err(|source| OutputError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     if let Some(path) = &cfg.json {
-        let json = serde_json::to_string_pretty(report)
-            .map_err(|e| Error::new(format!("JSON encoding: {e}")))?;
-        std::fs::write(path, json + "\n")
-            .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        write(path, serde_json::to_string_pretty(report)? + "\n")?;
     }
     if let Some(path) = &cfg.plot {
-        std::fs::write(path, report.to_svg())
-            .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        write(path, report.to_svg())?;
+    }
+    if let (Some(path), Some(svg)) = (&cfg.rss_plot, report.to_rss_svg()) {
+        write(path, svg)?;
     }
     Ok(())
 }

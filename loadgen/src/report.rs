@@ -1,4 +1,4 @@
-//! The report: data (serialised for --json), its text form, and the SVG percentile plot.
+//! The report: its data (serialised for --json) and its text form. The SVG plots are in plot.rs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -42,6 +42,9 @@ pub struct Report {
     /// Whether every expected delivery arrived before the drain time ran out.
     pub drained: bool,
     pub elapsed_s: f64,
+    /// Start and end of the measured window (all steps), seconds since the run started: the
+    /// time base of `server.rss_samples`.
+    pub measured_window_s: (f64, f64),
     #[serde(skip)]
     pub curves: Curves,
 }
@@ -236,6 +239,29 @@ pub struct ServerReport {
     pub cpu_us_per_delivery: f64,
     pub rss_kb: u64,
     pub peak_rss_kb: u64,
+    /// --rss-every.
+    pub rss_every_s: f64,
+    /// The servers' RSS (all pids together) every --rss-every from the run's start, and once
+    /// more at its end.
+    pub rss_samples: Vec<RssSample>,
+    /// Whether RSS was still growing late in the window; `None` when the window holds too
+    /// few samples (it must span about three --rss-every).
+    pub rss_trend: Option<RssTrend>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RssSample {
+    /// Seconds since the run started.
+    pub t_s: f64,
+    pub rss_kb: u64,
+}
+
+/// Largest RSS sample in the last third of the measured window against the middle third's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RssTrend {
+    pub middle_third_max_kb: u64,
+    pub last_third_max_kb: u64,
+    pub growth_pct: f64,
 }
 
 pub fn per_delivery_us(cpu_s: f64, deliveries: u64) -> f64 {
@@ -334,8 +360,31 @@ impl Report {
     }
 
     pub fn to_text(&self) -> String {
-        let c = &self.config;
         let mut o = String::new();
+        self.setup_lines(&mut o);
+        self.connect_lines(&mut o);
+        self.correctness_lines(&mut o);
+        self.measured_lines(&mut o);
+        if let Some(s) = &self.server {
+            server_lines(&mut o, s);
+        }
+        if self.steps.len() > 1 {
+            self.ramp_lines(&mut o);
+        }
+        let _ = writeln!(
+            o,
+            "verdict: {}",
+            if self.clean() {
+                "clean (no loss, duplicates, reordering, misrouting or errors)"
+            } else {
+                "FAULTS (see above)"
+            }
+        );
+        o
+    }
+
+    fn setup_lines(&self, o: &mut String) {
+        let c = &self.config;
         let _ = writeln!(o, "loadgen report");
         let _ = writeln!(
             o,
@@ -360,7 +409,9 @@ impl Report {
             rates.join(","),
             c.drain_s
         );
+    }
 
+    fn connect_lines(&self, o: &mut String) {
         let k = &self.connect;
         let _ = writeln!(o, "connect");
         let _ = writeln!(
@@ -379,11 +430,13 @@ impl Report {
                 "note"
             );
         }
-        grouped(&mut o, "failures", &k.failures);
+        grouped(o, "failures", &k.failures);
         let _ = writeln!(o, "  {:<20}{}", "not ready", k.not_ready);
+    }
 
+    fn correctness_lines(&self, o: &mut String) {
         if let Some(r) = &self.roles {
-            roles_lines(&mut o, r, k.connected);
+            roles_lines(o, r, self.connect.connected);
             let _ = writeln!(
                 o,
                 "correctness (every message, warm-up included; the {} healthy clients only)",
@@ -392,11 +445,7 @@ impl Report {
         } else {
             let _ = writeln!(o, "correctness (every message, warm-up included)");
         }
-        counts_lines(
-            &mut o,
-            &self.totals,
-            &format!(" (warm-up {})", self.warmup.sent),
-        );
+        counts_lines(o, &self.totals, &format!(" (warm-up {})", self.warmup.sent));
         let _ = writeln!(o, "  {:<20}{}", "server errors", self.server_errors);
         for (code, n) in &self.server_error_codes {
             let _ = writeln!(o, "    {n:>8}  {code}");
@@ -408,7 +457,7 @@ impl Report {
                 "stray frames", self.unparseable_frames, self.other_frames
             );
         }
-        grouped(&mut o, "disconnects", &self.disconnects);
+        grouped(o, "disconnects", &self.disconnects);
         if self.unstopped_clients > 0 {
             let _ = writeln!(
                 o,
@@ -416,17 +465,15 @@ impl Report {
                 "clients not stopped", self.unstopped_clients
             );
         }
-        let _ = writeln!(
-            o,
-            "  {:<20}{}",
-            "drained",
-            if self.drained {
-                "yes"
-            } else {
-                "no (drain time ran out)"
-            }
-        );
+        let drained = if self.drained {
+            "yes"
+        } else {
+            "no (drain time ran out)"
+        };
+        let _ = writeln!(o, "  {:<20}{drained}", "drained");
+    }
 
+    fn measured_lines(&self, o: &mut String) {
         let m = &self.measured;
         let _ = writeln!(
             o,
@@ -467,259 +514,115 @@ impl Report {
             "  {:<20}{:.2} s in window ({:.2} us/delivery), {:.2} s total",
             "loadgen CPU", m.loadgen_cpu_s, m.loadgen_cpu_us_per_delivery, self.loadgen_cpu_total_s
         );
-        if let Some(s) = &self.server {
-            let _ = writeln!(
-                o,
-                "  {:<20}{:.2} s in window ({:.2} us/delivery), RSS {:.1} MiB, peak {:.1} MiB",
-                "server CPU",
-                s.cpu_s,
-                s.cpu_us_per_delivery,
-                s.rss_kb as f64 / 1024.0,
-                s.peak_rss_kb as f64 / 1024.0
-            );
-            if s.pids.len() > 1 {
-                for p in &s.pids {
-                    let _ = writeln!(
-                        o,
-                        "    pid {:<8} {:.2} s, RSS {:.1} MiB, peak {:.1} MiB",
-                        p.pid,
-                        p.cpu_s,
-                        p.rss_kb as f64 / 1024.0,
-                        p.peak_rss_kb as f64 / 1024.0
-                    );
-                }
-            }
-        }
+    }
 
-        if self.steps.len() > 1 {
-            let _ = writeln!(o, "ramp ({:.1} s per step)", c.duration_s);
-            let _ = writeln!(
-                o,
-                "  {:>8} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  ok",
-                "rate/s",
-                "offered/s",
-                "deliv/s",
-                "loss%",
-                "p50 ms",
-                "p99 ms",
-                "p99.9 ms",
-                "max ms",
-                "lag p99",
-                "srv us/d"
-            );
-            for s in &self.steps {
-                let _ = writeln!(
-                    o,
-                    "  {:>8} {:>10.0} {:>11.0} {:>9.3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-                    s.rate_per_sender,
-                    s.offered_msgs_per_s,
-                    s.deliveries_per_s,
-                    s.counts.loss_pct,
-                    ms(s.latency.p50_us),
-                    ms(s.latency.p99_us),
-                    ms(s.latency.p999_us),
-                    ms(s.latency.max_us),
-                    ms(s.sender_lag.p99_us),
-                    s.server_cpu_us_per_delivery
-                        .map_or_else(|| "-".to_string(), |v| format!("{v:.2}")),
-                    if s.sustainable { "yes" } else { "no" }
-                );
-            }
-            match self.highest_sustainable_rate {
-                Some(r) => {
-                    let _ = writeln!(
-                        o,
-                        "  highest sustainable step: {r}/s per sender (no loss, p99 < 100 ms)"
-                    );
-                }
-                None => {
-                    let _ = writeln!(o, "  no step was sustainable (no loss, p99 < 100 ms)");
-                }
-            }
-        }
+    fn ramp_lines(&self, o: &mut String) {
+        let _ = writeln!(o, "ramp ({:.1} s per step)", self.config.duration_s);
         let _ = writeln!(
             o,
-            "verdict: {}",
-            if self.clean() {
-                "clean (no loss, duplicates, reordering, misrouting or errors)"
-            } else {
-                "FAULTS (see above)"
-            }
+            "  {:>8} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  ok",
+            "rate/s",
+            "offered/s",
+            "deliv/s",
+            "loss%",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "lag p99",
+            "srv us/d"
         );
-        o
+        for s in &self.steps {
+            let _ = writeln!(
+                o,
+                "  {:>8} {:>10.0} {:>11.0} {:>9.3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+                s.rate_per_sender,
+                s.offered_msgs_per_s,
+                s.deliveries_per_s,
+                s.counts.loss_pct,
+                ms(s.latency.p50_us),
+                ms(s.latency.p99_us),
+                ms(s.latency.p999_us),
+                ms(s.latency.max_us),
+                ms(s.sender_lag.p99_us),
+                s.server_cpu_us_per_delivery
+                    .map_or_else(|| "-".to_string(), |v| format!("{v:.2}")),
+                if s.sustainable { "yes" } else { "no" }
+            );
+        }
+        let _ = match self.highest_sustainable_rate {
+            Some(r) => writeln!(
+                o,
+                "  highest sustainable step: {r}/s per sender (no loss, p99 < 100 ms)"
+            ),
+            None => writeln!(o, "  no step was sustainable (no loss, p99 < 100 ms)"),
+        };
     }
 
     /// Latency percentile curves, one per step, as a self-contained SVG.
     pub fn to_svg(&self) -> String {
-        svg_percentiles(&self.curves.0)
+        crate::plot::latency_percentiles(&self.curves.0)
+    }
+
+    /// The servers' RSS over the run, as a self-contained SVG (`None` without --server-pid).
+    pub fn to_rss_svg(&self) -> Option<String> {
+        let s = self.server.as_ref()?;
+        Some(crate::plot::rss_over_time(
+            &s.rss_samples,
+            self.measured_window_s,
+            self.config.warmup_s,
+        ))
     }
 }
 
-/// Percentile plot in the usual HdrHistogram style: x is 1/(1-q) on a log scale, so the tail
-/// gets as much room as the median.
-pub fn svg_percentiles(curves: &[(String, Histogram<u64>)]) -> String {
-    const W: f64 = 860.0;
-    const H: f64 = 500.0;
-    const L: f64 = 70.0;
-    const R: f64 = 180.0;
-    const T: f64 = 40.0;
-    const B: f64 = 60.0;
-    const COLORS: [&str; 8] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-    ];
-    let samples = curves.iter().map(|(_, h)| h.len()).max().unwrap_or(0);
-    // No point plotting beyond the resolution the sample count supports.
-    let decades = ((samples.max(1) as f64).log10().ceil()).clamp(2.0, 6.0);
-    let max_us = curves
-        .iter()
-        .map(|(_, h)| h.max())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let y_max_ms = nice_ceiling(max_us as f64 / 1000.0 * 1.05);
-    let px = |x: f64| L + x / decades * (W - L - R);
-    let py = |ms: f64| H - B - ms / y_max_ms * (H - T - B);
-
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">loadgen delivery latency by percentile</text>"#,
-        (L + W - R) / 2.0
-    );
-    for d in 0..=decades as u32 {
-        let x = px(f64::from(d));
-        let label = match d {
-            0 => "0%".to_string(),
-            1 => "90%".to_string(),
-            2 => "99%".to_string(),
-            _ => format!("99.{}%", "9".repeat(d as usize - 2)),
-        };
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{T}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{label}</text>"##,
-            H - B,
-            H - B + 18.0
-        );
-    }
-    for i in 0..=5 {
-        let v = y_max_ms * f64::from(i) / 5.0;
-        let y = py(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{L}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            W - R,
-            L - 6.0,
-            y + 4.0,
-            trim_float(v)
-        );
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">percentile</text>"#,
-        (L + W - R) / 2.0,
-        H - 15.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">latency (ms)</text>"#,
-        (T + H - B) / 2.0,
-        (T + H - B) / 2.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<rect x="{L}" y="{T}" width="{}" height="{}" fill="none" stroke="black"/>"#,
-        W - L - R,
-        H - T - B
-    );
-    for (i, (name, h)) in curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let ly = T + 10.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{}" y1="{ly:.1}" x2="{}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/><text x="{}" y="{:.1}">{}</text>"#,
-            W - R + 10.0,
-            W - R + 30.0,
-            W - R + 36.0,
-            ly + 4.0,
-            xml_escape(name)
-        );
-        if h.is_empty() {
-            continue;
-        }
-        let mut pts = String::new();
-        for v in h.iter_quantiles(5) {
-            let q = v.quantile_iterated_to();
-            let x = if q >= 1.0 {
-                decades
-            } else {
-                (1.0 / (1.0 - q)).log10().min(decades)
-            };
-            let y = h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0;
-            let _ = write!(pts, "{:.1},{:.1} ", px(x), py(y.min(y_max_ms)));
-        }
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            pts.trim_end()
-        );
-    }
-    s.push_str("</svg>\n");
-    s
+fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
 }
 
-fn nice_ceiling(v: f64) -> f64 {
-    if v <= 0.0 {
-        return 1.0;
-    }
-    let mag = 10f64.powf(v.log10().floor());
-    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
-        if v <= m * mag {
-            return m * mag;
+fn server_lines(o: &mut String, s: &ServerReport) {
+    let _ = writeln!(
+        o,
+        "  {:<20}{:.2} s in window ({:.2} us/delivery), RSS {:.1} MiB, peak {:.1} MiB",
+        "server CPU",
+        s.cpu_s,
+        s.cpu_us_per_delivery,
+        mib(s.rss_kb),
+        mib(s.peak_rss_kb)
+    );
+    if s.pids.len() > 1 {
+        for p in &s.pids {
+            let _ = writeln!(
+                o,
+                "    pid {:<8} {:.2} s, RSS {:.1} MiB, peak {:.1} MiB",
+                p.pid,
+                p.cpu_s,
+                mib(p.rss_kb),
+                mib(p.peak_rss_kb)
+            );
         }
     }
-    10.0 * mag
-}
-
-fn trim_float(v: f64) -> String {
-    let s = format!("{v:.3}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn svg_is_well_formed_enough() {
-        let mut h = crate::client::new_hist();
-        for v in 1..=10_000u64 {
-            h.record(v).unwrap();
+    let (Some(first), Some(last)) = (s.rss_samples.first(), s.rss_samples.last()) else {
+        return;
+    };
+    let peak = s.rss_samples.iter().map(|x| x.rss_kb).max().unwrap_or(0);
+    let _ = write!(
+        o,
+        "  {:<20}{} samples every {} s: {:.1} MiB at start, peak {:.1}, {:.1} at the end",
+        "server RSS",
+        s.rss_samples.len(),
+        s.rss_every_s,
+        mib(first.rss_kb),
+        mib(peak),
+        mib(last.rss_kb)
+    );
+    match &s.rss_trend {
+        Some(t) => {
+            let _ = writeln!(
+                o,
+                "; last third of the window vs middle third {:+.1}%",
+                t.growth_pct
+            );
         }
-        let svg = svg_percentiles(&[("5/s".into(), h.clone()), ("10/s".into(), h)]);
-        assert!(svg.starts_with("<svg"));
-        assert!(svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert!(svg.contains("99.99%"));
-        assert!(!svg.contains("NaN") && !svg.contains("inf"));
-    }
-
-    #[test]
-    fn nice_numbers() {
-        assert_eq!(nice_ceiling(0.7), 1.0);
-        assert_eq!(nice_ceiling(1.3), 2.0);
-        assert_eq!(nice_ceiling(42.0), 50.0);
-        assert_eq!(trim_float(2.5), "2.5");
-        assert_eq!(trim_float(10.0), "10");
+        None => o.push('\n'),
     }
 }

@@ -1,6 +1,36 @@
 //! OS plumbing: file-descriptor limits, CPU accounting and /proc readings of the server.
 
-use crate::Error;
+/// The OS cannot hold the run as configured; each says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("getrlimit(RLIMIT_NOFILE): {0}")]
+    Getrlimit(std::io::Error),
+    #[error(
+        "the OS will not allow {clients} clients: they need about {needed} open files, but \
+         this process may open only {soft} (RLIMIT_NOFILE soft {soft}, hard {hard}). \
+         Raise the hard limit (as root: `ulimit -Hn {needed}`, or `nofile` in \
+         /etc/security/limits.conf / LimitNOFILE= for a service) or ask for fewer clients."
+    )]
+    OpenFiles {
+        clients: usize,
+        needed: u64,
+        soft: u64,
+        /// The hard limit as a number or `unlimited`.
+        hard: String,
+    },
+    #[error(
+        "the OS will not allow {per_destination} connections to one address: \
+         net.ipv4.ip_local_port_range ({lo}-{hi}) has only {ports} local ports. Widen it \
+         (sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"), add more --url \
+         targets (e.g. 127.0.0.2, 127.0.0.3 for a server on 0.0.0.0) or use fewer clients."
+    )]
+    LocalPorts {
+        per_destination: usize,
+        lo: u64,
+        hi: u64,
+        ports: u64,
+    },
+}
 
 /// File descriptors loadgen needs besides one per client (stdio, epoll, the runtime's own,
 /// files written at the end).
@@ -8,7 +38,7 @@ pub const FD_MARGIN: u64 = 64;
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and fails with an explanation when even
 /// that cannot hold `clients` connections. Returns the soft limit now in force.
-pub fn raise_nofile(clients: usize) -> Result<u64, Error> {
+pub fn raise_nofile(clients: usize) -> Result<u64, LimitError> {
     let needed = clients as u64 + FD_MARGIN;
     let mut rl = libc::rlimit {
         rlim_cur: 0,
@@ -16,10 +46,7 @@ pub fn raise_nofile(clients: usize) -> Result<u64, Error> {
     };
     // SAFETY: getrlimit only writes into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return Err(Error::new(format!(
-            "getrlimit(RLIMIT_NOFILE): {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(LimitError::Getrlimit(std::io::Error::last_os_error()));
     }
     let hard = rl.rlim_max;
     // Linux refuses RLIM_INFINITY for NOFILE; nr_open is the real ceiling.
@@ -42,23 +69,23 @@ pub fn raise_nofile(clients: usize) -> Result<u64, Error> {
     #[allow(clippy::unnecessary_cast)]
     let soft = rl.rlim_cur as u64;
     if soft < needed {
-        let hard_s = if hard == libc::RLIM_INFINITY {
+        let hard = if hard == libc::RLIM_INFINITY {
             "unlimited".to_string()
         } else {
             hard.to_string()
         };
-        return Err(Error::new(format!(
-            "the OS will not allow {clients} clients: they need about {needed} open files, but \
-             this process may open only {soft} (RLIMIT_NOFILE soft {soft}, hard {hard_s}). \
-             Raise the hard limit (as root: `ulimit -Hn {needed}`, or `nofile` in \
-             /etc/security/limits.conf / LimitNOFILE= for a service) or ask for fewer clients."
-        )));
+        return Err(LimitError::OpenFiles {
+            clients,
+            needed,
+            soft,
+            hard,
+        });
     }
     Ok(soft)
 }
 
 /// Fails when more clients would go to one destination than there are local ports to use.
-pub fn check_port_range(per_destination: usize) -> Result<(), Error> {
+pub fn check_port_range(per_destination: usize) -> Result<(), LimitError> {
     let Ok(s) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
         return Ok(());
     };
@@ -68,12 +95,12 @@ pub fn check_port_range(per_destination: usize) -> Result<(), Error> {
     };
     let ports = hi.saturating_sub(lo) + 1;
     if per_destination as u64 > ports {
-        return Err(Error::new(format!(
-            "the OS will not allow {per_destination} connections to one address: \
-             net.ipv4.ip_local_port_range ({lo}-{hi}) has only {ports} local ports. Widen it \
-             (sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"), add more --url \
-             targets (e.g. 127.0.0.2, 127.0.0.3 for a server on 0.0.0.0) or use fewer clients."
-        )));
+        return Err(LimitError::LocalPorts {
+            per_destination,
+            lo,
+            hi,
+            ports,
+        });
     }
     Ok(())
 }

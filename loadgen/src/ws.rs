@@ -1,12 +1,16 @@
 //! A deliberately small WebSocket client codec (RFC 6455, client side only).
 //!
+//! This is a second, independent implementation on purpose: loadgen checks the roomcast
+//! server, so it must not share the server's frame codec (`src/frame.rs`), or a bug there
+//! would be written and read the same way on both sides and never show. Keep it apart; within
+//! this file the length classes and the masking are each written once (`encode_frame`,
+//! `parse_header`, `apply_mask`).
+//!
 //! loadgen shares its cores with the server under test, so it avoids a general WebSocket
 //! library: frames are parsed in place in the connection's read buffer and built into reused
 //! write buffers, so steady-state traffic allocates nothing.
 
 use std::fmt::Write as _;
-
-use crate::Error;
 
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -22,6 +26,50 @@ pub const MAX_FRAME: usize = 16 << 20;
 /// Largest HTTP upgrade response accepted.
 pub const MAX_HANDSHAKE: usize = 16 << 10;
 
+/// A `--url` loadgen cannot use; each names the URL as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("{0}: wss:// is not supported (loadgen speaks plain ws:// only)")]
+    Tls(String),
+    #[error("{0}: URL must start with ws://")]
+    NotWs(String),
+    #[error("{0}: unterminated IPv6 address")]
+    UnterminatedIpv6(String),
+    #[error("{0}: bad port")]
+    BadPort(String),
+    #[error("{0}: missing host")]
+    MissingHost(String),
+}
+
+/// What the server did wrong at the frame level; ends the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("protocol: reserved bits set")]
+    ReservedBits,
+    #[error("protocol: frame too large")]
+    FrameTooLarge,
+    #[error("protocol: bad control frame")]
+    BadControlFrame,
+    #[error("protocol: unknown opcode")]
+    UnknownOpcode,
+    #[error("protocol: new message inside a fragmented one")]
+    NewMessageInFragment,
+    #[error("protocol: continuation without a message")]
+    ContinuationWithoutMessage,
+    #[error("protocol: fragmented message too large")]
+    FragmentedTooLarge,
+}
+
+/// How the upgrade failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("handshake: response header too large")]
+    TooLarge,
+    /// The server answered with something other than 101; carries its status line.
+    #[error("handshake: {0}")]
+    Refused(String),
+}
+
 /// A parsed `ws://` URL.
 #[derive(Debug, Clone)]
 pub struct WsUrl {
@@ -34,15 +82,13 @@ pub struct WsUrl {
 }
 
 impl WsUrl {
-    pub fn parse(s: &str) -> Result<WsUrl, Error> {
+    pub fn parse(s: &str) -> Result<WsUrl, UrlError> {
         let rest = if let Some(r) = s.strip_prefix("ws://") {
             r
         } else if s.starts_with("wss://") {
-            return Err(Error::new(format!(
-                "{s}: wss:// is not supported (loadgen speaks plain ws:// only)"
-            )));
+            return Err(UrlError::Tls(s.to_string()));
         } else {
-            return Err(Error::new(format!("{s}: URL must start with ws://")));
+            return Err(UrlError::NotWs(s.to_string()));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -51,7 +97,7 @@ impl WsUrl {
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let end = v6
                 .find(']')
-                .ok_or_else(|| Error::new(format!("{s}: unterminated IPv6 address")))?;
+                .ok_or_else(|| UrlError::UnterminatedIpv6(s.to_string()))?;
             let port = match v6[end + 1..].strip_prefix(':') {
                 Some(p) => p.parse::<u16>().ok(),
                 None if v6.len() == end + 1 => Some(80),
@@ -64,9 +110,9 @@ impl WsUrl {
                 None => (authority.to_string(), Some(80)),
             }
         };
-        let port = port.ok_or_else(|| Error::new(format!("{s}: bad port")))?;
+        let port = port.ok_or_else(|| UrlError::BadPort(s.to_string()))?;
         if host.is_empty() {
-            return Err(Error::new(format!("{s}: missing host")));
+            return Err(UrlError::MissingHost(s.to_string()));
         }
         // The authority as typed is a valid Host header, default port or not.
         let host_header = authority.to_string();
@@ -138,10 +184,10 @@ pub enum Handshake {
     Done { header_len: usize },
 }
 
-pub fn check_handshake(buf: &[u8]) -> Result<Handshake, String> {
+pub fn check_handshake(buf: &[u8]) -> Result<Handshake, HandshakeError> {
     let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         if buf.len() >= MAX_HANDSHAKE {
-            return Err("handshake: response header too large".into());
+            return Err(HandshakeError::TooLarge);
         }
         return Ok(Handshake::Partial);
     };
@@ -153,7 +199,7 @@ pub fn check_handshake(buf: &[u8]) -> Result<Handshake, String> {
         Some("101") => Ok(Handshake::Done {
             header_len: pos + 4,
         }),
-        _ => Err(format!("handshake: {}", status_line.trim())),
+        _ => Err(HandshakeError::Refused(status_line.trim().to_string())),
     }
 }
 
@@ -207,13 +253,13 @@ pub enum HeaderParse {
     Header(FrameHeader),
 }
 
-pub fn parse_header(b: &[u8]) -> Result<HeaderParse, &'static str> {
+pub fn parse_header(b: &[u8]) -> Result<HeaderParse, ProtocolError> {
     if b.len() < 2 {
         return Ok(HeaderParse::Need(2));
     }
     let (b0, b1) = (b[0], b[1]);
     if b0 & 0x70 != 0 {
-        return Err("protocol: reserved bits set");
+        return Err(ProtocolError::ReservedBits);
     }
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0f;
@@ -252,16 +298,16 @@ pub fn parse_header(b: &[u8]) -> Result<HeaderParse, &'static str> {
         None
     };
     if len > MAX_FRAME as u64 {
-        return Err("protocol: frame too large");
+        return Err(ProtocolError::FrameTooLarge);
     }
     if opcode >= 0x8 && (!fin || len > 125) {
-        return Err("protocol: bad control frame");
+        return Err(ProtocolError::BadControlFrame);
     }
     if !matches!(
         opcode,
         OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
     ) {
-        return Err("protocol: unknown opcode");
+        return Err(ProtocolError::UnknownOpcode);
     }
     Ok(HeaderParse::Header(FrameHeader {
         fin,
@@ -270,6 +316,44 @@ pub fn parse_header(b: &[u8]) -> Result<HeaderParse, &'static str> {
         header_len,
         payload_len: len as usize,
     }))
+}
+
+/// The frame at the start of a buffer, as far as it is there.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Walk {
+    /// The buffer holds less than this many bytes the frame needs (header or whole frame).
+    Need(usize),
+    /// A whole frame, its payload unmasked in place at `header_len..frame_len()`.
+    Frame(FrameHeader),
+}
+
+/// The one frame walk both the delivery reader and the close-frame search use: parses the
+/// header at the start of `buf` and, once the whole frame is buffered, unmasks its payload.
+pub fn next_frame(buf: &mut [u8]) -> Result<Walk, ProtocolError> {
+    let h = match parse_header(buf)? {
+        HeaderParse::Need(n) => return Ok(Walk::Need(n)),
+        HeaderParse::Header(h) => h,
+    };
+    if buf.len() < h.frame_len() {
+        return Ok(Walk::Need(h.frame_len()));
+    }
+    if let Some(m) = h.mask {
+        apply_mask(&mut buf[h.header_len..h.frame_len()], m);
+    }
+    Ok(Walk::Frame(h))
+}
+
+/// Appends a masked close frame carrying `code`.
+pub fn encode_close(out: &mut Vec<u8>, code: u16, mask: [u8; 4]) {
+    encode_frame(out, OP_CLOSE, &code.to_be_bytes(), mask);
+}
+
+/// The status code of a close frame's payload, if it has one.
+pub fn close_code(payload: &[u8]) -> Option<u16> {
+    match payload {
+        [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -344,10 +428,32 @@ mod tests {
             check_handshake(ok),
             Ok(Handshake::Done { header_len: 36 })
         ));
-        let err = check_handshake(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").err();
+        let err = check_handshake(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some("handshake: HTTP/1.1 503 Service Unavailable")
         );
+    }
+
+    #[test]
+    fn walk_unmasks_whole_frames_only() {
+        let mut buf = Vec::new();
+        encode_close(&mut buf, 1008, [9, 8, 7, 6]);
+        encode_frame(&mut buf, OP_TEXT, b"next", [1, 2, 3, 4]);
+        let first = buf.len() - 10;
+        assert_eq!(next_frame(&mut buf[..1]), Ok(Walk::Need(2)));
+        assert_eq!(next_frame(&mut buf[..first - 1]), Ok(Walk::Need(first)));
+        let Ok(Walk::Frame(h)) = next_frame(&mut buf) else {
+            panic!("no frame")
+        };
+        assert_eq!((h.opcode, h.frame_len()), (OP_CLOSE, first));
+        assert_eq!(close_code(&buf[h.header_len..h.frame_len()]), Some(1008));
+        assert_eq!(close_code(&[3]), None);
+        let Ok(Walk::Frame(h)) = next_frame(&mut buf[first..]) else {
+            panic!("no second frame")
+        };
+        assert_eq!(&buf[first + h.header_len..], b"next");
     }
 }

@@ -4,47 +4,43 @@
 
 mod support;
 
-use clap::Parser;
-use loadgen::{Config, Report};
+use std::time::Duration;
+
+use loadgen::{Config, Dialect, Report};
 use support::{start_server, Fault};
 
-fn config(url: &str, extra: &[&str]) -> Config {
-    let mut args = vec![
-        "loadgen",
-        "--url",
-        url,
-        "--clients",
-        "20",
-        "--rooms",
-        "2",
-        "--senders-per-room",
-        "2",
-        "--rate",
-        "50",
-        "--warmup",
-        "0.3",
-        "--duration",
-        "1",
+/// 20 clients in 2 rooms, 2 senders each at 50/s, a short warm-up and window. Built as a
+/// plain struct, so no LOADGEN_* variable in the shell running the tests can change it.
+fn config(url: &str) -> Config {
+    Config {
+        urls: vec![url.to_string()],
+        clients: 20,
+        rooms: 2,
+        senders_per_room: 2,
+        rate: 50.0,
+        warmup: Duration::from_millis(300),
+        duration: Duration::from_secs(1),
         // Clean runs end the drain as soon as everything arrived, so a generous drain only
-        // guards against a slow (debug, loaded) machine; lossy runs pass a shorter one.
-        "--drain",
-        "3",
-        "--settle-ms",
-        "100",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    Config::parse_from(args)
+        // guards against a slow (debug, loaded) machine; lossy runs get a shorter one.
+        drain: Duration::from_secs(3),
+        settle: Duration::from_millis(100),
+        quiet: true,
+        ..Config::default()
+    }
 }
 
 /// For faults that lose messages: the drain always runs out, so keep it short.
-const LOSSY: &[&str] = &["--drain", "1"];
+fn lossy(c: &mut Config) {
+    c.drain = Duration::from_secs(1);
+}
 
-async fn run_against(fault: Fault, extra: &[&str]) -> Report {
+fn as_is(_: &mut Config) {}
+
+async fn run_against(fault: Fault, adjust: fn(&mut Config)) -> Report {
     let url = start_server(fault).await;
-    let report = loadgen::run(config(&url, extra))
-        .await
-        .expect("loadgen run");
+    let mut cfg = config(&url);
+    adjust(&mut cfg);
+    let report = loadgen::run(cfg).await.expect("loadgen run");
     println!("--- {fault:?} ---\n{}", report.to_text());
     assert_eq!(report.connect.connected, 20, "all clients connect");
     assert_eq!(report.connect.not_ready, 0, "all memberships confirmed");
@@ -63,15 +59,11 @@ async fn correct_server_subscribe_is_clean() {
     let json = dir.join("report.json");
     let plot = dir.join("latency.svg");
     let url = start_server(Fault::None).await;
-    let cfg = config(
-        &url,
-        &[
-            "--json",
-            json.to_str().unwrap(),
-            "--plot",
-            plot.to_str().unwrap(),
-        ],
-    );
+    let cfg = Config {
+        json: Some(json.clone()),
+        plot: Some(plot.clone()),
+        ..config(&url)
+    };
     let r = loadgen::run(cfg.clone()).await.expect("loadgen run");
     println!("{}", r.to_text());
     let t = &r.totals;
@@ -103,7 +95,7 @@ async fn correct_server_subscribe_is_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn correct_server_join_dialect_is_clean() {
-    let r = run_against(Fault::None, &["--dialect", "join"]).await;
+    let r = run_against(Fault::None, |c| c.dialect = Dialect::Join).await;
     let t = &r.totals;
     // Join dialect: the sender is skipped, 9 others receive.
     assert_eq!(t.expected, t.sent * 9);
@@ -117,7 +109,11 @@ async fn correct_server_join_dialect_is_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ramp_reports_each_step() {
-    let r = run_against(Fault::None, &["--ramp", "20,40", "--duration", "0.5"]).await;
+    let r = run_against(Fault::None, |c| {
+        c.ramp = vec![20.0, 40.0];
+        c.duration = Duration::from_millis(500);
+    })
+    .await;
     assert_eq!(r.steps.len(), 2);
     assert_eq!(
         r.steps
@@ -153,17 +149,11 @@ async fn ramp_reports_each_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_and_reconnecting_clients_are_left_out_of_the_check() {
     // 16 non-senders: 4 stall (2 per room), half of the other 12 reconnect every 0.3 s.
-    let r = run_against(
-        Fault::None,
-        &[
-            "--stall-fraction",
-            "0.25",
-            "--reconnect-fraction",
-            "0.5",
-            "--reconnect-every",
-            "0.3",
-        ],
-    )
+    let r = run_against(Fault::None, |c| {
+        c.stall_fraction = 0.25;
+        c.reconnect_fraction = 0.5;
+        c.reconnect_every = Duration::from_millis(300);
+    })
     .await;
     let roles = r.roles.as_ref().expect("roles are reported");
     assert_eq!(roles.healthy_clients, 10);
@@ -197,7 +187,7 @@ async fn stalled_and_reconnecting_clients_are_left_out_of_the_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_server_shows_loss() {
-    let r = run_against(Fault::Drop(7), LOSSY).await;
+    let r = run_against(Fault::Drop(7), lossy).await;
     let t = &r.totals;
     assert!(t.lost > 0, "loss detected");
     assert!(t.loss_pct > 5.0 && t.loss_pct < 30.0, "about 1/7 lost");
@@ -207,7 +197,7 @@ async fn dropping_server_shows_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicating_server_shows_duplicates() {
-    let r = run_against(Fault::Duplicate(5), &[]).await;
+    let r = run_against(Fault::Duplicate(5), as_is).await;
     let t = &r.totals;
     assert!(t.duplicates > 0, "duplicates detected");
     assert_eq!((t.lost, t.order_violations, t.misrouted), (0, 0, 0));
@@ -216,7 +206,7 @@ async fn duplicating_server_shows_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reordering_server_shows_order_violations() {
-    let r = run_against(Fault::Reorder, LOSSY).await;
+    let r = run_against(Fault::Reorder, lossy).await;
     let t = &r.totals;
     assert!(t.order_violations > 0, "reordering detected");
     // Reordering is not duplication or misrouting. (The last held message of each pair may
@@ -227,7 +217,7 @@ async fn reordering_server_shows_order_violations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misrouting_server_shows_misrouted() {
-    let r = run_against(Fault::Misroute(10), LOSSY).await;
+    let r = run_against(Fault::Misroute(10), lossy).await;
     let t = &r.totals;
     assert!(t.misrouted > 0, "misrouting detected");
     assert!(t.lost > 0, "the intended room missed them");
@@ -237,7 +227,7 @@ async fn misrouting_server_shows_misrouted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_frames_are_counted_not_delivered() {
-    let r = run_against(Fault::Errors(3), &[]).await;
+    let r = run_against(Fault::Errors(3), as_is).await;
     assert!(r.server_errors > 0);
     assert!(r.server_error_codes.get("limit").copied().unwrap_or(0) > 0);
     let t = &r.totals;
@@ -251,14 +241,12 @@ async fn error_frames_are_counted_not_delivered() {
 #[tokio::test]
 async fn refuses_impossible_client_counts_before_connecting() {
     // Port 9 (discard) on loopback: nothing should ever be contacted.
-    let cfg = Config::parse_from([
-        "loadgen",
-        "--url",
-        "ws://127.0.0.1:9",
-        "--clients",
-        "1000000000",
-        "--quiet",
-    ]);
+    let cfg = Config {
+        urls: vec!["ws://127.0.0.1:9".to_string()],
+        clients: 1_000_000_000,
+        quiet: true,
+        ..Config::default()
+    };
     let err = loadgen::run(cfg)
         .await
         .expect_err("must refuse")
@@ -274,7 +262,7 @@ async fn reports_connect_failures() {
         l.local_addr().unwrap().port()
     };
     let url = format!("ws://127.0.0.1:{port}");
-    let err = loadgen::run(config(&url, &[]))
+    let err = loadgen::run(config(&url))
         .await
         .expect_err("nobody listens")
         .to_string();

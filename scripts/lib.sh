@@ -1,0 +1,20 @@
+# Shell helpers the scripts share. Source it (it sets no options and runs nothing):
+#   source "$(dirname "$0")/lib.sh"
+
+# port_open HOST PORT: true when something accepts TCP connections on HOST:PORT.
+port_open() {
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+# wait_for_port HOST PORT [SECONDS]: waits until HOST:PORT accepts connections, looking every
+# 0.1 s for at most SECONDS (a whole number, default 10). Returns 1 if it never did.
+wait_for_port() {
+    local host=$1 port=$2 seconds=${3:-10} i
+    for ((i = 0; i < seconds * 10; i++)); do
+        if port_open "$host" "$port"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    port_open "$host" "$port"
+}
