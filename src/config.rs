@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use crate::inbound::InboundLimits;
 use crate::outbox::{SlowConsumer, MAX_BYTES, MAX_FRAMES};
 
 /// The largest `max_message_bytes` a node accepts: 16 MiB. A message is held whole while it is
@@ -41,6 +42,11 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Drop a connection that has not answered a ping within this long. Default 10 s.
     pub ping_timeout: Duration,
+    /// What one connection may send; see [`InboundLimits`] for each default.
+    pub inbound: InboundLimits,
+    /// A frame, or a fragmented message, must be complete this long after its first byte
+    /// arrived, or the connection is closed with 1008 "incomplete frame". Default 10 s.
+    pub frame_timeout: Duration,
     /// On shutdown, how long sessions get to flush and close before they are dropped.
     /// Default 5 s.
     pub drain_timeout: Duration,
@@ -69,6 +75,8 @@ impl Default for Config {
             slow_consumer: SlowConsumer::Close,
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
+            inbound: InboundLimits::default(),
+            frame_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(10),
             redis: None,
@@ -108,6 +116,17 @@ pub enum ConfigError {
         /// `max_message_bytes` given.
         message: u64,
     },
+    /// A largest frame could never be paid for, so its sender would wait forever.
+    #[error(
+        "--inbound-bytes-burst ({burst}) is below one largest client frame \
+         (--max-message-bytes {message} plus a 14-byte header)"
+    )]
+    BurstBelowMessage {
+        /// `inbound.bytes_burst` given.
+        burst: u64,
+        /// `max_message_bytes` given.
+        message: u64,
+    },
 }
 
 impl Config {
@@ -141,14 +160,34 @@ impl Config {
                 message: self.max_message_bytes as u64,
             });
         }
+        self.validate_inbound()?;
         for (name, value) in [
             ("ping-interval", self.ping_interval),
             ("ping-timeout", self.ping_timeout),
             ("header-timeout", self.header_timeout),
+            ("frame-timeout", self.frame_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration { name });
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_inbound(&self) -> Result<(), ConfigError> {
+        let inbound = &self.inbound;
+        if inbound.frames_per_sec > 0 {
+            in_range("inbound-frames-burst", inbound.frames_burst, 1..=1_000_000)?;
+        }
+        // A client frame's header is at most 14 bytes (2 + 8 of length + 4 of mask).
+        let largest = self.max_message_bytes as u64 + 14;
+        if inbound.bytes_per_sec > 0 && inbound.bytes_burst < largest {
+            return Err(ConfigError::BurstBelowMessage {
+                burst: inbound.bytes_burst,
+                message: self.max_message_bytes as u64,
+            });
         }
         Ok(())
     }
@@ -197,5 +236,9 @@ mod tests {
         assert_eq!(e, "--ping-timeout must be longer than zero");
         let e = refused(|c| c.max_connections = 0);
         assert!(e.starts_with("--max-connections is 0"), "{e}");
+        let e = refused(|c| c.inbound.bytes_burst = 64 * 1024);
+        assert!(e.starts_with("--inbound-bytes-burst (65536)"), "{e}");
+        let e = refused(|c| c.inbound.frames_burst = 0);
+        assert!(e.starts_with("--inbound-frames-burst is 0"), "{e}");
     }
 }

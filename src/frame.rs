@@ -74,6 +74,8 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     /// A message was over `--max-message-bytes`.
     pub const TOO_BIG: u16 = 1009;
+    /// Too many messages refused for the inbound rate limit (policy `reject`).
+    pub const RATE_LIMITED: u16 = 4008;
 }
 
 /// A violation of RFC 6455 by the peer; each maps to the close code the connection ends with.

@@ -32,6 +32,7 @@
 pub(crate) mod backplane;
 pub mod config;
 pub mod frame;
+pub mod inbound;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

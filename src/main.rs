@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use roomcast::inbound::{InboundLimits, RatePolicy};
 use roomcast::outbox::SlowConsumer;
 use roomcast::{Config, Server};
 
@@ -63,6 +64,42 @@ struct Args {
     #[arg(long, env = "ROOMCAST_PING_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     ping_timeout: Duration,
 
+    /// Frames (messages, fragments, pings, pongs) one connection may send per second,
+    /// sustained; 0 turns the limit off.
+    #[arg(long, env = "ROOMCAST_INBOUND_FRAMES_PER_SEC", default_value_t = 100)]
+    inbound_frames_per_sec: u32,
+
+    /// Frames one connection may send at once after a quiet spell.
+    #[arg(long, env = "ROOMCAST_INBOUND_FRAMES_BURST", default_value_t = 200)]
+    inbound_frames_burst: u32,
+
+    /// Bytes (frame headers included) one connection may send per second, sustained; 0 turns
+    /// the limit off.
+    #[arg(long, env = "ROOMCAST_INBOUND_BYTES_PER_SEC", default_value_t = 256 * 1024)]
+    inbound_bytes_per_sec: u64,
+
+    /// Bytes one connection may send at once; at least one largest frame.
+    #[arg(long, env = "ROOMCAST_INBOUND_BYTES_BURST", default_value_t = 512 * 1024)]
+    inbound_bytes_burst: u64,
+
+    /// Over the inbound limit: `throttle` stops reading until tokens refill (nothing is lost);
+    /// `reject` refuses with `rate_limited` and closes with 4008 past the refusal limit.
+    #[arg(long, env = "ROOMCAST_INBOUND_POLICY", value_enum, default_value_t = InboundPolicy::Throttle)]
+    inbound_policy: InboundPolicy,
+
+    /// Under `reject`: refusals within 10 s past which the connection is closed with 4008.
+    #[arg(
+        long,
+        env = "ROOMCAST_INBOUND_REJECT_CLOSE_AFTER",
+        default_value_t = 20
+    )]
+    inbound_reject_close_after: u32,
+
+    /// A frame or fragmented message must be complete this long after it began, or the
+    /// connection is closed with 1008 "incomplete frame" (time spent throttled not counted).
+    #[arg(long, env = "ROOMCAST_FRAME_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    frame_timeout: Duration,
+
     /// On shutdown, how long sessions get to flush and close before they are dropped.
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     drain_timeout: Duration,
@@ -99,6 +136,15 @@ enum SlowPolicy {
     Drop,
 }
 
+/// `--inbound-policy`, spelled for the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum InboundPolicy {
+    /// Stop reading until the buckets refill.
+    Throttle,
+    /// Refuse with `rate_limited`; close with 4008 past the refusal limit.
+    Reject,
+}
+
 impl Args {
     fn config(&self) -> Config {
         Config {
@@ -115,6 +161,18 @@ impl Args {
             },
             ping_interval: self.ping_interval,
             ping_timeout: self.ping_timeout,
+            inbound: InboundLimits {
+                frames_per_sec: self.inbound_frames_per_sec,
+                frames_burst: self.inbound_frames_burst,
+                bytes_per_sec: self.inbound_bytes_per_sec,
+                bytes_burst: self.inbound_bytes_burst,
+                policy: match self.inbound_policy {
+                    InboundPolicy::Throttle => RatePolicy::Throttle,
+                    InboundPolicy::Reject => RatePolicy::Reject,
+                },
+                reject_close_after: self.inbound_reject_close_after,
+            },
+            frame_timeout: self.frame_timeout,
             drain_timeout: self.drain_timeout,
             header_timeout: self.header_timeout,
             redis: self.redis.clone(),

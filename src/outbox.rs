@@ -145,17 +145,44 @@ impl Outbox {
                 }
             };
         }
-        self.queue().push_back(frame.clone());
+        {
+            let mut queue = self.queue();
+            // Checked again under the lock: `close_with` changes the state and queues the close
+            // frame under this same lock, so no data frame can land behind the close.
+            if self.state.load(Ordering::Acquire) != OPEN {
+                drop(queue);
+                self.pending.fetch_sub(add, Ordering::AcqRel);
+                return Pushed::Closed;
+            }
+            queue.push_back(frame.clone());
+        }
         self.wake();
         Pushed::Queued
     }
 
-    /// Queues a control frame (ping, pong, close) outside the data bound: they are tiny, few,
-    /// and must get through to end a connection cleanly.
-    pub fn push_control(&self, frame: Bytes) {
+    /// Queues the server's own ping. It counts against the bound like any frame but is never
+    /// refused: the session keeps at most one ping outstanding, so this cannot grow.
+    pub fn push_ping(&self, frame: Bytes) {
         self.pending
             .fetch_add(ONE_FRAME | frame.len() as u64, Ordering::AcqRel);
         self.queue().push_back(frame);
+        self.wake();
+    }
+
+    /// Refuses every later push and queues `close` as the last frame. The close is never
+    /// refused (it must get out to end the connection cleanly) and is queued at most once per
+    /// session; a frame pushed concurrently lands before it or not at all.
+    pub fn close_with(&self, close: Bytes) {
+        {
+            let mut queue = self.queue();
+            // SLOW stays SLOW: the session has already discarded what was queued.
+            let _ = self
+                .state
+                .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire);
+            self.pending
+                .fetch_add(ONE_FRAME | close.len() as u64, Ordering::AcqRel);
+            queue.push_back(close);
+        }
         self.wake();
     }
 
@@ -312,6 +339,43 @@ mod tests {
             ob.release(frame);
         }
         assert_eq!(ob.pending(), (0, 0));
+    }
+
+    /// Pushers on other threads racing `close_with`: whatever they got in is queued before the
+    /// close frame, never after it.
+    #[test]
+    fn nothing_is_queued_behind_the_close_frame() {
+        let close = Bytes::from_static(b"close");
+        for _ in 0..200 {
+            let m = Metrics::default();
+            let ob = Outbox::new(
+                ConnId(1),
+                Limits {
+                    max_frames: 1 << 20,
+                    max_bytes: 1 << 30,
+                    policy: SlowConsumer::Close,
+                },
+            );
+            let start = std::sync::Barrier::new(3);
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        start.wait();
+                        let data = Bytes::from_static(b"data");
+                        while ob.push(&data, &m) == Pushed::Queued {}
+                    });
+                }
+                start.wait();
+                ob.close_with(close.clone());
+            });
+            let mut taken = VecDeque::new();
+            ob.take_all(&mut taken);
+            assert_eq!(
+                taken.back(),
+                Some(&close),
+                "a data frame followed the close"
+            );
+        }
     }
 
     #[test]

@@ -74,6 +74,18 @@ pub enum ClientError {
     /// `unsupported_frame`: a binary frame.
     #[error("binary frames are not supported; send JSON in text frames")]
     UnsupportedFrame,
+    /// `rate_limited`: over the connection's inbound limit under policy `reject`; the message
+    /// was dropped.
+    #[error(
+        "over the inbound rate limit ({frames_per_sec} frames/s, {bytes_per_sec} bytes/s); \
+         the message was dropped"
+    )]
+    RateLimited {
+        /// The configured frame rate (0: unlimited).
+        frames_per_sec: u32,
+        /// The configured byte rate (0: unlimited).
+        bytes_per_sec: u64,
+    },
     /// `backplane_unavailable`: the bus cannot take the message; it was not sent.
     #[error("the backplane is unavailable; the message was not sent")]
     BackplaneUnavailable,
@@ -89,6 +101,7 @@ impl ClientError {
             Self::NotInRoom(_) => "not_in_room",
             Self::Limit(_) => "limit",
             Self::UnsupportedFrame => "unsupported_frame",
+            Self::RateLimited { .. } => "rate_limited",
             Self::BackplaneUnavailable => "backplane_unavailable",
         }
     }
@@ -105,9 +118,19 @@ impl ClientError {
     }
 }
 
-/// Longest piece of a client's unknown `type` echoed back in an error, so a hostile client cannot
+/// Longest piece of any client string echoed back in an error, so a hostile client cannot
 /// make the server send large replies.
 const ECHO_LIMIT: usize = 64;
+
+/// `text` cut to at most [`ECHO_LIMIT`] bytes on a character boundary: what an error reply may
+/// quote of what a client sent.
+pub fn capped(text: &str) -> &str {
+    let mut end = text.len().min(ECHO_LIMIT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 /// Appends `s` as a quoted JSON string.
 pub fn push_json_string(out: &mut String, s: &str) {
@@ -237,13 +260,7 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
             room: required(Some(v), "roomId", "roomId")?,
             message: message(Some(v), "message", "message")?,
         },
-        other => {
-            let mut end = other.len().min(ECHO_LIMIT);
-            while !other.is_char_boundary(end) {
-                end -= 1;
-            }
-            return Err(ClientError::UnknownType(other[..end].to_owned()));
-        }
+        other => return Err(ClientError::UnknownType(capped(other).to_owned())),
     })
 }
 

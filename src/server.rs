@@ -238,7 +238,9 @@ fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
     let body = format!(
         concat!(
             r#"{{"status":"{}","connections":{},"rooms":{},"messages_in":{},"#,
-            r#""deliveries":{},"dropped":{},"slow_consumers_closed":{},"frames_per_write":{:.2}}}"#
+            r#""deliveries":{},"dropped":{},"slow_consumers_closed":{},"frames_per_write":{:.2},"#,
+            r#""throttled":{},"rate_limited":{},"rate_limit_closed":{},"incomplete_closed":{},"#,
+            r#""pongs_replaced":{},"outbox_peak_bytes":{}}}"#
         ),
         if healthy { "ok" } else { "degraded" },
         m.connections,
@@ -248,6 +250,12 @@ fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
         m.dropped,
         m.slow_closed,
         m.frames_per_write(),
+        m.throttled,
+        m.rate_limited,
+        m.rate_limit_closed,
+        m.incomplete_closed,
+        m.pongs_replaced,
+        m.outbox_peak_bytes,
     );
     let status = if healthy {
         StatusCode::OK
@@ -263,10 +271,8 @@ fn upgrade_session(
     stop: watch::Receiver<bool>,
     mode: Mode,
 ) -> Response<Full<Bytes>> {
-    if !shared
-        .metrics
-        .try_connection_opened(shared.config.max_connections as u64)
-    {
+    let max = shared.config.max_connections as u64;
+    let Some(slot) = shared.metrics.try_connection_slot(max) else {
         shared.metrics.add_refused();
         let mut res = text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -276,11 +282,10 @@ fn upgrade_session(
         res.headers_mut()
             .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
         return res;
-    }
+    };
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
-            shared.metrics.connection_closed();
             return text(
                 StatusCode::BAD_REQUEST,
                 "text/plain",
@@ -300,10 +305,11 @@ fn upgrade_session(
                 None
             }
         };
+        // The session owns the slot from here, so it is given back when the session drops,
+        // however it ends; on a failed upgrade it drops here.
         if let Some((stream, early)) = stream {
-            Session::run(stream, early, id, shared.clone(), mode, stop).await;
+            Session::run(stream, early, id, shared, slot, mode, stop).await;
         }
-        shared.metrics.connection_closed();
     });
     response.map(|_| Full::new(Bytes::new()))
 }

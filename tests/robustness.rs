@@ -132,7 +132,9 @@ async fn clients_that_drop_tcp_without_closing_leave_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_never_reads_is_closed_and_never_slows_the_others() {
-    let node = Node::start().await;
+    // The sender floods far past the default inbound limit: this test is about the outbound
+    // bound alone.
+    let node = Node::start_with(lift_inbound_limits).await;
     // The non-reader joins and then never polls its socket again.
     let mut stuck = node.client().await;
     send(&mut stuck, &subscribe("flood")).await;
@@ -179,6 +181,7 @@ async fn a_member_that_never_reads_is_closed_and_never_slows_the_others() {
 #[tokio::test]
 async fn drop_policy_keeps_the_slow_member_and_counts_drops() {
     let node = Node::start_with(|c| {
+        lift_inbound_limits(c);
         c.slow_consumer = roomcast::outbox::SlowConsumer::Drop;
         c.outbox_frames = 64;
     })

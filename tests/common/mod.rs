@@ -90,6 +90,13 @@ impl Node {
     }
 }
 
+/// Turns the per-connection inbound limits off, for tests whose clients must send faster than
+/// a real client may by default.
+pub fn lift_inbound_limits(config: &mut Config) {
+    config.inbound.frames_per_sec = 0;
+    config.inbound.bytes_per_sec = 0;
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");

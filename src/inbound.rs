@@ -1,0 +1,232 @@
+//! Inbound flow control: what one connection may send per second, and what happens past it.
+//!
+//! Each connection has two token buckets, one in frames and one in bytes, charged for every
+//! complete frame (data, continuation, ping, pong; never close) before its payload is looked
+//! at. Under policy `throttle` a frame the buckets cannot pay for waits, unread, until they
+//! can: the session stops reading the socket, TCP slows the sender down, and nothing it sent is
+//! lost. Under policy `reject` the frame is consumed and refused with `rate_limited`; too many
+//! refusals close the connection with 4008. Either way the cost one client can impose on
+//! everyone else per second is bounded by these limits: a reader that keeps up with one
+//! sender's limit is never made a slow consumer by that sender.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// What happens to a frame the buckets cannot pay for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RatePolicy {
+    /// Stop reading until the buckets refill; nothing is lost or refused.
+    Throttle,
+    /// Refuse the message with `rate_limited`; past [`InboundLimits::reject_close_after`]
+    /// refusals within [`REJECT_WINDOW`], close with 4008.
+    Reject,
+}
+
+/// The window in which refusals are counted under policy `reject`.
+pub const REJECT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Per-connection inbound limits; a rate of 0 turns that bucket off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimits {
+    /// Frames per second, sustained. Default 100: a 60 Hz game client fits.
+    pub frames_per_sec: u32,
+    /// Frames that may arrive at once after a quiet spell. Default 200.
+    pub frames_burst: u32,
+    /// Bytes per second (frame headers included), sustained. Default 256 KiB.
+    pub bytes_per_sec: u64,
+    /// Bytes that may arrive at once. Default 512 KiB; at least one largest frame.
+    pub bytes_burst: u64,
+    /// What a frame over the limit gets. Default [`RatePolicy::Throttle`].
+    pub policy: RatePolicy,
+    /// Under `reject`, refusals within [`REJECT_WINDOW`] past which the connection is closed
+    /// with 4008. Default 20.
+    pub reject_close_after: u32,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        Self {
+            frames_per_sec: 100,
+            frames_burst: 200,
+            bytes_per_sec: 256 * 1024,
+            bytes_burst: 512 * 1024,
+            policy: RatePolicy::Throttle,
+            reject_close_after: 20,
+        }
+    }
+}
+
+/// The verdict on one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Paid for: handle it.
+    Yes,
+    /// Policy `throttle`: leave it unread until this instant, then ask again.
+    WaitUntil(Instant),
+    /// Policy `reject`: consume and refuse it.
+    Refuse,
+    /// Policy `reject`, and this refusal is one too many: close with 4008.
+    Close,
+}
+
+/// One connection's two buckets and its refusal count. The limits themselves live in the
+/// node's config and are passed in, so each of the 100,000 connections a node may hold keeps
+/// only its own 56 bytes here.
+#[derive(Debug)]
+pub struct Inbound {
+    frames: f64,
+    bytes: f64,
+    refilled: Instant,
+    refusals: u32,
+    window_start: Instant,
+}
+
+impl Inbound {
+    /// Full buckets at `now`.
+    pub fn new(limits: &InboundLimits, now: Instant) -> Self {
+        Self {
+            frames: f64::from(limits.frames_burst),
+            bytes: limits.bytes_burst as f64,
+            refilled: now,
+            refusals: 0,
+            window_start: now,
+        }
+    }
+
+    /// Charges one frame of `len` bytes on the wire, or says what to do instead. Both buckets
+    /// are charged together or not at all.
+    pub fn admit(&mut self, limits: &InboundLimits, len: usize, now: Instant) -> Admit {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        let frame_rate = f64::from(limits.frames_per_sec);
+        let byte_rate = limits.bytes_per_sec as f64;
+        self.frames = refill(
+            self.frames,
+            frame_rate,
+            f64::from(limits.frames_burst),
+            elapsed,
+        );
+        self.bytes = refill(self.bytes, byte_rate, limits.bytes_burst as f64, elapsed);
+        let wait =
+            wait_for(self.frames, frame_rate, 1.0).max(wait_for(self.bytes, byte_rate, len as f64));
+        if wait.is_zero() {
+            self.frames -= 1.0;
+            self.bytes -= len as f64;
+            return Admit::Yes;
+        }
+        match limits.policy {
+            RatePolicy::Throttle => Admit::WaitUntil(now + wait),
+            RatePolicy::Reject => self.refuse(limits, now),
+        }
+    }
+
+    fn refuse(&mut self, limits: &InboundLimits, now: Instant) -> Admit {
+        if now.saturating_duration_since(self.window_start) >= REJECT_WINDOW {
+            self.window_start = now;
+            self.refusals = 0;
+        }
+        self.refusals += 1;
+        if self.refusals > limits.reject_close_after {
+            Admit::Close
+        } else {
+            Admit::Refuse
+        }
+    }
+}
+
+/// `tokens` after `elapsed` seconds at `rate` a second, capped at `burst`; rate 0 (no limit)
+/// keeps the bucket full.
+fn refill(tokens: f64, rate: f64, burst: f64, elapsed: f64) -> f64 {
+    if rate == 0.0 {
+        f64::INFINITY
+    } else {
+        (tokens + elapsed * rate).min(burst)
+    }
+}
+
+/// How long until a bucket holding `tokens` has `cost`; zero when it has now.
+fn wait_for(tokens: f64, rate: f64, cost: f64) -> Duration {
+    if tokens >= cost {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64((cost - tokens) / rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(policy: RatePolicy) -> InboundLimits {
+        InboundLimits {
+            frames_per_sec: 10,
+            frames_burst: 3,
+            bytes_per_sec: 1000,
+            bytes_burst: 1000,
+            policy,
+            reject_close_after: 2,
+        }
+    }
+
+    #[test]
+    fn burst_then_the_sustained_rate() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Throttle);
+        let mut inbound = Inbound::new(&l, t0);
+        for _ in 0..3 {
+            assert_eq!(inbound.admit(&l, 10, t0), Admit::Yes);
+        }
+        // One frame token comes back every 100 ms.
+        assert_eq!(
+            inbound.admit(&l, 10, t0),
+            Admit::WaitUntil(t0 + Duration::from_millis(100))
+        );
+        let later = t0 + Duration::from_millis(100);
+        assert_eq!(inbound.admit(&l, 10, later), Admit::Yes);
+    }
+
+    #[test]
+    fn bytes_limit_on_their_own_and_nothing_is_charged_when_refused() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Throttle);
+        let mut inbound = Inbound::new(&l, t0);
+        assert_eq!(inbound.admit(&l, 900, t0), Admit::Yes);
+        // 200 bytes wanted, 100 there: 100 more take 100 ms at 1000 B/s.
+        assert_eq!(
+            inbound.admit(&l, 200, t0),
+            Admit::WaitUntil(t0 + Duration::from_millis(100))
+        );
+        assert_eq!(inbound.admit(&l, 100, t0), Admit::Yes);
+    }
+
+    #[test]
+    fn reject_refuses_then_closes_past_the_count_and_the_count_restarts_each_window() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Reject);
+        let mut inbound = Inbound::new(&l, t0);
+        let mut verdicts =
+            |at| -> Vec<Admit> { (0..6).map(|_| inbound.admit(&l, 1, at)).collect() };
+        let (yes, refuse, close) = (Admit::Yes, Admit::Refuse, Admit::Close);
+        assert_eq!(verdicts(t0), [yes, yes, yes, refuse, refuse, close]);
+        // A window later the buckets are full again and the two refusals allowed are back.
+        assert_eq!(
+            verdicts(t0 + REJECT_WINDOW),
+            [yes, yes, yes, refuse, refuse, close]
+        );
+    }
+
+    #[test]
+    fn rate_zero_is_unlimited() {
+        let t0 = Instant::now();
+        let l = InboundLimits {
+            frames_per_sec: 0,
+            bytes_per_sec: 0,
+            ..InboundLimits::default()
+        };
+        let mut inbound = Inbound::new(&l, t0);
+        for _ in 0..10_000 {
+            assert_eq!(inbound.admit(&l, 1 << 20, t0), Admit::Yes);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The session's commands: the two dialects run against the registry and the backplane.
+
+use std::sync::Arc;
+
+use super::{Mode, Session};
+use crate::backplane::{BackplaneError, Publish};
+use crate::frame::{self, FrameError, OpCode};
+use crate::protocol::{self, ClientError, Command};
+use crate::room::Room;
+
+impl Session {
+    pub(super) fn on_message(
+        &mut self,
+        opcode: OpCode,
+        payload: &mut [u8],
+    ) -> Result<(), FrameError> {
+        if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
+            return Err(FrameError::InvalidUtf8);
+        }
+        if self.mode == Mode::Echo {
+            self.outbox
+                .push(&frame::encode(opcode, payload), &self.shared.metrics);
+            return Ok(());
+        }
+        self.shared.metrics.add_message_in();
+        let outcome = if opcode == OpCode::Binary {
+            Err(ClientError::UnsupportedFrame)
+        } else {
+            protocol::decode(payload).and_then(|cmd| self.on_command(cmd))
+        };
+        if let Err(e) = outcome {
+            self.outbox.push(&e.to_frame(), &self.shared.metrics);
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, cmd: Command<'_>) -> Result<(), ClientError> {
+        match cmd {
+            Command::Join { room } | Command::Subscribe { room } => self.join(room),
+            Command::Leave { room } | Command::Unsubscribe { room } => {
+                if let Some(at) = self.rooms.iter().position(|r| r.id().as_str() == room) {
+                    let held = self.rooms.remove(at);
+                    self.shared.registry.leave(&held, self.outbox.id());
+                }
+                Ok(())
+            }
+            Command::Chat { message, room } => {
+                let held = match room {
+                    Some(name) => self.held(name).ok_or_else(|| {
+                        ClientError::NotInRoom(format!(
+                            "chat to a room you have not joined: {}",
+                            protocol::capped(name)
+                        ))
+                    })?,
+                    None => self.rooms.first().ok_or_else(|| {
+                        ClientError::NotInRoom("join a room before you chat".to_owned())
+                    })?,
+                };
+                self.publish(Publish {
+                    held: Some(held),
+                    room: held.id().as_str(),
+                    message,
+                    skip: Some(self.outbox.id()),
+                })
+            }
+            Command::SendMessage { room, message } => {
+                self.check_room_name(room)?;
+                self.publish(Publish {
+                    held: self.held(room),
+                    room,
+                    message,
+                    skip: None,
+                })
+            }
+        }
+    }
+
+    fn publish(&self, msg: Publish<'_>) -> Result<(), ClientError> {
+        self.shared
+            .backplane
+            .publish(msg)
+            .map_err(|BackplaneError::Unavailable| ClientError::BackplaneUnavailable)
+    }
+
+    fn held(&self, name: &str) -> Option<&Arc<Room>> {
+        self.rooms.iter().find(|r| r.id().as_str() == name)
+    }
+
+    fn check_room_name(&self, name: &str) -> Result<(), ClientError> {
+        let max = self.shared.config.max_room_name;
+        if name.len() > max {
+            return Err(ClientError::Limit(format!(
+                "room name is longer than {max} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self, name: &str) -> Result<(), ClientError> {
+        if self.held(name).is_some() {
+            return Ok(());
+        }
+        self.check_room_name(name)?;
+        let max = self.shared.config.max_rooms_per_connection;
+        if self.rooms.len() >= max {
+            return Err(ClientError::Limit(format!(
+                "a connection may hold at most {max} rooms"
+            )));
+        }
+        let room = self.shared.registry.join(name, &self.outbox);
+        self.rooms.push(room);
+        Ok(())
+    }
+}

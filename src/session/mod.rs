@@ -1,0 +1,375 @@
+//! One WebSocket connection after the upgrade: reads client frames, runs their commands, holds
+//! the connection's rooms, and writes everything its outbox collects.
+//!
+//! A session is a single task that owns its `TcpStream` whole and waits on readiness, not on
+//! buffered reads: while idle it holds no read or write buffer at all. The work is split by
+//! direction: `reader` frames and admits what the client sends (inbound flow control, frame
+//! deadlines), `commands` runs the two dialects against rooms and the backplane, `writer` drains
+//! the outbox in batches. This file holds the task's loop and its clocks.
+
+mod commands;
+mod reader;
+mod writer;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use self::reader::Partial;
+use self::writer::Batch;
+use crate::config::Config;
+use crate::frame::{self, close_code, OpCode};
+use crate::inbound::Inbound;
+use crate::metrics::ConnectionSlot;
+use crate::outbox::{ConnId, Outbox};
+use crate::room::Room;
+use crate::server::Shared;
+
+/// What a session serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The room protocol (both dialects).
+    Rooms,
+    /// Echo every message back (conformance testing only, behind `--echo`).
+    Echo,
+}
+
+/// How long a closing connection waits for the peer's close frame before dropping it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a session ended; logged at debug level.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("peer closed the connection")]
+    Eof,
+    #[error("close handshake finished")]
+    Closed,
+    #[error("no pong within the ping timeout")]
+    Unresponsive,
+    #[error("close deadline passed")]
+    Deadline,
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The sender is over its inbound limit: the socket is left unread until `until`. The clocks
+/// that judge the client (ping timeout, frame deadline) stop from `since`, because it is the
+/// server that chose not to read.
+#[derive(Debug, Clone, Copy)]
+struct Throttle {
+    since: Instant,
+    until: Instant,
+}
+
+/// One upgraded connection, run by a single task from upgrade to close.
+///
+/// It reads and parses the client's frames, runs their commands against the registry and the
+/// backplane, holds the connection's room handles (so a send needs no registry lookup), and is
+/// the only writer of its socket: fan-out on other tasks only pushes into its [`Outbox`].
+/// What must stay true: every room in `rooms` has this connection as a member until the session
+/// leaves it or drops; the `Drop` impl leaves them all and finishes the outbox, and the slot is
+/// given back with it, so a panic cannot leak memberships or connection slots.
+pub(crate) struct Session {
+    stream: TcpStream,
+    outbox: Arc<Outbox>,
+    shared: Shared,
+    mode: Mode,
+    /// Rooms held, in join order: the first is dialect 1's chat room.
+    rooms: Vec<Arc<Room>>,
+    /// The unparsed tail of the last read: a frame not yet complete, or (while throttled)
+    /// frames not yet admitted. Never reserved beyond what has arrived.
+    rbuf: Vec<u8>,
+    /// When the first byte of the incomplete frame at the head of `rbuf` arrived.
+    tail_since: Option<Instant>,
+    partial: Option<Partial>,
+    inbound: Inbound,
+    throttle: Option<Throttle>,
+    /// The answer to the latest ping not yet written; a newer ping replaces it, so a ping flood
+    /// holds one pong, not one per ping.
+    pong: Option<Bytes>,
+    /// Frames taken from the outbox in one swap and not yet moved into the batch.
+    taken: VecDeque<Bytes>,
+    batch: Batch,
+    reading: bool,
+    close_sent: bool,
+    close_received: bool,
+    half_closed: bool,
+    /// After a protocol error the byte stream cannot be framed any more: reads are discarded
+    /// and only EOF (or the deadline) ends the session.
+    poisoned: bool,
+    /// Set once closing starts: the connection is dropped at this instant at the latest.
+    deadline: Option<Instant>,
+    /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
+    last_heard: Instant,
+    ping_sent: Option<Instant>,
+    _slot: ConnectionSlot,
+}
+
+/// What woke the session.
+enum Wake {
+    Shutdown,
+    Outbox,
+    Writable(io::Result<()>),
+    Readable(io::Result<()>),
+    Timer,
+}
+
+impl Session {
+    fn new(
+        stream: TcpStream,
+        id: ConnId,
+        shared: Shared,
+        slot: ConnectionSlot,
+        mode: Mode,
+    ) -> Self {
+        let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()));
+        let now = Instant::now();
+        let inbound = Inbound::new(&shared.config.inbound, now);
+        Self {
+            stream,
+            outbox,
+            shared,
+            mode,
+            rooms: Vec::new(),
+            rbuf: Vec::new(),
+            tail_since: None,
+            partial: None,
+            inbound,
+            throttle: None,
+            pong: None,
+            taken: VecDeque::new(),
+            batch: Batch::default(),
+            reading: true,
+            close_sent: false,
+            close_received: false,
+            half_closed: false,
+            poisoned: false,
+            deadline: None,
+            last_heard: now,
+            ping_sent: None,
+            _slot: slot,
+        }
+    }
+
+    /// The future that runs a session on an upgraded `stream` to its end. `early` holds bytes
+    /// the HTTP layer read past the upgrade request; `slot` is the connection slot the session
+    /// gives back when it drops; `shutdown` turns true when the node stops. A plain function,
+    /// so what is only needed to start is not stored in the future.
+    pub fn run(
+        stream: TcpStream,
+        early: Bytes,
+        id: ConnId,
+        shared: Shared,
+        slot: ConnectionSlot,
+        mode: Mode,
+        shutdown: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> {
+        // `early` is usually an empty slice of the HTTP layer's 8 KiB read buffer, and even an
+        // empty `Bytes` keeps that whole allocation alive: copy what it holds and let the
+        // buffer go now, not at the end of the session.
+        let early = (!early.is_empty()).then(|| early.to_vec());
+        Self::new(stream, id, shared, slot, mode).run_to_end(early, shutdown)
+    }
+
+    async fn run_to_end(mut self, early: Option<Vec<u8>>, mut shutdown: watch::Receiver<bool>) {
+        if let Err(end) = self.serve(early, &mut shutdown).await {
+            tracing::debug!(conn = self.outbox.id().0, "session ended: {end}");
+        }
+        // Dropping `self` leaves the rooms and gives the slot back.
+    }
+
+    async fn serve(
+        &mut self,
+        early: Option<Vec<u8>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        if let Some(mut early) = early {
+            self.ingest(&mut early, Instant::now());
+        }
+        let config = Arc::clone(&self.shared.config);
+        let timer = tokio::time::sleep_until(self.next_wake(&config));
+        tokio::pin!(timer);
+        let mut stopping = *shutdown.borrow();
+        // One future for the whole loop: a fresh `changed()` per round would register with and
+        // unregister from the channel's waiter list (a lock each) on every wake-up.
+        let stop_signal = shutdown.changed();
+        tokio::pin!(stop_signal);
+        if stopping {
+            self.shutting_down(&config);
+        }
+        loop {
+            let writing = !self.batch.is_empty();
+            let reading = self.reading && self.throttle.is_none();
+            let wake = tokio::select! {
+                biased;
+                _ = &mut stop_signal, if !stopping => Wake::Shutdown,
+                // Polled even while blocked on a full socket: a slow-consumer verdict must be
+                // seen then most of all.
+                _ = self.outbox.notified() => Wake::Outbox,
+                r = self.stream.writable(), if writing => Wake::Writable(r),
+                r = self.stream.readable(), if reading => Wake::Readable(r),
+                _ = &mut timer => Wake::Timer,
+            };
+            match wake {
+                Wake::Shutdown => {
+                    stopping = true;
+                    self.shutting_down(&config);
+                }
+                Wake::Outbox => {
+                    if self.outbox.is_slow() && !self.close_sent {
+                        self.close_slow_consumer();
+                    }
+                    if !writing {
+                        self.flush().await?;
+                    }
+                }
+                Wake::Writable(Ok(())) => self.flush().await?,
+                Wake::Writable(Err(e)) | Wake::Readable(Err(e)) => return Err(End::Io(e)),
+                Wake::Readable(Ok(())) => {
+                    self.read()?;
+                    // Commands may have queued replies to this very connection.
+                    self.flush().await?;
+                }
+                Wake::Timer => {
+                    self.on_timer(&config)?;
+                    self.flush().await?;
+                }
+            }
+            // The timer is armed lazily (it may fire early and re-arm), but never late: any
+            // event may have brought the next deadline forward.
+            let next = self.next_wake(&config);
+            if next != timer.deadline() {
+                timer.as_mut().reset(next);
+            }
+        }
+    }
+
+    fn shutting_down(&mut self, config: &Config) {
+        self.begin_close(
+            close_code::GOING_AWAY,
+            "server shutting down",
+            config.drain_timeout,
+        );
+    }
+
+    /// The earliest instant at which something is due: the close deadline while closing; the
+    /// end of a throttle (the other clocks are stopped); else the ping schedule or the frame
+    /// deadline.
+    fn next_wake(&self, config: &Config) -> Instant {
+        if let Some(deadline) = self.deadline {
+            return deadline;
+        }
+        if let Some(throttle) = self.throttle {
+            return throttle.until;
+        }
+        let ping = match self.ping_sent {
+            Some(sent) => sent + config.ping_timeout,
+            None => self.last_heard + config.ping_interval,
+        };
+        match self.frame_deadline(config) {
+            Some(frame) => frame.min(ping),
+            None => ping,
+        }
+    }
+
+    /// When the frame or fragmented message in progress must be complete.
+    fn frame_deadline(&self, config: &Config) -> Option<Instant> {
+        let tail = self.tail_since;
+        let message = self.partial.as_ref().map(Partial::started);
+        let first = match (tail, message) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(first + config.frame_timeout)
+    }
+
+    /// The timer fired: does whatever is due at this instant.
+    fn on_timer(&mut self, config: &Config) -> Result<(), End> {
+        let now = Instant::now();
+        if let Some(deadline) = self.deadline {
+            return if now >= deadline {
+                Err(End::Deadline)
+            } else {
+                Ok(())
+            };
+        }
+        if let Some(throttle) = self.throttle {
+            if now >= throttle.until {
+                self.end_throttle(throttle, now);
+            }
+            return Ok(());
+        }
+        if self.frame_deadline(config).is_some_and(|due| now >= due) {
+            self.shared.metrics.add_incomplete_closed();
+            self.stop_reading();
+            self.begin_close(close_code::POLICY, "incomplete frame", CLOSE_TIMEOUT);
+            return Ok(());
+        }
+        match self.ping_sent {
+            Some(sent) if now >= sent + config.ping_timeout => Err(End::Unresponsive),
+            None if now >= self.last_heard + config.ping_interval => {
+                self.outbox.push_ping(frame::encode(OpCode::Ping, b""));
+                self.ping_sent = Some(now);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The throttle is over: the stopped clocks move on by the time it lasted, and what was
+    /// left unread in `rbuf` is handled before the socket is read again.
+    fn end_throttle(&mut self, throttle: Throttle, now: Instant) {
+        let paused = now.saturating_duration_since(throttle.since);
+        self.throttle = None;
+        self.last_heard += paused;
+        if let Some(sent) = self.ping_sent.as_mut() {
+            *sent += paused;
+        }
+        if let Some(since) = self.tail_since.as_mut() {
+            *since += paused;
+        }
+        if let Some(partial) = self.partial.as_mut() {
+            partial.pause(paused);
+        }
+        self.ingest(&mut [], now);
+    }
+
+    /// Drops everything queued for a consumer that fell behind and closes it with 1008.
+    fn close_slow_consumer(&mut self) {
+        self.outbox.discard();
+        for frame in std::mem::take(&mut self.taken) {
+            self.outbox.release(&frame);
+        }
+        self.begin_close(close_code::POLICY, "slow consumer", CLOSE_TIMEOUT);
+    }
+
+    /// Starts a server-side close: nothing more is accepted for delivery, what is queued goes
+    /// out, then the close frame, then the peer has `grace` to answer.
+    fn begin_close(&mut self, code: u16, reason: &str, grace: Duration) {
+        if self.close_sent {
+            return;
+        }
+        self.close_sent = true;
+        self.throttle = None;
+        self.pong = None;
+        self.outbox.close_with(frame::close(code, reason));
+        self.deadline = Some(Instant::now() + grace);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.outbox.finish();
+        let id = self.outbox.id();
+        for room in std::mem::take(&mut self.rooms) {
+            self.shared.registry.leave(&room, id);
+        }
+    }
+}
