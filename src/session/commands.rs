@@ -96,7 +96,7 @@ impl Session {
         Ok(())
     }
 
-    fn join(&mut self, name: &str) -> Result<(), ClientError> {
+    pub(super) fn join(&mut self, name: &str) -> Result<(), ClientError> {
         if self.held(name).is_some() {
             return Ok(());
         }

@@ -373,3 +373,36 @@ impl Drop for Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Cleanup lives in `Drop`, so a bug that panics mid-session cannot leak the rooms it holds
+    /// (they would keep their Redis subscriptions) or its connection slot.
+    #[tokio::test]
+    async fn a_panicking_session_still_leaves_its_rooms_and_gives_its_slot_back() {
+        let shared = Shared::new(Config::default()).expect("shared state");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let slot = shared.metrics.try_connection_slot(10).expect("a free slot");
+        let mut session = Session::new(stream, ConnId(1), shared.clone(), slot, Mode::Rooms);
+        session.join("a").expect("join a");
+        session.join("b").expect("join b");
+        assert_eq!(shared.registry.room_count(), 2);
+        assert_eq!(shared.metrics.snapshot().connections, 1);
+        let outcome = catch_unwind(AssertUnwindSafe(move || {
+            let _session = session;
+            panic!("a bug in a command handler");
+        }));
+        assert!(outcome.is_err());
+        assert_eq!(shared.registry.room_count(), 0, "rooms leaked");
+        assert_eq!(shared.metrics.snapshot().connections, 0, "slot leaked");
+    }
+}

@@ -25,6 +25,10 @@ impl Session {
     /// Writes until the outbox is empty or the socket is full. Returns `Err(Closed)` once our
     /// close frame is out and the peer has no more to say.
     pub(super) async fn flush(&mut self) -> Result<(), End> {
+        let pong = self.pong.as_ref().map_or(0, Bytes::len) as u64;
+        self.shared
+            .metrics
+            .observe_outbox_bytes(self.outbox.pending().1 + pong);
         for _ in 0..WRITES_PER_TURN {
             if self.batch.segs.is_empty() && !self.fill() {
                 // Nothing left to write: keep no buffer while idle.

@@ -283,3 +283,39 @@ pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Ende
         }
     }
 }
+
+/// Splits what a server wrote into frames: `(first byte, payload)` each, the first byte holding
+/// FIN and the opcode (0x81 text, 0x88 close, 0x8A pong). A trailing partial frame is left out.
+/// Written apart from the server's codec on purpose: it checks it.
+pub fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 2 {
+        let (len, at) = match bytes[1] & 0x7F {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(&bytes[2..10]);
+                (u64::from_be_bytes(raw) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if bytes.len() < at + len {
+            break;
+        }
+        frames.push((bytes[0], bytes[at..at + len].to_vec()));
+        bytes = &bytes[at + len..];
+    }
+    frames
+}
+
+/// The close code and reason of the close frame among `frames`, if there is one.
+pub fn close_of(frames: &[(u8, Vec<u8>)]) -> Option<(u16, String)> {
+    frames
+        .iter()
+        .find(|(first, _)| *first == 0x88)
+        .map(|(_, p)| {
+            let code = u16::from_be_bytes([p[0], p[1]]);
+            (code, String::from_utf8_lossy(&p[2..]).into_owned())
+        })
+}
