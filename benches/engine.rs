@@ -79,7 +79,7 @@ impl Audience {
         let members: Vec<Arc<Outbox>> = (first_id..first_id + n as u64).map(member).collect();
         let mut room = None;
         for m in &members {
-            room = Some(registry.join(name, m));
+            room = Some(registry.join(name, m).expect("under the room cap"));
         }
         Self {
             room: room.expect("at least one member"),
@@ -123,7 +123,7 @@ fn churn(
 ) {
     while !stop.load(Ordering::Relaxed) {
         for m in extras {
-            let room = registry.join(name, m);
+            let room = registry.join(name, m).expect("under the room cap");
             registry.leave(&room, m.id());
             // A broadcast that loaded the snapshot while `m` was in it queued a frame here.
             m.begin_drain();
@@ -187,7 +187,9 @@ fn registry(c: &mut Criterion) {
                 present
                     .get_or_insert_with(|| (n > 0).then(|| Audience::new(&registry, "busy", 0, n)));
                 b.iter(|| {
-                    let room = registry.join(black_box("busy"), &newcomer);
+                    let room = registry
+                        .join(black_box("busy"), &newcomer)
+                        .expect("under the cap");
                     registry.leave(&room, newcomer.id());
                 })
             },

@@ -3,6 +3,7 @@
 //! room's Redis channel, to this node too, so all members on every node see one order.
 //! Sessions only call [`Backplane::publish`]; they never know which bus runs.
 
+mod quota;
 mod redis;
 
 use std::sync::Arc;
@@ -10,16 +11,20 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbox::ConnId;
+use crate::outbox::{ConnId, Outbox};
 use crate::room::{Registry, Room, RoomWatcher};
 
-pub use self::redis::RedisError;
+pub use self::redis::{Queues, RedisError};
 
 /// Why a message could not be handed to the bus.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackplaneError {
+    /// The link to Redis is down.
     #[error("backplane unavailable")]
     Unavailable,
+    /// The queue to Redis is at its bound: Redis is not keeping up.
+    #[error("backplane queue full")]
+    Full,
 }
 
 /// A message to publish: where it goes and whom it skips.
@@ -31,6 +36,8 @@ pub struct Publish<'a> {
     pub message: &'a str,
     /// The sending connection, skipped at delivery (dialect 1's `chat`).
     pub skip: Option<ConnId>,
+    /// The sender's outbox: told `backplane_unavailable` if an accepted publish never gets out.
+    pub from: &'a Arc<Outbox>,
 }
 
 /// Cheap-to-clone handle to the node's bus.
@@ -45,7 +52,7 @@ impl Backplane {
     /// Builds the node's registry and the bus that feeds it, as `config` asks.
     pub fn start(config: &Config, metrics: Arc<Metrics>) -> Result<(Registry, Self), RedisError> {
         let Some(url) = &config.redis else {
-            let registry = Registry::new(None);
+            let registry = Registry::bounded(None, config.max_rooms);
             let bus = Self {
                 registry: registry.clone(),
                 metrics,
@@ -53,9 +60,15 @@ impl Backplane {
             };
             return Ok((registry, bus));
         };
-        let (bus, watcher, worker) = redis::Bus::new(url, &config.redis_prefix)?;
-        let registry = Registry::new(Some(Arc::new(watcher) as Arc<dyn RoomWatcher>));
-        tokio::spawn(worker.run(registry.clone(), Arc::clone(&metrics)));
+        let (bus, watcher, worker) = redis::Bus::new(
+            url,
+            &config.redis_prefix,
+            &config.redis_limits,
+            Arc::clone(&metrics),
+        )?;
+        let watcher = Arc::new(watcher) as Arc<dyn RoomWatcher>;
+        let registry = Registry::bounded(Some(watcher), config.max_rooms);
+        tokio::spawn(worker.run(registry.clone()));
         Ok((
             registry.clone(),
             Self {
@@ -71,6 +84,14 @@ impl Backplane {
         self.redis.as_ref().is_none_or(redis::Bus::is_healthy)
     }
 
+    /// What the Redis queues hold now (all zero in-process).
+    pub fn queues(&self) -> Queues {
+        self.redis
+            .as_ref()
+            .map(redis::Bus::queues)
+            .unwrap_or_default()
+    }
+
     /// Hands `msg` to the bus. In-process, it is framed once and queued for every local member
     /// before this returns. With Redis, it is queued for the worker in the order sessions call
     /// this, and delivered (to this node too) when the room's channel echoes it; `Ok` means
@@ -78,7 +99,7 @@ impl Backplane {
     /// the sender is told, nothing is sent.
     pub fn publish(&self, msg: Publish<'_>) -> Result<(), BackplaneError> {
         if let Some(bus) = &self.redis {
-            return bus.publish(msg.room, msg.message, msg.skip);
+            return bus.publish(msg.room, msg.message, msg.skip, msg.from);
         }
         let frame = frame::text(msg.message);
         match msg.held {

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use crate::admission::AddressLimits;
 use crate::inbound::InboundLimits;
 use crate::outbox::{SlowConsumer, MAX_BYTES, MAX_FRAMES};
 
@@ -31,6 +32,14 @@ pub struct Config {
     pub max_rooms_per_connection: usize,
     /// Most WebSocket connections on this node; upgrades past it get HTTP 503. Default 100,000.
     pub max_connections: usize,
+    /// Rooms this node holds at most; a join that would create one more gets a `limit` error.
+    /// Default 100,000.
+    pub max_rooms: usize,
+    /// HTTP connections not yet upgraded (or finished) at once; more are answered 503 and
+    /// closed. Default 16,384: a connection storm of 10,000 clients fits.
+    pub max_handshakes: usize,
+    /// Caps per client address, and the proxies trusted to name it. Default: no caps.
+    pub addresses: AddressLimits,
     /// Frames a connection may have queued before it counts as a slow consumer. Default 4096.
     pub outbox_frames: u64,
     /// Bytes a connection may have queued before it counts as a slow consumer. Default 1 MiB;
@@ -58,6 +67,8 @@ pub struct Config {
     /// Prefix for every room's Redis channel. Default empty, so nodes of the original design
     /// can share the Redis during a migration.
     pub redis_prefix: String,
+    /// Bounds on the Redis link's queues; see [`RedisLimits`].
+    pub redis_limits: RedisLimits,
     /// Serve an echo WebSocket on `/echo` (for conformance suites). Default off.
     pub echo: bool,
 }
@@ -70,6 +81,9 @@ impl Default for Config {
             max_room_name: 128,
             max_rooms_per_connection: 64,
             max_connections: 100_000,
+            max_rooms: 100_000,
+            max_handshakes: 16_384,
+            addresses: AddressLimits::default(),
             outbox_frames: 4096,
             outbox_bytes: 1024 * 1024,
             slow_consumer: SlowConsumer::Close,
@@ -81,7 +95,34 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             redis: None,
             redis_prefix: String::new(),
+            redis_limits: RedisLimits::default(),
             echo: false,
+        }
+    }
+}
+
+/// The Redis link's two queues, each bounded in messages and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisLimits {
+    /// Accepted publishes not yet sent to Redis; past it senders get `backplane_unavailable`.
+    /// Default 100,000.
+    pub queue_messages: u64,
+    /// Their bytes. Default 64 MiB.
+    pub queue_bytes: u64,
+    /// Messages from Redis not yet fanned out; past it they are dropped and counted.
+    /// Default 100,000.
+    pub inbox_messages: u64,
+    /// Their bytes. Default 64 MiB.
+    pub inbox_bytes: u64,
+}
+
+impl Default for RedisLimits {
+    fn default() -> Self {
+        Self {
+            queue_messages: 100_000,
+            queue_bytes: 64 << 20,
+            inbox_messages: 100_000,
+            inbox_bytes: 64 << 20,
         }
     }
 }
@@ -151,6 +192,8 @@ impl Config {
             1..=65_536,
         )?;
         in_range("max-connections", self.max_connections, 1..=10_000_000)?;
+        in_range("max-rooms", self.max_rooms, 1..=10_000_000)?;
+        in_range("max-handshakes", self.max_handshakes, 1..=1_000_000)?;
         in_range("outbox-frames", self.outbox_frames, 1..=MAX_FRAMES)?;
         in_range("outbox-bytes", self.outbox_bytes, 1..=MAX_BYTES)?;
         let largest = self.max_message_bytes as u64 + crate::frame::MAX_HEADER as u64;
@@ -161,6 +204,12 @@ impl Config {
             });
         }
         self.validate_inbound()?;
+        let redis = &self.redis_limits;
+        in_range("redis-queue-messages", redis.queue_messages, 1..=10_000_000)?;
+        in_range("redis-queue-bytes", redis.queue_bytes, 1..=1 << 34)?;
+        // The inbox channel is allocated for at most 2^20 messages (worker.rs).
+        in_range("redis-inbox-messages", redis.inbox_messages, 1..=1 << 20)?;
+        in_range("redis-inbox-bytes", redis.inbox_bytes, 1..=1 << 34)?;
         for (name, value) in [
             ("ping-interval", self.ping_interval),
             ("ping-timeout", self.ping_timeout),

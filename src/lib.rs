@@ -29,6 +29,7 @@
 
 // `backplane`, `server` internals and `session` are the node's own; benches, fuzz targets and
 // tests reach the engine through the public modules below.
+pub mod admission;
 pub(crate) mod backplane;
 pub mod config;
 pub mod frame;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use roomcast::admission::{AddressLimits, Cidr};
+use roomcast::config::RedisLimits;
 use roomcast::inbound::{InboundLimits, RatePolicy};
 use roomcast::outbox::SlowConsumer;
 use roomcast::{Config, Server};
@@ -42,6 +44,28 @@ struct Args {
     /// Most WebSocket connections on this node; upgrades past it get HTTP 503.
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
+
+    /// Rooms this node holds at most; a join that would create one more gets a `limit` error.
+    #[arg(long, env = "ROOMCAST_MAX_ROOMS", default_value_t = 100_000)]
+    max_rooms: usize,
+
+    /// HTTP connections not yet upgraded, at once; more are answered 503 and closed.
+    #[arg(long, env = "ROOMCAST_MAX_HANDSHAKES", default_value_t = 16_384)]
+    max_handshakes: usize,
+
+    /// Open WebSocket connections per client address (IPv6: per /64), 429 past it; 0 is off.
+    /// Recommended on a public port: 100 (a NAT'd office fits, one host cannot take the node).
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    max_connections_per_ip: u32,
+
+    /// Upgrade attempts per second per client address (bursts of twice that), 429 past it;
+    /// 0 is off. Recommended on a public port: 20.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECT_RATE_PER_IP", default_value_t = 0)]
+    max_connect_rate_per_ip: u32,
+
+    /// Proxies (address blocks, comma-separated) whose X-Forwarded-For names the client.
+    #[arg(long, env = "ROOMCAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<Cidr>,
 
     /// Frames a connection may have queued before it counts as a slow consumer (at most 2^20).
     #[arg(long, env = "ROOMCAST_OUTBOX_FRAMES", default_value_t = 4096)]
@@ -118,6 +142,23 @@ struct Args {
     #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = "")]
     redis_prefix: String,
 
+    /// Accepted publishes waiting for Redis at most; past it senders get backplane_unavailable.
+    #[arg(long, env = "ROOMCAST_REDIS_QUEUE_MESSAGES", default_value_t = 100_000)]
+    redis_queue_messages: u64,
+
+    /// Bytes of accepted publishes waiting for Redis at most.
+    #[arg(long, env = "ROOMCAST_REDIS_QUEUE_BYTES", default_value_t = 64 << 20)]
+    redis_queue_bytes: u64,
+
+    /// Messages from Redis waiting for fan-out at most (at most 2^20); past it they are
+    /// dropped and counted.
+    #[arg(long, env = "ROOMCAST_REDIS_INBOX_MESSAGES", default_value_t = 100_000)]
+    redis_inbox_messages: u64,
+
+    /// Bytes of messages from Redis waiting for fan-out at most.
+    #[arg(long, env = "ROOMCAST_REDIS_INBOX_BYTES", default_value_t = 64 << 20)]
+    redis_inbox_bytes: u64,
+
     /// Serve an echo WebSocket on /echo (for conformance suites); off by default.
     #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
     echo: bool,
@@ -153,6 +194,13 @@ impl Args {
             max_room_name: self.max_room_name,
             max_rooms_per_connection: self.max_rooms_per_connection,
             max_connections: self.max_connections,
+            max_rooms: self.max_rooms,
+            max_handshakes: self.max_handshakes,
+            addresses: AddressLimits {
+                max_connections_per_ip: self.max_connections_per_ip,
+                max_connect_rate_per_ip: self.max_connect_rate_per_ip,
+                trusted_proxies: self.trusted_proxies.clone(),
+            },
             outbox_frames: self.outbox_frames,
             outbox_bytes: self.outbox_bytes,
             slow_consumer: match self.slow_consumer {
@@ -177,6 +225,12 @@ impl Args {
             header_timeout: self.header_timeout,
             redis: self.redis.clone(),
             redis_prefix: self.redis_prefix.clone(),
+            redis_limits: RedisLimits {
+                queue_messages: self.redis_queue_messages,
+                queue_bytes: self.redis_queue_bytes,
+                inbox_messages: self.redis_inbox_messages,
+                inbox_bytes: self.redis_inbox_bytes,
+            },
             echo: self.echo,
         }
     }

@@ -18,13 +18,55 @@ pub struct Metrics {
     frames_out: AtomicU64,
     bytes_out: AtomicU64,
     writes: AtomicU64,
-    refused: AtomicU64,
+    refused_by: [AtomicU64; Refusal::COUNT],
     throttled: AtomicU64,
     rate_limited: AtomicU64,
     rate_limit_closed: AtomicU64,
     incomplete_closed: AtomicU64,
     pongs_replaced: AtomicU64,
     outbox_peak_bytes: AtomicU64,
+    backplane_refused: AtomicU64,
+    backplane_failed: AtomicU64,
+    backplane_dropped: AtomicU64,
+}
+
+/// Why a connection was refused before it became a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node is at `--max-connections` (503).
+    MaxConnections,
+    /// The address is at `--max-connections-per-ip` (429).
+    PerIp,
+    /// The address is over `--max-connect-rate-per-ip` (429).
+    RatePerIp,
+    /// Too many handshakes in progress (503).
+    Handshakes,
+    /// The node is draining (503).
+    Draining,
+}
+
+impl Refusal {
+    /// How many reasons there are.
+    pub const COUNT: usize = 5;
+    /// Every reason, in label order.
+    pub const ALL: [Refusal; Refusal::COUNT] = [
+        Refusal::MaxConnections,
+        Refusal::PerIp,
+        Refusal::RatePerIp,
+        Refusal::Handshakes,
+        Refusal::Draining,
+    ];
+
+    /// The `reason` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::PerIp => "per_ip",
+            Refusal::RatePerIp => "rate_per_ip",
+            Refusal::Handshakes => "handshakes",
+            Refusal::Draining => "draining",
+        }
+    }
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -46,8 +88,10 @@ pub struct Snapshot {
     pub bytes_out: u64,
     /// Socket writes.
     pub writes: u64,
-    /// Upgrades refused at the connection limit.
+    /// Upgrades and connections refused, all reasons.
     pub refused: u64,
+    /// The same by [`Refusal`], indexed by `Refusal as usize`.
+    pub refused_by: [u64; Refusal::COUNT],
     /// Times a session stopped reading because its sender was over the inbound limit.
     pub throttled: u64,
     /// Messages refused with `rate_limited` (policy `reject`).
@@ -62,6 +106,12 @@ pub struct Snapshot {
     /// pong), as seen by its session before each flush: the figure that shows outbound memory
     /// stays bounded per connection.
     pub outbox_peak_bytes: u64,
+    /// Publishes refused at once because the queue to Redis was full.
+    pub backplane_refused: u64,
+    /// Accepted publishes that never reached Redis; each sender got `backplane_unavailable`.
+    pub backplane_failed: u64,
+    /// Messages from Redis dropped because this node's fan-out was behind.
+    pub backplane_dropped: u64,
 }
 
 impl Metrics {
@@ -90,9 +140,9 @@ impl Metrics {
     pub fn add_slow_closed(&self) {
         self.slow_closed.fetch_add(1, Relaxed);
     }
-    /// One upgrade refused.
-    pub fn add_refused(&self) {
-        self.refused.fetch_add(1, Relaxed);
+    /// One upgrade or connection refused, for `why`.
+    pub fn add_refused(&self, why: Refusal) {
+        self.refused_by[why as usize].fetch_add(1, Relaxed);
     }
     /// A session stopped reading to throttle its sender.
     pub fn add_throttled(&self) {
@@ -122,6 +172,18 @@ impl Metrics {
             self.outbox_peak_bytes.fetch_max(bytes, Relaxed);
         }
     }
+    /// A publish refused because the queue to Redis was full.
+    pub fn add_backplane_refused(&self) {
+        self.backplane_refused.fetch_add(1, Relaxed);
+    }
+    /// An accepted publish failed back to its sender.
+    pub fn add_backplane_failed(&self) {
+        self.backplane_failed.fetch_add(1, Relaxed);
+    }
+    /// A message from Redis dropped before fan-out.
+    pub fn add_backplane_dropped(&self) {
+        self.backplane_dropped.fetch_add(1, Relaxed);
+    }
     /// One socket write that carried `frames` whole or partial frames and `bytes` bytes.
     pub fn add_write(&self, frames: u64, bytes: u64) {
         self.writes.fetch_add(1, Relaxed);
@@ -140,13 +202,17 @@ impl Metrics {
             frames_out: self.frames_out.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
             writes: self.writes.load(Relaxed),
-            refused: self.refused.load(Relaxed),
+            refused: self.refused_by.iter().map(|c| c.load(Relaxed)).sum(),
+            refused_by: std::array::from_fn(|i| self.refused_by[i].load(Relaxed)),
             throttled: self.throttled.load(Relaxed),
             rate_limited: self.rate_limited.load(Relaxed),
             rate_limit_closed: self.rate_limit_closed.load(Relaxed),
             incomplete_closed: self.incomplete_closed.load(Relaxed),
             pongs_replaced: self.pongs_replaced.load(Relaxed),
             outbox_peak_bytes: self.outbox_peak_bytes.load(Relaxed),
+            backplane_refused: self.backplane_refused.load(Relaxed),
+            backplane_failed: self.backplane_failed.load(Relaxed),
+            backplane_dropped: self.backplane_dropped.load(Relaxed),
         }
     }
 }
@@ -171,58 +237,120 @@ impl Snapshot {
         }
     }
 
-    /// Prometheus text exposition, with `rooms` from the registry.
-    pub fn prometheus(&self, rooms: usize) -> String {
-        let mut out = String::with_capacity(1024);
-        let rows: [(&str, &str, u64); 16] = [
-            ("roomcast_connections", "gauge", self.connections),
-            ("roomcast_rooms", "gauge", rooms as u64),
-            ("roomcast_messages_in_total", "counter", self.messages_in),
-            ("roomcast_deliveries_total", "counter", self.deliveries),
-            ("roomcast_dropped_total", "counter", self.dropped),
+    /// Prometheus text exposition; `gauges` are the figures read elsewhere (rooms from the
+    /// registry, the backplane's queues), as (name, help, value).
+    pub fn prometheus(&self, gauges: &[(&str, &str, u64)]) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut row = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        row(
+            "roomcast_connections",
+            "gauge",
+            "WebSocket connections open",
+            self.connections,
+        );
+        for &(name, help, value) in gauges {
+            row(name, "gauge", help, value);
+        }
+        for (name, help, value) in self.counters() {
+            row(name, "counter", help, value);
+        }
+        row(
+            "roomcast_outbox_peak_bytes",
+            "gauge",
+            "most bytes one connection has had waiting to be written",
+            self.outbox_peak_bytes,
+        );
+        let name = "roomcast_connections_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} upgrades and connections refused, by reason"
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for refusal in Refusal::ALL {
+            let value = self.refused_by[refusal as usize];
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {value}", refusal.label());
+        }
+        out
+    }
+
+    fn counters(&self) -> [(&'static str, &'static str, u64); 15] {
+        [
+            (
+                "roomcast_messages_in_total",
+                "client messages received",
+                self.messages_in,
+            ),
+            (
+                "roomcast_deliveries_total",
+                "frames queued for recipients",
+                self.deliveries,
+            ),
+            (
+                "roomcast_dropped_total",
+                "frames dropped for slow consumers",
+                self.dropped,
+            ),
             (
                 "roomcast_slow_consumers_closed_total",
-                "counter",
+                "connections closed 1008 slow consumer",
                 self.slow_closed,
             ),
-            ("roomcast_frames_out_total", "counter", self.frames_out),
-            ("roomcast_bytes_out_total", "counter", self.bytes_out),
-            ("roomcast_socket_writes_total", "counter", self.writes),
             (
-                "roomcast_connections_refused_total",
-                "counter",
-                self.refused,
+                "roomcast_frames_out_total",
+                "frames written to sockets",
+                self.frames_out,
             ),
+            (
+                "roomcast_bytes_out_total",
+                "bytes written to sockets",
+                self.bytes_out,
+            ),
+            ("roomcast_socket_writes_total", "socket writes", self.writes),
             (
                 "roomcast_inbound_throttled_total",
-                "counter",
+                "times a sender was throttled",
                 self.throttled,
             ),
-            ("roomcast_rate_limited_total", "counter", self.rate_limited),
+            (
+                "roomcast_rate_limited_total",
+                "frames refused rate_limited",
+                self.rate_limited,
+            ),
             (
                 "roomcast_rate_limit_closed_total",
-                "counter",
+                "connections closed 4008",
                 self.rate_limit_closed,
             ),
             (
                 "roomcast_incomplete_frame_closed_total",
-                "counter",
+                "connections closed 1008 incomplete frame",
                 self.incomplete_closed,
             ),
             (
                 "roomcast_pongs_replaced_total",
-                "counter",
+                "pongs replaced by a newer one",
                 self.pongs_replaced,
             ),
             (
-                "roomcast_outbox_peak_bytes",
-                "gauge",
-                self.outbox_peak_bytes,
+                "roomcast_backplane_refused_total",
+                "publishes refused: queue to Redis full",
+                self.backplane_refused,
             ),
-        ];
-        for (name, kind, value) in rows {
-            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
-        }
-        out
+            (
+                "roomcast_backplane_failed_total",
+                "accepted publishes failed back to their sender",
+                self.backplane_failed,
+            ),
+            (
+                "roomcast_backplane_dropped_total",
+                "messages from Redis dropped: fan-out behind",
+                self.backplane_dropped,
+            ),
+        ]
     }
 }

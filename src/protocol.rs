@@ -86,9 +86,13 @@ pub enum ClientError {
         /// The configured byte rate (0: unlimited).
         bytes_per_sec: u64,
     },
-    /// `backplane_unavailable`: the bus cannot take the message; it was not sent.
-    #[error("the backplane is unavailable; the message was not sent")]
-    BackplaneUnavailable,
+    /// `bad_field`: a room name in the reserved namespace.
+    #[error("field `{0}` names a reserved room: names starting with {RESERVED_PREFIX} are the server's own")]
+    ReservedRoom(&'static str),
+    /// `backplane_unavailable`: the bus could not take, or could not send, the message to this
+    /// room (capped); it was not delivered.
+    #[error("the backplane is unavailable; the message to room \"{0}\" was not sent")]
+    BackplaneUnavailable(String),
 }
 
 impl ClientError {
@@ -97,12 +101,12 @@ impl ClientError {
         match self {
             Self::BadJson => "bad_json",
             Self::UnknownType(_) => "unknown_type",
-            Self::BadField(_) => "bad_field",
+            Self::BadField(_) | Self::ReservedRoom(_) => "bad_field",
             Self::NotInRoom(_) => "not_in_room",
             Self::Limit(_) => "limit",
             Self::UnsupportedFrame => "unsupported_frame",
             Self::RateLimited { .. } => "rate_limited",
-            Self::BackplaneUnavailable => "backplane_unavailable",
+            Self::BackplaneUnavailable(_) => "backplane_unavailable",
         }
     }
 
@@ -117,6 +121,11 @@ impl ClientError {
         frame::text(&json)
     }
 }
+
+/// Room names starting with this are refused: every channel the server uses itself (its
+/// probe, and whatever later features need) lives behind it, so no client can subscribe to,
+/// publish into or collide with one.
+pub const RESERVED_PREFIX: &str = "__roomcast";
 
 /// Longest piece of any client string echoed back in an error, so a hostile client cannot
 /// make the server send large replies.
@@ -282,6 +291,7 @@ fn optional<'i>(
     match obj.and_then(|o| o.get(key)) {
         None => Ok(None),
         Some(v) => match v.into_string() {
+            Some(s) if s.starts_with(RESERVED_PREFIX) => Err(ClientError::ReservedRoom(name)),
             Some(s) if !s.is_empty() => Ok(Some(s)),
             _ => Err(ClientError::BadField(name)),
         },

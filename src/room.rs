@@ -125,6 +125,11 @@ pub trait RoomWatcher: Send + Sync {
     fn closed(&self, room: &RoomId);
 }
 
+/// The node is at its room cap: a join that would create a room is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the node holds its maximum of {0} rooms")]
+pub struct RoomsFull(pub usize);
+
 /// All rooms with at least one member on this node; a cheap-to-clone handle.
 #[derive(Clone)]
 pub struct Registry {
@@ -137,6 +142,7 @@ struct Inner {
     shards: Box<[Shard]>,
     hasher: RandomState,
     rooms: AtomicUsize,
+    max_rooms: usize,
     watcher: Option<Arc<dyn RoomWatcher>>,
 }
 
@@ -144,13 +150,20 @@ struct Inner {
 pub const SHARDS: usize = 64;
 
 impl Registry {
-    /// An empty registry; `watcher` hears every room's first join and last leave.
+    /// An empty registry with no room cap; `watcher` hears every room's first join and last
+    /// leave.
     pub fn new(watcher: Option<Arc<dyn RoomWatcher>>) -> Self {
+        Self::bounded(watcher, usize::MAX)
+    }
+
+    /// An empty registry that holds at most `max_rooms` rooms.
+    pub fn bounded(watcher: Option<Arc<dyn RoomWatcher>>, max_rooms: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 hasher: RandomState::new(),
                 rooms: AtomicUsize::new(0),
+                max_rooms,
                 watcher,
             }),
         }
@@ -175,16 +188,23 @@ impl Registry {
         self.shard(name).get(name).cloned()
     }
 
-    /// Adds `member` to room `name`, creating the room if needed. The caller guarantees the
-    /// member does not hold the room already.
-    pub fn join(&self, name: &str, outbox: &Arc<Outbox>) -> Arc<Room> {
+    /// Adds `member` to room `name`, creating the room if needed, unless that would take the
+    /// node past its room cap. The caller guarantees the member does not hold the room already.
+    pub fn join(&self, name: &str, outbox: &Arc<Outbox>) -> Result<Arc<Room>, RoomsFull> {
         let mut map = self.shard(name);
         let room = match map.get(name) {
             Some(room) => Arc::clone(room),
             None => {
+                // Reserved in one step, so racing joins in other shards cannot pass the cap.
+                let max = self.inner.max_rooms;
+                self.inner
+                    .rooms
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .map_err(|_| RoomsFull(max))?;
                 let room = Arc::new(Room::new(RoomId::new(name)));
                 map.insert(room.id.clone(), Arc::clone(&room));
-                self.inner.rooms.fetch_add(1, Ordering::Relaxed);
                 if let Some(watcher) = &self.inner.watcher {
                     watcher.opened(&room.id);
                 }
@@ -199,7 +219,7 @@ impl Registry {
             outbox: Arc::clone(outbox),
         });
         room.members.store(Arc::new(next));
-        room
+        Ok(room)
     }
 
     /// Removes `member` from `room`; the room disappears with its last member.
@@ -268,7 +288,7 @@ mod tests {
         let members: Vec<Arc<Outbox>> = (0..200).map(member).collect();
         let mut room = None;
         for m in &members {
-            room = Some(registry.join("red", m));
+            room = Some(registry.join("red", m).expect("under the room cap"));
         }
         let room = room.unwrap();
         let frame = crate::frame::text("hello");
@@ -290,15 +310,15 @@ mod tests {
         let log = Arc::new(Log::default());
         let registry = Registry::new(Some(log.clone() as Arc<dyn RoomWatcher>));
         let (a, b) = (member(1), member(2));
-        let red = registry.join("red", &a);
-        registry.join("red", &b);
+        let red = registry.join("red", &a).expect("under the cap");
+        registry.join("red", &b).expect("under the cap");
         assert_eq!(registry.room_count(), 1);
         registry.leave(&red, a.id());
         assert_eq!(red.len(), 1);
         registry.leave(&red, b.id());
         assert_eq!(registry.room_count(), 0);
         assert!(registry.get("red").is_none());
-        let again = registry.join("red", &a);
+        let again = registry.join("red", &a).expect("under the cap");
         assert!(!Arc::ptr_eq(&again, &red));
         assert_eq!(*log.0.lock().unwrap(), vec!["+red", "-red", "+red"]);
     }

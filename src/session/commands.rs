@@ -61,6 +61,7 @@ impl Session {
                     room: held.id().as_str(),
                     message,
                     skip: Some(self.outbox.id()),
+                    from: &self.outbox,
                 })
             }
             Command::SendMessage { room, message } => {
@@ -70,16 +71,19 @@ impl Session {
                     room,
                     message,
                     skip: None,
+                    from: &self.outbox,
                 })
             }
         }
     }
 
     fn publish(&self, msg: Publish<'_>) -> Result<(), ClientError> {
-        self.shared
-            .backplane
-            .publish(msg)
-            .map_err(|BackplaneError::Unavailable| ClientError::BackplaneUnavailable)
+        self.shared.backplane.publish(msg).map_err(|e| {
+            if e == BackplaneError::Full {
+                self.shared.metrics.add_backplane_refused();
+            }
+            ClientError::BackplaneUnavailable(protocol::capped(msg.room).to_owned())
+        })
     }
 
     fn held(&self, name: &str) -> Option<&Arc<Room>> {
@@ -107,7 +111,11 @@ impl Session {
                 "a connection may hold at most {max} rooms"
             )));
         }
-        let room = self.shared.registry.join(name, &self.outbox);
+        let room = self
+            .shared
+            .registry
+            .join(name, &self.outbox)
+            .map_err(|full| ClientError::Limit(full.to_string()))?;
         self.rooms.push(room);
         Ok(())
     }

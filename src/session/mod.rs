@@ -27,10 +27,9 @@ use self::writer::Batch;
 use crate::config::Config;
 use crate::frame::{self, close_code, OpCode};
 use crate::inbound::Inbound;
-use crate::metrics::ConnectionSlot;
 use crate::outbox::{ConnId, Outbox};
 use crate::room::Room;
-use crate::server::Shared;
+use crate::server::{Admitted, Shared};
 
 /// What a session serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +73,8 @@ struct Throttle {
 /// backplane, holds the connection's room handles (so a send needs no registry lookup), and is
 /// the only writer of its socket: fan-out on other tasks only pushes into its [`Outbox`].
 /// What must stay true: every room in `rooms` has this connection as a member until the session
-/// leaves it or drops; the `Drop` impl leaves them all and finishes the outbox, and the slot is
-/// given back with it, so a panic cannot leak memberships or connection slots.
+/// leaves it or drops; the `Drop` impl leaves them all and finishes the outbox, and the slots in
+/// `Admitted` are given back with it, so a panic cannot leak memberships or connection slots.
 pub(crate) struct Session {
     stream: TcpStream,
     outbox: Arc<Outbox>,
@@ -109,7 +108,7 @@ pub(crate) struct Session {
     /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
     last_heard: Instant,
     ping_sent: Option<Instant>,
-    _slot: ConnectionSlot,
+    _admitted: Admitted,
 }
 
 /// What woke the session.
@@ -122,13 +121,7 @@ enum Wake {
 }
 
 impl Session {
-    fn new(
-        stream: TcpStream,
-        id: ConnId,
-        shared: Shared,
-        slot: ConnectionSlot,
-        mode: Mode,
-    ) -> Self {
+    fn new(stream: TcpStream, id: ConnId, shared: Shared, admitted: Admitted, mode: Mode) -> Self {
         let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()));
         let now = Instant::now();
         let inbound = Inbound::new(&shared.config.inbound, now);
@@ -154,20 +147,20 @@ impl Session {
             deadline: None,
             last_heard: now,
             ping_sent: None,
-            _slot: slot,
+            _admitted: admitted,
         }
     }
 
     /// The future that runs a session on an upgraded `stream` to its end. `early` holds bytes
-    /// the HTTP layer read past the upgrade request; `slot` is the connection slot the session
-    /// gives back when it drops; `shutdown` turns true when the node stops. A plain function,
+    /// the HTTP layer read past the upgrade request; `admitted` holds the connection's places
+    /// under the node's and its address's caps, given back when the session drops; `shutdown` turns true when the node stops. A plain function,
     /// so what is only needed to start is not stored in the future.
     pub fn run(
         stream: TcpStream,
         early: Bytes,
         id: ConnId,
         shared: Shared,
-        slot: ConnectionSlot,
+        admitted: Admitted,
         mode: Mode,
         shutdown: watch::Receiver<bool>,
     ) -> impl Future<Output = ()> {
@@ -175,14 +168,14 @@ impl Session {
         // empty `Bytes` keeps that whole allocation alive: copy what it holds and let the
         // buffer go now, not at the end of the session.
         let early = (!early.is_empty()).then(|| early.to_vec());
-        Self::new(stream, id, shared, slot, mode).run_to_end(early, shutdown)
+        Self::new(stream, id, shared, admitted, mode).run_to_end(early, shutdown)
     }
 
     async fn run_to_end(mut self, early: Option<Vec<u8>>, mut shutdown: watch::Receiver<bool>) {
         if let Err(end) = self.serve(early, &mut shutdown).await {
             tracing::debug!(conn = self.outbox.id().0, "session ended: {end}");
         }
-        // Dropping `self` leaves the rooms and gives the slot back.
+        // Dropping `self` leaves the rooms and gives the slots back.
     }
 
     async fn serve(
@@ -391,8 +384,14 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let slot = shared.metrics.try_connection_slot(10).expect("a free slot");
-        let mut session = Session::new(stream, ConnId(1), shared.clone(), slot, Mode::Rooms);
+        let admitted = Admitted::new(
+            shared.metrics.try_connection_slot(10).expect("a free slot"),
+            shared
+                .admission
+                .try_admit(addr.ip(), Instant::now())
+                .expect("no address caps"),
+        );
+        let mut session = Session::new(stream, ConnId(1), shared.clone(), admitted, Mode::Rooms);
         session.join("a").expect("join a");
         session.join("b").expect("join b");
         assert_eq!(shared.registry.room_count(), 2);

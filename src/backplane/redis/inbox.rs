@@ -1,0 +1,115 @@
+//! Messages from the subscriber connection to the local rooms, in two stages.
+//!
+//! `listen` (one task per subscriber connection) only reads: it notes the probe, and moves each
+//! message into a bounded queue, or drops it when the queue is full. `deliver` (one task for
+//! the worker's whole life, so a reconnect cannot reorder what was queued before it) decodes
+//! and fans out. Reading is far cheaper than fan-out, so the first stage keeps up with Redis
+//! and Redis's output buffer for this node stays near empty: a node that cannot keep up loses
+//! messages here, counted, instead of being cut off by Redis's `client-output-buffer-limit
+//! pubsub` (32 MB by default) and losing everything queued there, uncounted.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use redis::aio::PubSubStream;
+use tokio::sync::mpsc;
+
+use super::State;
+use crate::backplane::quota::Quota;
+use crate::config::RedisLimits;
+use crate::frame;
+use crate::metrics::Metrics;
+use crate::outbox::ConnId;
+use crate::protocol;
+use crate::room::Registry;
+
+/// The bounded queue between the two stages.
+pub(super) struct Inbox {
+    quota: Quota,
+    metrics: Arc<Metrics>,
+}
+
+impl Inbox {
+    pub(super) fn new(limits: &RedisLimits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            quota: Quota::new(limits.inbox_messages, limits.inbox_bytes),
+            metrics,
+        }
+    }
+
+    pub(super) fn used(&self) -> (u64, u64) {
+        self.quota.used()
+    }
+
+    /// The one place a message from Redis is given up on this node. (Resume with offsets will
+    /// turn this into a gap notice for the room's members.)
+    fn drop_message(&self, channel: &str) {
+        self.metrics.add_backplane_dropped();
+        tracing::debug!(channel, "fan-out is behind: dropped a message from Redis");
+    }
+}
+
+/// What the fan-out stage needs to deliver a message.
+pub(super) struct Delivery {
+    pub(super) prefix: Arc<str>,
+    pub(super) node: Arc<str>,
+    pub(super) registry: Registry,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// Stage one: reads one subscriber connection until it ends.
+pub(super) async fn listen(
+    mut stream: PubSubStream,
+    probe: String,
+    state: Arc<State>,
+    inbox: Arc<Inbox>,
+    queue: mpsc::Sender<redis::Msg>,
+) {
+    while let Some(msg) = stream.next().await {
+        let channel = msg.get_channel_name();
+        if channel == probe {
+            state.heard_probe();
+            continue;
+        }
+        let bytes = msg.get_payload_bytes().len() as u64;
+        if !inbox.quota.try_take(bytes) {
+            inbox.drop_message(channel);
+            continue;
+        }
+        if let Err(mpsc::error::TrySendError::Full(msg) | mpsc::error::TrySendError::Closed(msg)) =
+            queue.try_send(msg)
+        {
+            inbox.quota.give_back(bytes);
+            inbox.drop_message(msg.get_channel_name());
+        }
+    }
+}
+
+/// Stage two: fans every queued message out to its local room, for as long as any listener
+/// can still queue.
+pub(super) async fn deliver(
+    mut queue: mpsc::Receiver<redis::Msg>,
+    inbox: Arc<Inbox>,
+    ctx: Delivery,
+) {
+    while let Some(msg) = queue.recv().await {
+        let mut payload = msg.get_payload_bytes().to_vec();
+        inbox.quota.give_back(payload.len() as u64);
+        let channel = msg.get_channel_name();
+        let Some(room) = channel
+            .strip_prefix(&*ctx.prefix)
+            .and_then(|name| ctx.registry.get(name))
+        else {
+            continue;
+        };
+        let Some(relay) = protocol::decode_relay(&mut payload) else {
+            tracing::debug!(channel, "ignoring a payload without a string `message`");
+            continue;
+        };
+        let skip = match (relay.origin, relay.conn) {
+            (Some(origin), Some(conn)) if origin == &*ctx.node => Some(ConnId(conn)),
+            _ => None,
+        };
+        room.broadcast(&frame::text(relay.message), skip, &ctx.metrics);
+    }
+}

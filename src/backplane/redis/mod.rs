@@ -1,0 +1,235 @@
+//! The Redis Pub/Sub bus: one channel per room, one subscriber connection per node, publishes
+//! pipelined over one multiplexed connection.
+//!
+//! One worker task (`worker`) owns both connections and applies every operation in the order
+//! sessions issued it: a `SUBSCRIBE` is confirmed before any later `PUBLISH` goes out, so a
+//! client that subscribes and then sends hears its own message. Consecutive publishes are sent
+//! as one pipeline ("smart batching"), one pipeline per turn, so the probe timer always gets
+//! its turn however hard clients publish. Redis Pub/Sub is at-most-once, so the worker treats
+//! failure as normal: it notices (connection errors, and a probe it publishes to itself every
+//! 500 ms that must come back within 2 s), reconnects with backoff, re-subscribes every room
+//! with local members, and only then reports healthy again.
+//!
+//! What must stay true for senders: a publish is either refused at once (`Err`, while the link
+//! is down or the queue is full) or accepted; an accepted publish is either sent to Redis or
+//! its sender gets a `backplane_unavailable` error naming the room. Nothing vanishes silently.
+//!
+//! The receiving side (`inbox`) is two stages so that Redis never backs up on this node: one
+//! task only reads the subscriber connection into a bounded queue, another fans out. When
+//! fan-out falls behind, the queue fills and further messages are dropped and counted in one
+//! place, rather than growing memory here or Redis's output buffer until Redis cuts the
+//! connection.
+
+mod inbox;
+mod worker;
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use self::inbox::Inbox;
+pub(crate) use self::worker::Worker;
+use super::quota::Quota;
+use super::BackplaneError;
+use crate::config::RedisLimits;
+use crate::metrics::Metrics;
+use crate::outbox::{ConnId, Outbox};
+use crate::protocol;
+use crate::room::{RoomId, RoomWatcher};
+
+/// Problems with the Redis configuration itself (runtime failures are retried, not returned).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// The URL does not parse or names an unsupported scheme.
+    #[error("invalid Redis URL: {0}")]
+    Url(#[source] redis::RedisError),
+}
+
+enum Op {
+    Subscribe(RoomId),
+    Unsubscribe(RoomId),
+    Publish(Pending),
+}
+
+/// An accepted publish on its way to Redis. It keeps its sender's outbox so that, if it never
+/// gets there, the sender is told.
+struct Pending {
+    channel: String,
+    payload: Vec<u8>,
+    room: Box<str>,
+    from: Arc<Outbox>,
+}
+
+impl Pending {
+    /// What it holds against the queue's byte bound.
+    fn bytes(&self) -> u64 {
+        (self.channel.len() + self.payload.len() + self.room.len()) as u64
+    }
+}
+
+/// State shared by the sessions' handle, the worker and the subscriber's listener.
+struct State {
+    healthy: AtomicBool,
+    /// Accepted publishes not yet sent (or failed).
+    queue: Quota,
+    born: Instant,
+    /// Milliseconds since `born` when this node last heard its own probe.
+    probe_heard: AtomicU64,
+}
+
+impl State {
+    fn heard_probe(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.probe_heard.store(ms, Ordering::Relaxed);
+    }
+
+    fn since_probe(&self) -> Duration {
+        let heard = Duration::from_millis(self.probe_heard.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(heard)
+    }
+}
+
+/// What the bus holds right now, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Queues {
+    /// Accepted publishes waiting for Redis: messages and bytes.
+    pub outgoing: (u64, u64),
+    /// Messages from Redis waiting for fan-out: messages and bytes.
+    pub incoming: (u64, u64),
+}
+
+/// The sessions' side of the bus; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    /// Unbounded as a channel, bounded by `State::queue`: publishes are counted there before
+    /// they are sent, and (un)subscribes are at most two per room.
+    ops: mpsc::UnboundedSender<Op>,
+    state: Arc<State>,
+    inbox: Arc<Inbox>,
+    node: Arc<str>,
+    prefix: Arc<str>,
+}
+
+/// Tells the worker when rooms gain their first or lose their last local member. It holds a
+/// weak sender so that the registry (which the listener keeps) cannot keep the worker alive
+/// after the node is gone.
+pub struct Watcher {
+    ops: mpsc::WeakUnboundedSender<Op>,
+}
+
+impl RoomWatcher for Watcher {
+    fn opened(&self, room: &RoomId) {
+        if let Some(ops) = self.ops.upgrade() {
+            let _ = ops.send(Op::Subscribe(room.clone()));
+        }
+    }
+
+    fn closed(&self, room: &RoomId) {
+        if let Some(ops) = self.ops.upgrade() {
+            let _ = ops.send(Op::Unsubscribe(room.clone()));
+        }
+    }
+}
+
+impl Bus {
+    /// The bus, the registry's watcher and the worker to spawn; nothing connects until the
+    /// worker runs.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        limits: &RedisLimits,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, Watcher, Worker), RedisError> {
+        let client = redis::Client::open(url).map_err(RedisError::Url)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(State {
+            healthy: AtomicBool::new(false),
+            queue: Quota::new(limits.queue_messages, limits.queue_bytes),
+            born: Instant::now(),
+            probe_heard: AtomicU64::new(0),
+        });
+        let node: Arc<str> = Arc::from(node_id());
+        let prefix: Arc<str> = Arc::from(prefix);
+        let inbox = Arc::new(Inbox::new(limits, Arc::clone(&metrics)));
+        let watcher = Watcher {
+            ops: tx.downgrade(),
+        };
+        let worker = Worker::new(
+            client,
+            rx,
+            Arc::clone(&state),
+            Arc::clone(&inbox),
+            Arc::clone(&node),
+            Arc::clone(&prefix),
+            metrics,
+        );
+        let bus = Self {
+            ops: tx,
+            state,
+            inbox,
+            node,
+            prefix,
+        };
+        Ok((bus, watcher, worker))
+    }
+
+    /// True while connected, subscribed and hearing our own probe.
+    pub fn is_healthy(&self) -> bool {
+        self.state.healthy.load(Ordering::Acquire)
+    }
+
+    /// What both queues hold now.
+    pub fn queues(&self) -> Queues {
+        Queues {
+            outgoing: self.state.queue.used(),
+            incoming: self.inbox.used(),
+        }
+    }
+
+    /// Accepts a publish for the worker, or refuses it at once while the link is down or the
+    /// queue is at its bound (in messages or bytes).
+    pub fn publish(
+        &self,
+        room: &str,
+        message: &str,
+        skip: Option<ConnId>,
+        from: &Arc<Outbox>,
+    ) -> Result<(), BackplaneError> {
+        if !self.is_healthy() {
+            return Err(BackplaneError::Unavailable);
+        }
+        let pending = Pending {
+            channel: format!("{}{room}", self.prefix),
+            payload: protocol::encode_relay(room, message, &self.node, skip.map(|c| c.0)),
+            room: room.into(),
+            from: Arc::clone(from),
+        };
+        let bytes = pending.bytes();
+        if !self.state.queue.try_take(bytes) {
+            return Err(BackplaneError::Full);
+        }
+        self.ops.send(Op::Publish(pending)).map_err(|_| {
+            self.state.queue.give_back(bytes);
+            BackplaneError::Unavailable
+        })
+    }
+}
+
+/// A node id unique enough to tell this process's publications from every other node's.
+fn node_id() -> String {
+    let seed = (
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!(
+        "{:016x}",
+        std::collections::hash_map::RandomState::new().hash_one(seed)
+    )
+}

@@ -1,0 +1,311 @@
+//! The task that owns the Redis connections: connects, subscribes, sends what sessions queue,
+//! probes, and reconnects.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::inbox::{self, Delivery, Inbox};
+use super::{Op, Pending, State};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ClientError};
+use crate::room::{Registry, RoomId};
+
+/// Most publishes sent in one pipeline: one turn of the worker's loop.
+const MAX_PIPELINE: usize = 512;
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// A subscriber that has not heard its own probe for this long is deaf and gets replaced.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Messages from Redis the inbox channel holds at most; the byte bound is the config's.
+const INBOX_CHANNEL_MAX: usize = 1 << 20;
+
+/// Why a connected period ended.
+enum Ended {
+    /// The node is gone (every sender dropped): stop for good.
+    Stop,
+    /// Redis failed us; reconnect. `connected` says whether we got as far as serving.
+    Lost { why: LinkError, connected: bool },
+}
+
+/// Why the worker gave up a connection to Redis; logged, then it reconnects.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{step}: {source}")]
+    Redis {
+        step: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("{step}: no answer within {OP_TIMEOUT:?}")]
+    Timeout { step: &'static str },
+    #[error("subscriber is deaf: our own probe did not come back")]
+    Deaf,
+    #[error("subscriber connection closed")]
+    SubscriberClosed,
+}
+
+fn lost(why: LinkError, connected: bool) -> Ended {
+    Ended::Lost { why, connected }
+}
+
+/// Runs `fut`, the worker's `step`, with the operation timeout; a timeout counts as a failure
+/// like any other.
+async fn timed<T>(
+    step: &'static str,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, LinkError> {
+    match tokio::time::timeout(OP_TIMEOUT, fut).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => Err(LinkError::Redis { step, source }),
+        Err(_) => Err(LinkError::Timeout { step }),
+    }
+}
+
+/// The task that owns the Redis connections.
+pub(crate) struct Worker {
+    client: redis::Client,
+    ops: mpsc::UnboundedReceiver<Op>,
+    state: Arc<State>,
+    inbox: Arc<Inbox>,
+    node: Arc<str>,
+    prefix: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        client: redis::Client,
+        ops: mpsc::UnboundedReceiver<Op>,
+        state: Arc<State>,
+        inbox: Arc<Inbox>,
+        node: Arc<str>,
+        prefix: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            ops,
+            state,
+            inbox,
+            node,
+            prefix,
+            metrics,
+        }
+    }
+
+    /// The node's own probe channel, in the reserved namespace no room can name.
+    fn probe_channel(&self) -> String {
+        format!(
+            "{}{}probe:{}",
+            self.prefix,
+            protocol::RESERVED_PREFIX,
+            self.node
+        )
+    }
+
+    fn channel(&self, room: &RoomId) -> String {
+        format!("{}{room}", self.prefix)
+    }
+
+    /// Runs until every sender is gone: connect, serve, and on failure tell the senders of
+    /// what was queued, back off and connect again.
+    pub(crate) async fn run(mut self, registry: Registry) {
+        let (queue, received) = mpsc::channel(INBOX_CHANNEL_MAX);
+        let delivery = Delivery {
+            prefix: Arc::clone(&self.prefix),
+            node: Arc::clone(&self.node),
+            registry: registry.clone(),
+            metrics: Arc::clone(&self.metrics),
+        };
+        tokio::spawn(inbox::deliver(received, Arc::clone(&self.inbox), delivery));
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match self.connected(&registry, &queue).await {
+                Ended::Stop => return,
+                Ended::Lost { why, connected } => {
+                    if connected {
+                        backoff = MIN_BACKOFF;
+                        tracing::warn!("redis backplane lost: {why}; reconnecting");
+                    } else {
+                        tracing::debug!("redis backplane still down: {why}");
+                    }
+                }
+            }
+            self.state.healthy.store(false, Ordering::Release);
+            if self.fail_queued_until(Instant::now() + backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// While the link is down: every publish that was queued, or arrives, is failed back to
+    /// its sender. (Un)subscribes are dropped: the registry is the truth about which rooms to
+    /// subscribe, and the next connection subscribes them all. True when the node is gone.
+    async fn fail_queued_until(&mut self, until: Instant) -> bool {
+        loop {
+            tokio::select! {
+                op = self.ops.recv() => match op {
+                    None => return true,
+                    Some(Op::Publish(pending)) => self.fail(pending),
+                    Some(_) => {}
+                },
+                _ = tokio::time::sleep_until(until) => return false,
+            }
+        }
+    }
+
+    /// Tells the sender of `pending` that it never reached Redis, and frees its place.
+    fn fail(&self, pending: Pending) {
+        self.state.queue.give_back(pending.bytes());
+        self.metrics.add_backplane_failed();
+        let error = ClientError::BackplaneUnavailable(protocol::capped(&pending.room).to_owned());
+        pending.from.push(&error.to_frame(), &self.metrics);
+    }
+
+    /// One connected period: connect, subscribe everything, serve until something fails.
+    async fn connected(&mut self, registry: &Registry, queue: &mpsc::Sender<redis::Msg>) -> Ended {
+        let client = &self.client;
+        let mut conn = match timed("connect", client.get_multiplexed_async_connection()).await {
+            Ok(conn) => conn,
+            Err(e) => return lost(e, false),
+        };
+        let (mut sink, stream) = match timed("connect subscriber", client.get_async_pubsub()).await
+        {
+            Ok(pubsub) => pubsub.split(),
+            Err(e) => return lost(e, false),
+        };
+        let probe = self.probe_channel();
+        if let Err(e) = timed("subscribe probe", sink.subscribe(&probe)).await {
+            return lost(e, false);
+        }
+        let rooms: Vec<String> = registry
+            .room_ids()
+            .iter()
+            .map(|r| self.channel(r))
+            .collect();
+        for chunk in rooms.chunks(256) {
+            if let Err(e) = timed("re-subscribe", sink.subscribe(chunk)).await {
+                return lost(e, false);
+            }
+        }
+        self.state.heard_probe();
+        let listener = tokio::spawn(inbox::listen(
+            stream,
+            probe,
+            Arc::clone(&self.state),
+            Arc::clone(&self.inbox),
+            queue.clone(),
+        ));
+        self.state.healthy.store(true, Ordering::Release);
+        tracing::info!(rooms = rooms.len(), "redis backplane connected");
+        self.serve(&mut conn, &mut sink, listener).await
+    }
+
+    /// Serves one connection: one operation (or one pipeline of publishes) per turn, and the
+    /// probe first whenever it is due, so a publish flood cannot starve it.
+    async fn serve(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        sink: &mut PubSubSink,
+        mut listener: JoinHandle<()>,
+    ) -> Ended {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        let mut batch: Vec<Pending> = Vec::new();
+        let ended = loop {
+            tokio::select! {
+                biased;
+                _ = tick.tick() => {
+                    if let Err(e) = self.probe(conn).await {
+                        break lost(e, true);
+                    }
+                }
+                _ = &mut listener => break lost(LinkError::SubscriberClosed, true),
+                op = self.ops.recv() => {
+                    let Some(op) = op else { break Ended::Stop };
+                    if let Err(e) = self.apply(op, conn, sink, &mut batch).await {
+                        break lost(e, true);
+                    }
+                }
+            }
+        };
+        listener.abort();
+        ended
+    }
+
+    /// Declares the subscriber deaf when its probe is overdue, else publishes the next one.
+    async fn probe(&self, conn: &mut MultiplexedConnection) -> Result<(), LinkError> {
+        if self.state.since_probe() > PROBE_DEADLINE {
+            return Err(LinkError::Deaf);
+        }
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.probe_channel()).arg("probe");
+        timed("probe", publish.query_async::<()>(conn)).await
+    }
+
+    /// Applies `first`; a publish takes the publishes queued right behind it (up to a pipeline)
+    /// and an (un)subscribe found among them is applied after the ones before it.
+    async fn apply(
+        &mut self,
+        first: Op,
+        conn: &mut MultiplexedConnection,
+        sink: &mut PubSubSink,
+        batch: &mut Vec<Pending>,
+    ) -> Result<(), LinkError> {
+        let mut next = Some(first);
+        while let Some(op) = next.take() {
+            match op {
+                Op::Publish(pending) => {
+                    batch.push(pending);
+                    if batch.len() < MAX_PIPELINE {
+                        next = self.ops.try_recv().ok();
+                    }
+                }
+                Op::Subscribe(room) => {
+                    self.flush(conn, batch).await?;
+                    timed("subscribe", sink.subscribe(self.channel(&room))).await?;
+                }
+                Op::Unsubscribe(room) => {
+                    self.flush(conn, batch).await?;
+                    timed("unsubscribe", sink.unsubscribe(self.channel(&room))).await?;
+                }
+            }
+        }
+        self.flush(conn, batch).await
+    }
+
+    /// Sends `batch` as one pipeline. Whatever happens, the batch leaves the queue: sent, or
+    /// failed back to each sender.
+    async fn flush(
+        &self,
+        conn: &mut MultiplexedConnection,
+        batch: &mut Vec<Pending>,
+    ) -> Result<(), LinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for pending in batch.iter() {
+            pipe.publish(&pending.channel, &pending.payload).ignore();
+        }
+        let result = timed("publish", pipe.query_async::<()>(conn)).await;
+        for pending in batch.drain(..) {
+            if result.is_err() {
+                // Perhaps sent (a timeout may hide a delivery): the sender is told it was not,
+                // so a retry can duplicate but nothing is lost unannounced.
+                self.fail(pending);
+            } else {
+                self.state.queue.give_back(pending.bytes());
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,237 @@
+//! The listener: accepts TCP, speaks HTTP/1.1 through hyper (`routes`: probes, metrics,
+//! upgrades), hands upgraded sockets to sessions, and runs graceful shutdown.
+//!
+//! Shutdown follows axum's pattern: every connection task holds a clone of a `watch::Receiver`;
+//! the node flips it to `true` and waits (bounded by the drain timeout) until every receiver is
+//! dropped, which is exactly when every task has finished. While it drains it keeps accepting,
+//! so a load balancer still reaching it gets 503 with `Retry-After` (and `/readyz` 503) rather
+//! than refused connections; connections accepted then hold a receiver of their own, so they
+//! cannot hold the drain open.
+
+mod routes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+use crate::admission::{AddressSlot, Admission, Handshake};
+use crate::backplane::{Backplane, RedisError};
+use crate::config::{Config, ConfigError};
+use crate::metrics::{ConnectionSlot, Metrics, Refusal};
+use crate::outbox::Limits;
+use crate::room::Registry;
+
+/// Failures that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting out of its range.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The Redis settings cannot be used.
+    #[error(transparent)]
+    Backplane(#[from] RedisError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why the bind failed.
+        source: std::io::Error,
+    },
+}
+
+/// State every connection of the node shares; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub registry: Registry,
+    pub backplane: Backplane,
+    pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// What an admitted connection holds until its session ends: its place under the node's
+/// connection cap and under its address's caps. Both are given back on drop.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    _connection: ConnectionSlot,
+    _address: AddressSlot,
+}
+
+impl Admitted {
+    pub(crate) fn new(connection: ConnectionSlot, address: AddressSlot) -> Self {
+        Self {
+            _connection: connection,
+            _address: address,
+        }
+    }
+}
+
+impl Shared {
+    /// Must run inside the runtime: with Redis configured it starts the backplane worker.
+    pub fn new(config: Config) -> Result<Self, ServerError> {
+        let metrics = Arc::new(Metrics::default());
+        let (registry, backplane) = Backplane::start(&config, Arc::clone(&metrics))?;
+        let admission = Admission::new(config.addresses.clone(), config.max_handshakes);
+        Ok(Self {
+            config: Arc::new(config),
+            registry,
+            backplane,
+            metrics,
+            admission: Arc::new(admission),
+            next_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    pub fn outbox_limits(&self) -> Limits {
+        Limits {
+            max_frames: self.config.outbox_frames,
+            max_bytes: self.config.outbox_bytes,
+            policy: self.config.slow_consumer,
+        }
+    }
+}
+
+/// A bound, not yet running node: [`bind`](Self::bind), then [`run`](Self::run).
+pub struct Server {
+    listener: TcpListener,
+    shared: Shared,
+}
+
+impl Server {
+    /// Validates `config`, binds its listen address and, with Redis configured, starts the
+    /// backplane worker (so it must run inside the runtime). Nothing is served until
+    /// [`run`](Self::run).
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let addr = config.listen;
+        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            shared: Shared::new(config)?,
+        })
+    }
+
+    /// The address bound, with the port the OS chose for port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// Serves until `shutdown` resolves, then drains: sessions flush what is queued and close
+    /// with 1001 within the drain timeout, while new arrivals are told 503.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::select! {
+            _ = accept_loop(&self.listener, &self.shared, &stop_rx) => {}
+            _ = shutdown => {}
+        }
+        drop(stop_rx);
+        tracing::info!("shutting down: draining sessions");
+        let _ = stop_tx.send(true);
+        let (_draining_tx, draining) = watch::channel(true);
+        let grace = self.shared.config.drain_timeout + Duration::from_secs(1);
+        tokio::select! {
+            _ = accept_loop(&self.listener, &self.shared, &draining) => {}
+            drained = tokio::time::timeout(grace, stop_tx.closed()) => {
+                if drained.is_err() {
+                    tracing::warn!("drain timeout passed with sessions still open");
+                }
+            }
+        }
+    }
+}
+
+/// Connection storms (10,000 clients at once) overflow std's default backlog of 128 and cost
+/// each overflowed client a one-second SYN retransmit; the kernel caps this at somaxconn.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// What a connection over the handshake cap is told before it is closed; hyper never sees it.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+    Content-Length: 0\r\nConnection: close\r\n\r\n";
+
+async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Receiver<bool>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Some(handshake) = shared.admission.try_handshake() else {
+                    shared.metrics.add_refused(Refusal::Handshakes);
+                    // Best effort: a fresh socket's send buffer is empty, so this rarely fails.
+                    let _ = stream.try_write(BUSY);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = Conn {
+                    peer,
+                    shared: shared.clone(),
+                    stop: stop.clone(),
+                };
+                tokio::spawn(serve_http(stream, conn, handshake));
+            }
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What a request handler knows about its connection.
+#[derive(Clone)]
+struct Conn {
+    peer: SocketAddr,
+    shared: Shared,
+    stop: watch::Receiver<bool>,
+}
+
+/// Serves one HTTP connection. `_handshake` counts it against the handshake cap until it ends,
+/// which for an upgrade is as soon as the session has the socket.
+async fn serve_http(stream: TcpStream, conn: Conn, _handshake: Handshake) {
+    let mut stop = conn.stop.clone();
+    let header_timeout = conn.shared.config.header_timeout;
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(routes::route(req, conn)) }
+    });
+    let http = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(http);
+    tokio::select! {
+        res = http.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!("http connection ended: {e}");
+            }
+        }
+        _ = stop.changed() => {
+            http.as_mut().graceful_shutdown();
+            let _ = http.await;
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The HTTP API: probes, metrics, and the upgrade with its admission checks.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /` with upgrade headers | the WebSocket session, after the checks in [`upgrade`] |
+//! | `GET /livez` | 200 while the process serves HTTP: the liveness probe (never fails for Redis) |
+//! | `GET /readyz` | 200 when accepting and the backplane (if any) is healthy, else 503: the readiness probe |
+//! | `GET /healthz` | JSON figures for people and dashboards; 503 "degraded" while the backplane is down |
+//! | `GET /metrics` | Prometheus text |
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use fastwebsockets::WebSocket;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::upgrade::Upgraded;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{Admitted, Conn, Shared};
+use crate::admission::client_address;
+use crate::metrics::Refusal;
+use crate::outbox::ConnId;
+use crate::session::{Mode, Session};
+
+type Reply = Response<Full<Bytes>>;
+
+pub(super) fn route(req: Request<Incoming>, conn: Conn) -> Reply {
+    let wants_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
+    let shared = &conn.shared;
+    match (req.method(), req.uri().path(), wants_upgrade) {
+        (&Method::GET, "/", true) => upgrade(req, conn, Mode::Rooms),
+        (&Method::GET, "/echo", true) if shared.config.echo => upgrade(req, conn, Mode::Echo),
+        (&Method::GET, "/livez", _) => text(StatusCode::OK, "text/plain", "live\n".to_owned()),
+        (&Method::GET, "/readyz", _) => readyz(&conn),
+        (&Method::GET, "/healthz", _) => healthz(shared),
+        (&Method::GET, "/metrics", _) => metrics(shared),
+        (&Method::GET, "/", false) => text(
+            StatusCode::UPGRADE_REQUIRED,
+            "text/plain",
+            "roomcast speaks WebSocket on this path\n".to_owned(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+/// Ready means: not draining, and the backplane (when configured) can carry messages.
+fn readyz(conn: &Conn) -> Reply {
+    let why_not = if *conn.stop.borrow() {
+        Some("draining")
+    } else if !conn.shared.backplane.is_healthy() {
+        Some("backplane unavailable")
+    } else {
+        None
+    };
+    match why_not {
+        None => text(StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        Some(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("{why}\n"),
+        ),
+    }
+}
+
+fn metrics(shared: &Shared) -> Reply {
+    let queues = shared.backplane.queues();
+    let gauges = [
+        (
+            "roomcast_rooms",
+            "rooms with members on this node",
+            shared.registry.room_count() as u64,
+        ),
+        (
+            "roomcast_handshakes",
+            "HTTP connections not yet upgraded",
+            shared.admission.handshakes() as u64,
+        ),
+        (
+            "roomcast_tracked_addresses",
+            "client addresses counted for per-address caps",
+            shared.admission.tracked() as u64,
+        ),
+        (
+            "roomcast_backplane_queue_messages",
+            "accepted publishes waiting for Redis",
+            queues.outgoing.0,
+        ),
+        (
+            "roomcast_backplane_queue_bytes",
+            "their bytes",
+            queues.outgoing.1,
+        ),
+        (
+            "roomcast_backplane_inbox_messages",
+            "messages from Redis waiting for fan-out",
+            queues.incoming.0,
+        ),
+        (
+            "roomcast_backplane_inbox_bytes",
+            "their bytes",
+            queues.incoming.1,
+        ),
+    ];
+    let body = shared.metrics.snapshot().prometheus(&gauges);
+    text(StatusCode::OK, "text/plain; version=0.0.4", body)
+}
+
+fn healthz(shared: &Shared) -> Reply {
+    let m = shared.metrics.snapshot();
+    let healthy = shared.backplane.is_healthy();
+    let body = format!(
+        concat!(
+            r#"{{"status":"{}","connections":{},"rooms":{},"messages_in":{},"#,
+            r#""deliveries":{},"dropped":{},"slow_consumers_closed":{},"frames_per_write":{:.2},"#,
+            r#""throttled":{},"rate_limited":{},"rate_limit_closed":{},"incomplete_closed":{},"#,
+            r#""pongs_replaced":{},"outbox_peak_bytes":{},"refused":{},"#,
+            r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{}}}"#
+        ),
+        if healthy { "ok" } else { "degraded" },
+        m.connections,
+        shared.registry.room_count(),
+        m.messages_in,
+        m.deliveries,
+        m.dropped,
+        m.slow_closed,
+        m.frames_per_write(),
+        m.throttled,
+        m.rate_limited,
+        m.rate_limit_closed,
+        m.incomplete_closed,
+        m.pongs_replaced,
+        m.outbox_peak_bytes,
+        m.refused,
+        m.backplane_refused,
+        m.backplane_failed,
+        m.backplane_dropped,
+    );
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text(status, "application/json", body)
+}
+
+/// An upgrade refused for `why`: counted, and answered with the status the protocol table
+/// gives (429 for the address's caps, 503 for the node's) and a `Retry-After`.
+fn refuse(shared: &Shared, why: Refusal) -> Reply {
+    shared.metrics.add_refused(why);
+    let (status, body) = match why {
+        Refusal::PerIp => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from your address\n",
+        ),
+        Refusal::RatePerIp => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection attempts from your address\n",
+        ),
+        Refusal::MaxConnections => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached\n",
+        ),
+        Refusal::Handshakes => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many handshakes in progress\n",
+        ),
+        Refusal::Draining => (StatusCode::SERVICE_UNAVAILABLE, "server is draining\n"),
+    };
+    let mut res = text(status, "text/plain", body.to_owned());
+    res.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+/// The client's address as the caps see it: the peer, or what a trusted proxy says.
+fn client(peer: SocketAddr, headers: &HeaderMap, shared: &Shared) -> std::net::IpAddr {
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let joined = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    client_address(
+        peer.ip(),
+        joined.as_deref(),
+        shared.admission.trusted_proxies(),
+    )
+}
+
+/// Checks, in order: draining, the address's attempt rate and connection cap, the node's
+/// connection cap. Past them all the socket becomes a session.
+fn admit(req: &Request<Incoming>, conn: &Conn) -> Result<Admitted, Refusal> {
+    let shared = &conn.shared;
+    if *conn.stop.borrow() {
+        return Err(Refusal::Draining);
+    }
+    let client = client(conn.peer, req.headers(), shared);
+    let address = shared.admission.try_admit(client, Instant::now())?;
+    let max = shared.config.max_connections as u64;
+    let connection = shared
+        .metrics
+        .try_connection_slot(max)
+        .ok_or(Refusal::MaxConnections)?;
+    Ok(Admitted::new(connection, address))
+}
+
+fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
+    let admitted = match admit(&req, &conn) {
+        Ok(admitted) => admitted,
+        Err(why) => return refuse(&conn.shared, why),
+    };
+    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            let body = format!("bad WebSocket upgrade: {e}\n");
+            return text(StatusCode::BAD_REQUEST, "text/plain", body);
+        }
+    };
+    let Conn { shared, stop, .. } = conn;
+    tokio::spawn(async move {
+        let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
+        // Only the session's own future may live across its `.await`: an `async` block keeps
+        // a slot for every local held over an await (even one moved out before it), and this
+        // task's size is paid by every idle connection.
+        let stream = match upgrading.await {
+            Ok(ws) => tcp_stream(ws),
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                None
+            }
+        };
+        // The session owns the slots from here, so they are given back when the session
+        // drops, however it ends; on a failed upgrade they drop here.
+        if let Some((stream, early)) = stream {
+            Session::run(stream, early, id, shared, admitted, mode, stop).await;
+        }
+    });
+    response.map(|_| Full::new(Bytes::new()))
+}
+
+/// The TCP stream under a finished upgrade, with any bytes hyper read past the request.
+fn tcp_stream(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(TcpStream, Bytes)> {
+    match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            None
+        }
+    }
+}
