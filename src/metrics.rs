@@ -28,6 +28,7 @@ pub struct Metrics {
     backplane_refused: AtomicU64,
     backplane_failed: AtomicU64,
     backplane_dropped: AtomicU64,
+    backplane_connects: AtomicU64,
 }
 
 /// Why a connection was refused before it became a session.
@@ -112,6 +113,8 @@ pub struct Snapshot {
     pub backplane_failed: u64,
     /// Messages from Redis dropped because this node's fan-out was behind.
     pub backplane_dropped: u64,
+    /// Times the Redis link was (re)established; more than one means a reconnect.
+    pub backplane_connects: u64,
 }
 
 impl Metrics {
@@ -184,6 +187,10 @@ impl Metrics {
     pub fn add_backplane_dropped(&self) {
         self.backplane_dropped.fetch_add(1, Relaxed);
     }
+    /// The Redis link came up.
+    pub fn add_backplane_connect(&self) {
+        self.backplane_connects.fetch_add(1, Relaxed);
+    }
     /// One socket write that carried `frames` whole or partial frames and `bytes` bytes.
     pub fn add_write(&self, frames: u64, bytes: u64) {
         self.writes.fetch_add(1, Relaxed);
@@ -213,6 +220,7 @@ impl Metrics {
             backplane_refused: self.backplane_refused.load(Relaxed),
             backplane_failed: self.backplane_failed.load(Relaxed),
             backplane_dropped: self.backplane_dropped.load(Relaxed),
+            backplane_connects: self.backplane_connects.load(Relaxed),
         }
     }
 }
@@ -278,7 +286,7 @@ impl Snapshot {
         out
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, u64); 15] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 16] {
         [
             (
                 "roomcast_messages_in_total",
@@ -350,6 +358,11 @@ impl Snapshot {
                 "roomcast_backplane_dropped_total",
                 "messages from Redis dropped: fan-out behind",
                 self.backplane_dropped,
+            ),
+            (
+                "roomcast_backplane_connects_total",
+                "times the Redis link came up",
+                self.backplane_connects,
             ),
         ]
     }

@@ -132,7 +132,8 @@ fn healthz(shared: &Shared) -> Reply {
             r#""deliveries":{},"dropped":{},"slow_consumers_closed":{},"frames_per_write":{:.2},"#,
             r#""throttled":{},"rate_limited":{},"rate_limit_closed":{},"incomplete_closed":{},"#,
             r#""pongs_replaced":{},"outbox_peak_bytes":{},"refused":{},"#,
-            r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{}}}"#
+            r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{},"#,
+            r#""backplane_connects":{}}}"#
         ),
         if healthy { "ok" } else { "degraded" },
         m.connections,
@@ -152,6 +153,7 @@ fn healthz(shared: &Shared) -> Reply {
         m.backplane_refused,
         m.backplane_failed,
         m.backplane_dropped,
+        m.backplane_connects,
     );
     let status = if healthy {
         StatusCode::OK

@@ -1,6 +1,8 @@
 //! Shared test helpers: a real roomcast node on 127.0.0.1:0 and tokio-tungstenite clients.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -318,4 +320,34 @@ pub fn close_of(frames: &[(u8, Vec<u8>)]) -> Option<(u16, String)> {
             let code = u16::from_be_bytes([p[0], p[1]]);
             (code, String::from_utf8_lossy(&p[2..]).into_owned())
         })
+}
+
+/// Sends a WebSocket upgrade request with `extra` header lines (each ending in `\r\n`) and
+/// returns the status and the response head; the connection is left open on 101.
+pub async fn try_upgrade(addr: SocketAddr, extra: &str) -> (u16, String, TcpStream) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("write upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            Ok(_) => break,
+            Err(_) => panic!("no response in time"),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head, stream)
 }

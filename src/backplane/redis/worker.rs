@@ -206,6 +206,7 @@ impl Worker {
             queue.clone(),
         ));
         self.state.healthy.store(true, Ordering::Release);
+        self.metrics.add_backplane_connect();
         tracing::info!(rooms = rooms.len(), "redis backplane connected");
         self.serve(&mut conn, &mut sink, listener).await
     }
