@@ -24,6 +24,8 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(2);
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// While Redis stays unreachable, a warning this often (the retries in between log at debug).
+const STILL_DOWN_EVERY: Duration = Duration::from_secs(30);
 /// Messages from Redis the inbox channel holds at most; the byte bound is the config's.
 const INBOX_CHANNEL_MAX: usize = 1 << 20;
 
@@ -127,13 +129,20 @@ impl Worker {
         };
         tokio::spawn(inbox::deliver(received, Arc::clone(&self.inbox), delivery));
         let mut backoff = MIN_BACKOFF;
+        let mut warned: Option<Instant> = None;
         loop {
             match self.connected(&registry, &queue).await {
                 Ended::Stop => return,
                 Ended::Lost { why, connected } => {
                     if connected {
                         backoff = MIN_BACKOFF;
+                        warned = Some(Instant::now());
                         tracing::warn!("redis backplane lost: {why}; reconnecting");
+                    } else if warned.is_none_or(|at| at.elapsed() >= STILL_DOWN_EVERY) {
+                        // A wrong URL or password must show at the default log level, but a
+                        // long outage should not log twice a second.
+                        warned = Some(Instant::now());
+                        tracing::warn!("redis backplane down: {why}; retrying");
                     } else {
                         tracing::debug!("redis backplane still down: {why}");
                     }
