@@ -13,6 +13,7 @@ use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::room::{Registry, Room, RoomWatcher};
+use crate::users::Users;
 
 pub use self::redis::{Queues, RedisError};
 
@@ -36,8 +37,9 @@ pub struct Publish<'a> {
     pub message: &'a str,
     /// The sending connection, skipped at delivery (dialect 1's `chat`).
     pub skip: Option<ConnId>,
-    /// The sender's outbox: told `backplane_unavailable` if an accepted publish never gets out.
-    pub from: &'a Arc<Outbox>,
+    /// The sender's outbox, told `backplane_unavailable` if an accepted publish never gets
+    /// out; `None` for the server API, whose caller has its answer already.
+    pub from: Option<&'a Arc<Outbox>>,
 }
 
 /// Cheap-to-clone handle to the node's bus.
@@ -45,17 +47,23 @@ pub struct Publish<'a> {
 pub struct Backplane {
     registry: Registry,
     metrics: Arc<Metrics>,
+    users: Arc<Users>,
     redis: Option<redis::Bus>,
 }
 
 impl Backplane {
     /// Builds the node's registry and the bus that feeds it, as `config` asks.
-    pub fn start(config: &Config, metrics: Arc<Metrics>) -> Result<(Registry, Self), RedisError> {
+    pub fn start(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        users: Arc<Users>,
+    ) -> Result<(Registry, Self), RedisError> {
         let Some(url) = &config.redis else {
             let registry = Registry::bounded(None, config.max_rooms);
             let bus = Self {
                 registry: registry.clone(),
                 metrics,
+                users,
                 redis: None,
             };
             return Ok((registry, bus));
@@ -65,6 +73,7 @@ impl Backplane {
             &config.redis_prefix,
             &config.redis_limits,
             Arc::clone(&metrics),
+            Arc::clone(&users),
         )?;
         let watcher = Arc::new(watcher) as Arc<dyn RoomWatcher>;
         let registry = Registry::bounded(Some(watcher), config.max_rooms);
@@ -74,6 +83,7 @@ impl Backplane {
             Self {
                 registry,
                 metrics,
+                users,
                 redis: Some(bus),
             },
         ))
@@ -97,6 +107,15 @@ impl Backplane {
     /// this, and delivered (to this node too) when the room's channel echoes it; `Ok` means
     /// queued, not delivered. `Err(Unavailable)` while the link is down or the queue is full:
     /// the sender is told, nothing is sent.
+    /// Closes every connection of `user` (4003), on this node at once and, with Redis, on
+    /// every node through the reserved control channel. Returns how many were on this node.
+    pub fn disconnect(&self, user: &str) -> Result<usize, BackplaneError> {
+        if let Some(bus) = &self.redis {
+            bus.disconnect(user)?;
+        }
+        Ok(self.users.revoke(user))
+    }
+
     pub fn publish(&self, msg: Publish<'_>) -> Result<(), BackplaneError> {
         if let Some(bus) = &self.redis {
             return bus.publish(msg.room, msg.message, msg.skip, msg.from);

@@ -10,6 +10,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::admission::AddressLimits;
+use crate::auth::{AuthConfig, AuthMode, OriginPattern};
 use crate::inbound::InboundLimits;
 use crate::outbox::{SlowConsumer, MAX_BYTES, MAX_FRAMES};
 
@@ -69,6 +70,13 @@ pub struct Config {
     pub redis_prefix: String,
     /// Bounds on the Redis link's queues; see [`RedisLimits`].
     pub redis_limits: RedisLimits,
+    /// Tokens: mode, keys, anonymous grants, auth timeout, per-user cap. Default: off.
+    pub auth: AuthConfig,
+    /// Origins a browser page may connect from; empty (the default) allows every origin, as
+    /// the original servers did. A handshake without `Origin` (not a browser) is always allowed.
+    pub allowed_origins: Vec<OriginPattern>,
+    /// Keys for the trusted server API (`X-API-Key`); empty (the default) turns the API off.
+    pub api_keys: Vec<String>,
     /// Serve an echo WebSocket on `/echo` (for conformance suites). Default off.
     pub echo: bool,
 }
@@ -96,6 +104,9 @@ impl Default for Config {
             redis: None,
             redis_prefix: String::new(),
             redis_limits: RedisLimits::default(),
+            auth: AuthConfig::default(),
+            allowed_origins: Vec::new(),
+            api_keys: Vec::new(),
             echo: false,
         }
     }
@@ -157,6 +168,9 @@ pub enum ConfigError {
         /// `max_message_bytes` given.
         message: u64,
     },
+    /// Tokens are required or optional, but no key was given to check them with.
+    #[error("--auth {0} needs --auth-secret or --auth-public-key")]
+    AuthWithoutKeys(&'static str),
     /// A largest frame could never be paid for, so its sender would wait forever.
     #[error(
         "--inbound-bytes-burst ({burst}) is below one largest client frame \
@@ -204,6 +218,16 @@ impl Config {
             });
         }
         self.validate_inbound()?;
+        let mode = match self.auth.mode {
+            AuthMode::Off => None,
+            AuthMode::Optional => Some("optional"),
+            AuthMode::Required => Some("required"),
+        };
+        if let Some(mode) = mode {
+            if self.auth.secrets.is_empty() && self.auth.public_keys.is_empty() {
+                return Err(ConfigError::AuthWithoutKeys(mode));
+            }
+        }
         let redis = &self.redis_limits;
         in_range("redis-queue-messages", redis.queue_messages, 1..=10_000_000)?;
         in_range("redis-queue-bytes", redis.queue_bytes, 1..=1 << 34)?;

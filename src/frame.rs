@@ -74,6 +74,10 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     /// A message was over `--max-message-bytes`.
     pub const TOO_BIG: u16 = 1009;
+    /// Token missing, refused or expired.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// The user was revoked by the server API.
+    pub const REVOKED: u16 = 4003;
     /// Too many messages refused for the inbound rate limit (policy `reject`).
     pub const RATE_LIMITED: u16 = 4008;
 }

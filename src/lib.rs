@@ -30,6 +30,7 @@
 // `backplane`, `server` internals and `session` are the node's own; benches, fuzz targets and
 // tests reach the engine through the public modules below.
 pub mod admission;
+pub mod auth;
 pub(crate) mod backplane;
 pub mod config;
 pub mod frame;
@@ -40,6 +41,7 @@ pub mod protocol;
 pub mod room;
 mod server;
 mod session;
+mod users;
 
 pub use backplane::RedisError;
 pub use config::{Config, ConfigError};

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use roomcast::admission::{AddressLimits, Cidr};
+use roomcast::auth::{AuthConfig, AuthMode, Grants, Key, OriginPattern};
 use roomcast::config::RedisLimits;
 use roomcast::inbound::{InboundLimits, RatePolicy};
 use roomcast::outbox::SlowConsumer;
@@ -159,6 +160,50 @@ struct Args {
     #[arg(long, env = "ROOMCAST_REDIS_INBOX_BYTES", default_value_t = 64 << 20)]
     redis_inbox_bytes: u64,
 
+    /// Connection tokens: `off` (anyone may do anything), `optional` (no token: the anonymous
+    /// grants) or `required`.
+    #[arg(long = "auth", env = "ROOMCAST_AUTH", value_enum, default_value_t = AuthArg::Off)]
+    auth_mode: AuthArg,
+
+    /// HS256 secret as `[KID=]SECRET`; repeat for rotation (every one is tried, or the one the
+    /// token's `kid` names).
+    #[arg(long, env = "ROOMCAST_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Vec<String>,
+
+    /// RS256 or ES256 public key file (PEM) as `[KID=]PATH`; repeatable.
+    #[arg(long, env = "ROOMCAST_AUTH_PUBLIC_KEY")]
+    auth_public_key: Vec<String>,
+
+    /// The `aud` claim tokens must carry.
+    #[arg(long, env = "ROOMCAST_AUTH_AUDIENCE")]
+    auth_audience: Option<String>,
+
+    /// The `iss` claim tokens must carry.
+    #[arg(long, env = "ROOMCAST_AUTH_ISSUER")]
+    auth_issuer: Option<String>,
+
+    /// Under `--auth optional`, what a connection without a token may do: the `rooms` claim's
+    /// JSON, e.g. '{"public:*":"subscribe"}'.
+    #[arg(long, env = "ROOMCAST_ANONYMOUS_GRANTS", default_value = "{}")]
+    anonymous_grants: String,
+
+    /// Time a connection without a handshake token has to send `{"type":"auth",...}` first.
+    #[arg(long, env = "ROOMCAST_AUTH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    auth_timeout: Duration,
+
+    /// Open connections per user (the token's `sub`) on this node; 0 is no limit.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    max_connections_per_user: u32,
+
+    /// Origins browser pages may connect from (comma-separated: exact origins such as
+    /// https://app.example.com, or *.example.com); none given allows every origin.
+    #[arg(long, env = "ROOMCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+
+    /// Key for the trusted server API (`X-API-Key`); repeatable. None given turns the API off.
+    #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
+    api_key: Vec<String>,
+
     /// Serve an echo WebSocket on /echo (for conformance suites); off by default.
     #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
     echo: bool,
@@ -177,6 +222,17 @@ enum SlowPolicy {
     Drop,
 }
 
+/// `--auth`, spelled for the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AuthArg {
+    /// No tokens.
+    Off,
+    /// Tokens are optional.
+    Optional,
+    /// Tokens are required.
+    Required,
+}
+
 /// `--inbound-policy`, spelled for the command line.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum InboundPolicy {
@@ -187,8 +243,36 @@ enum InboundPolicy {
 }
 
 impl Args {
-    fn config(&self) -> Config {
-        Config {
+    fn auth(&self) -> anyhow::Result<AuthConfig> {
+        let mut public_keys = Vec::new();
+        for entry in &self.auth_public_key {
+            let key = Key::parse(entry);
+            let pem = std::fs::read_to_string(&key.material)
+                .with_context(|| format!("reading --auth-public-key {}", key.material))?;
+            public_keys.push(Key {
+                material: pem,
+                ..key
+            });
+        }
+        Ok(AuthConfig {
+            mode: match self.auth_mode {
+                AuthArg::Off => AuthMode::Off,
+                AuthArg::Optional => AuthMode::Optional,
+                AuthArg::Required => AuthMode::Required,
+            },
+            secrets: self.auth_secret.iter().map(|s| Key::parse(s)).collect(),
+            public_keys,
+            audience: self.auth_audience.clone(),
+            issuer: self.auth_issuer.clone(),
+            anonymous_grants: Grants::parse(&self.anonymous_grants)
+                .context("--anonymous-grants")?,
+            timeout: self.auth_timeout,
+            max_connections_per_user: self.max_connections_per_user,
+        })
+    }
+
+    fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config {
             listen: self.listen,
             max_message_bytes: self.max_message_bytes,
             max_room_name: self.max_room_name,
@@ -231,14 +315,21 @@ impl Args {
                 inbox_messages: self.redis_inbox_messages,
                 inbox_bytes: self.redis_inbox_bytes,
             },
+            auth: self.auth()?,
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|o| OriginPattern::parse(o))
+                .collect(),
+            api_keys: self.api_key.clone(),
             echo: self.echo,
-        }
+        })
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = args.config();
+    let config = args.config()?;
     tracing_subscriber::fmt()
         .with_max_level(args.log)
         .with_target(false)
@@ -258,11 +349,26 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        warn_if_open(&config);
         let server = Server::bind(config).await?;
         tracing::info!("roomcast listening on {}", server.local_addr());
         server.run(shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// An open node (no tokens) beyond loopback lets anyone who reaches the port read and write
+/// every room: allowed, because the quick start and existing clients need it, but said loudly.
+fn warn_if_open(config: &Config) {
+    if config.auth.mode == AuthMode::Off && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            "no --auth: anyone who reaches {} may read and write every room (see README, Security)",
+            config.listen
+        );
+    }
+    if config.allowed_origins.is_empty() && config.auth.mode == AuthMode::Off {
+        tracing::info!("no --allowed-origins: pages from any site may open connections");
+    }
 }
 
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds (loadgen reads durations the same
@@ -335,6 +441,6 @@ mod tests {
             std::env::remove_var(name);
         }
         let args = Args::try_parse_from(["roomcast"]).expect("defaults parse");
-        assert_eq!(args.config(), Config::default());
+        assert_eq!(args.config().expect("default config"), Config::default());
     }
 }

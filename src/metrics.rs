@@ -44,11 +44,17 @@ pub enum Refusal {
     Handshakes,
     /// The node is draining (503).
     Draining,
+    /// A browser page from an origin not on the allow-list (403).
+    Origin,
+    /// A handshake token that is malformed, badly signed or expired (401).
+    Unauthorized,
+    /// The token's user is at `--max-connections-per-user` (429).
+    PerUser,
 }
 
 impl Refusal {
     /// How many reasons there are.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 8;
     /// Every reason, in label order.
     pub const ALL: [Refusal; Refusal::COUNT] = [
         Refusal::MaxConnections,
@@ -56,6 +62,9 @@ impl Refusal {
         Refusal::RatePerIp,
         Refusal::Handshakes,
         Refusal::Draining,
+        Refusal::Origin,
+        Refusal::Unauthorized,
+        Refusal::PerUser,
     ];
 
     /// The `reason` label in `/metrics`.
@@ -66,6 +75,9 @@ impl Refusal {
             Refusal::RatePerIp => "rate_per_ip",
             Refusal::Handshakes => "handshakes",
             Refusal::Draining => "draining",
+            Refusal::Origin => "origin",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::PerUser => "per_user",
         }
     }
 }

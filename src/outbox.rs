@@ -59,6 +59,8 @@ const OPEN: u8 = 0;
 const SLOW: u8 = 1;
 /// Closed by the session itself: nothing more is accepted, queued frames still go out.
 const DONE: u8 = 2;
+/// The user was revoked by the server API: nothing more is accepted, the session closes 4003.
+const REVOKED: u8 = 3;
 
 /// One connection's bounded queue of outbound frames: pushed into by fan-out on any thread,
 /// drained by its session alone.
@@ -260,6 +262,23 @@ impl Outbox {
     /// True once a push found the outbox full under policy `Close`.
     pub fn is_slow(&self) -> bool {
         self.state.load(Ordering::Acquire) == SLOW
+    }
+
+    /// Refuses further pushes and wakes the session to close the connection as revoked.
+    /// Called from any thread (the server API); a no-op once the outbox is closed.
+    pub fn revoke(&self) {
+        if self
+            .state
+            .compare_exchange(OPEN, REVOKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.signal();
+        }
+    }
+
+    /// True once [`revoke`](Self::revoke) took effect.
+    pub fn is_revoked(&self) -> bool {
+        self.state.load(Ordering::Acquire) == REVOKED
     }
 
     /// Drops everything queued (a slow consumer will never read it).

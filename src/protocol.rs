@@ -51,6 +51,11 @@ pub enum Command<'a> {
         /// The text every recipient receives, exactly as sent.
         message: &'a str,
     },
+    /// Version 2: proves who the connection is (first message), or refreshes the token.
+    Auth {
+        /// The JWT.
+        token: &'a str,
+    },
 }
 
 /// Everything a client can get wrong; each becomes an error reply and the session stays open.
@@ -86,6 +91,10 @@ pub enum ClientError {
         /// The configured byte rate (0: unlimited).
         bytes_per_sec: u64,
     },
+    /// `forbidden`: the connection's token does not grant this operation on this room
+    /// (capped); nothing changed.
+    #[error("not allowed to {0} room \"{1}\"")]
+    Forbidden(&'static str, String),
     /// `bad_field`: a room name in the reserved namespace.
     #[error("field `{0}` names a reserved room: names starting with {RESERVED_PREFIX} are the server's own")]
     ReservedRoom(&'static str),
@@ -106,6 +115,7 @@ impl ClientError {
             Self::Limit(_) => "limit",
             Self::UnsupportedFrame => "unsupported_frame",
             Self::RateLimited { .. } => "rate_limited",
+            Self::Forbidden(..) => "forbidden",
             Self::BackplaneUnavailable(_) => "backplane_unavailable",
         }
     }
@@ -268,6 +278,9 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
         "sendMessage" => Command::SendMessage {
             room: required(Some(v), "roomId", "roomId")?,
             message: message(Some(v), "message", "message")?,
+        },
+        "auth" => Command::Auth {
+            token: message(Some(v), "token", "token")?,
         },
         other => return Err(ClientError::UnknownType(capped(other).to_owned())),
     })

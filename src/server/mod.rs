@@ -8,6 +8,7 @@
 //! than refused connections; connections accepted then hold a receiver of their own, so they
 //! cannot hold the drain open.
 
+mod api;
 mod routes;
 
 use std::convert::Infallible;
@@ -24,11 +25,14 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::admission::{AddressSlot, Admission, Handshake};
+use crate::auth::{AuthError, AuthMode, Verifier};
 use crate::backplane::{Backplane, RedisError};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{ConnectionSlot, Metrics, Refusal};
-use crate::outbox::Limits;
+use crate::outbox::{Limits, Outbox};
 use crate::room::Registry;
+use crate::session::Access;
+use crate::users::Users;
 
 /// Failures that stop a node from starting.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,9 @@ pub enum ServerError {
     /// The Redis settings cannot be used.
     #[error(transparent)]
     Backplane(#[from] RedisError),
+    /// An auth key cannot be used.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -57,18 +64,29 @@ pub(crate) struct Shared {
     pub backplane: Backplane,
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    /// Checks tokens; `None` when auth is off.
+    pub verifier: Option<Arc<Verifier>>,
+    pub users: Arc<Users>,
     next_id: Arc<AtomicU64>,
 }
 
-/// What an admitted connection holds until its session ends: its place under the node's
-/// connection cap and under its address's caps. Both are given back on drop.
-#[derive(Debug)]
+/// What the handshake decided for a connection: its outbox (made here so the user registry
+/// can reach it), what it may do, and its places under the caps.
 pub(crate) struct Admitted {
+    pub(crate) slots: Slots,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) access: Access,
+}
+
+/// An admitted connection's places under the node's connection cap and under its address's
+/// caps, held until its session ends and given back on drop.
+#[derive(Debug)]
+pub(crate) struct Slots {
     _connection: ConnectionSlot,
     _address: AddressSlot,
 }
 
-impl Admitted {
+impl Slots {
     pub(crate) fn new(connection: ConnectionSlot, address: AddressSlot) -> Self {
         Self {
             _connection: connection,
@@ -81,14 +99,22 @@ impl Shared {
     /// Must run inside the runtime: with Redis configured it starts the backplane worker.
     pub fn new(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
-        let (registry, backplane) = Backplane::start(&config, Arc::clone(&metrics))?;
+        let users = Arc::new(Users::new(config.auth.max_connections_per_user));
+        let (registry, backplane) =
+            Backplane::start(&config, Arc::clone(&metrics), Arc::clone(&users))?;
         let admission = Admission::new(config.addresses.clone(), config.max_handshakes);
+        let verifier = match config.auth.mode {
+            AuthMode::Off => None,
+            _ => Some(Arc::new(Verifier::new(&config.auth)?)),
+        };
         Ok(Self {
             config: Arc::new(config),
             registry,
             backplane,
             metrics,
             admission: Arc::new(admission),
+            verifier,
+            users,
             next_id: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -214,7 +240,7 @@ async fn serve_http(stream: TcpStream, conn: Conn, _handshake: Handshake) {
     let header_timeout = conn.shared.config.header_timeout;
     let service = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(routes::route(req, conn)) }
+        async move { Ok::<_, Infallible>(routes::route(req, conn).await) }
     });
     let http = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -7,9 +7,11 @@
 //! | `GET /readyz` | 200 when accepting and the backplane (if any) is healthy, else 503: the readiness probe |
 //! | `GET /healthz` | JSON figures for people and dashboards; 503 "degraded" while the backplane is down |
 //! | `GET /metrics` | Prometheus text |
+//! | `POST /api/...` | the trusted server API (`api`) |
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use fastwebsockets::WebSocket;
@@ -22,15 +24,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Admitted, Conn, Shared};
+use super::{Admitted, Conn, Shared, Slots};
 use crate::admission::client_address;
+use crate::auth::{handshake_token, AuthMode, Identity};
 use crate::metrics::Refusal;
-use crate::outbox::ConnId;
-use crate::session::{Mode, Session};
+use crate::outbox::{ConnId, Outbox};
+use crate::session::{Access, Grant, Mode, Session};
 
 type Reply = Response<Full<Bytes>>;
 
-pub(super) fn route(req: Request<Incoming>, conn: Conn) -> Reply {
+pub(super) async fn route(req: Request<Incoming>, conn: Conn) -> Reply {
+    if req.method() == Method::POST && req.uri().path().starts_with("/api/") {
+        return super::api::handle(req, &conn.shared).await;
+    }
     let wants_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
     let shared = &conn.shared;
     match (req.method(), req.uri().path(), wants_upgrade) {
@@ -164,10 +170,34 @@ fn healthz(shared: &Shared) -> Reply {
 }
 
 /// An upgrade refused for `why`: counted, and answered with the status the protocol table
-/// gives (429 for the address's caps, 503 for the node's) and a `Retry-After`.
+/// gives (401 for a bad token, 403 for a foreign origin, 429 for the address's and the user's
+/// caps, 503 for the node's), with `Retry-After` where trying again later can help.
 fn refuse(shared: &Shared, why: Refusal) -> Reply {
     shared.metrics.add_refused(why);
     let (status, body) = match why {
+        Refusal::Unauthorized => {
+            let mut res = text(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "token refused\n".to_owned(),
+            );
+            res.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+            return res;
+        }
+        Refusal::Origin => {
+            return text(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "origin not allowed\n".to_owned(),
+            );
+        }
+        Refusal::PerUser => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections for this user\n",
+        ),
         Refusal::PerIp => (
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections from your address\n",
@@ -207,13 +237,16 @@ fn client(peer: SocketAddr, headers: &HeaderMap, shared: &Shared) -> std::net::I
     )
 }
 
-/// Checks, in order: draining, the address's attempt rate and connection cap, the node's
-/// connection cap. Past them all the socket becomes a session.
+/// Checks, in order: draining, the origin, the token, the address's attempt rate and
+/// connection cap, the node's connection cap, the user's cap. Past them all the socket becomes
+/// a session.
 fn admit(req: &Request<Incoming>, conn: &Conn) -> Result<Admitted, Refusal> {
     let shared = &conn.shared;
     if *conn.stop.borrow() {
         return Err(Refusal::Draining);
     }
+    check_origin(req.headers(), shared)?;
+    let identity = handshake_identity(req, shared)?;
     let client = client(conn.peer, req.headers(), shared);
     let address = shared.admission.try_admit(client, Instant::now())?;
     let max = shared.config.max_connections as u64;
@@ -221,7 +254,87 @@ fn admit(req: &Request<Incoming>, conn: &Conn) -> Result<Admitted, Refusal> {
         .metrics
         .try_connection_slot(max)
         .ok_or(Refusal::MaxConnections)?;
-    Ok(Admitted::new(connection, address))
+    let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()));
+    let access = access(identity, &outbox, shared)?;
+    Ok(Admitted {
+        slots: Slots::new(connection, address),
+        outbox,
+        access,
+    })
+}
+
+/// A browser's `Origin` must be on the allow-list when there is one; a handshake without
+/// `Origin` is not from a browser page and is allowed.
+fn check_origin(headers: &HeaderMap, shared: &Shared) -> Result<(), Refusal> {
+    let allowed = &shared.config.allowed_origins;
+    let Some(origin) = headers.get(hyper::header::ORIGIN) else {
+        return Ok(());
+    };
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let origin = origin.to_str().map_err(|_| Refusal::Origin)?;
+    if allowed.iter().any(|pattern| pattern.matches(origin)) {
+        Ok(())
+    } else {
+        Err(Refusal::Origin)
+    }
+}
+
+/// The identity the handshake's token proves: `None` without a token (or with auth off), 401
+/// for a bad one. The token is never logged.
+fn handshake_identity(
+    req: &Request<Incoming>,
+    shared: &Shared,
+) -> Result<Option<Identity>, Refusal> {
+    let Some(verifier) = &shared.verifier else {
+        return Ok(None);
+    };
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(token) = handshake_token(authorization, req.uri().query()) else {
+        return Ok(None);
+    };
+    verifier.verify(&token).map(Some).map_err(|e| {
+        tracing::debug!("handshake {e}");
+        Refusal::Unauthorized
+    })
+}
+
+/// What the connection may do from the start.
+fn access(
+    identity: Option<Identity>,
+    outbox: &Arc<Outbox>,
+    shared: &Shared,
+) -> Result<Access, Refusal> {
+    let Some(verifier) = &shared.verifier else {
+        return Ok(Access::Open);
+    };
+    match identity {
+        Some(identity) => {
+            let slot = match &identity.user {
+                Some(user) => Some(
+                    shared
+                        .users
+                        .add(user, outbox)
+                        .map_err(|_| Refusal::PerUser)?,
+                ),
+                None => None,
+            };
+            Ok(Access::Granted(Grant::of(&identity, slot)))
+        }
+        None if shared.config.auth.mode == AuthMode::Required => {
+            Ok(Access::Pending(Instant::now() + shared.config.auth.timeout))
+        }
+        None => Ok(Access::Granted(Grant {
+            grants: Arc::clone(verifier.anonymous()),
+            expires: None,
+            user: None,
+        })),
+    }
 }
 
 fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
@@ -238,7 +351,6 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
     };
     let Conn { shared, stop, .. } = conn;
     tokio::spawn(async move {
-        let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
         // Only the session's own future may live across its `.await`: an `async` block keeps
         // a slot for every local held over an await (even one moved out before it), and this
         // task's size is paid by every idle connection.
@@ -252,7 +364,7 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
         // The session owns the slots from here, so they are given back when the session
         // drops, however it ends; on a failed upgrade they drop here.
         if let Some((stream, early)) = stream {
-            Session::run(stream, early, id, shared, admitted, mode, stop).await;
+            Session::run(stream, early, shared, admitted, mode, stop).await;
         }
     });
     response.map(|_| Full::new(Bytes::new()))

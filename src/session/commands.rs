@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::{Mode, Session};
+use crate::auth::Op;
 use crate::backplane::{BackplaneError, Publish};
 use crate::frame::{self, FrameError, OpCode};
 use crate::protocol::{self, ClientError, Command};
@@ -35,46 +36,65 @@ impl Session {
     }
 
     fn on_command(&mut self, cmd: Command<'_>) -> Result<(), ClientError> {
+        if self.awaiting_auth() && !matches!(cmd, Command::Auth { .. }) {
+            // The first message must be `auth`: anything else is as good as no token.
+            self.unauthorized("unauthorized");
+            return Ok(());
+        }
         match cmd {
-            Command::Join { room } | Command::Subscribe { room } => self.join(room),
+            Command::Join { room } | Command::Subscribe { room } => {
+                self.check(room, Op::Subscribe)?;
+                self.join(room)
+            }
             Command::Leave { room } | Command::Unsubscribe { room } => {
-                if let Some(at) = self.rooms.iter().position(|r| r.id().as_str() == room) {
-                    let held = self.rooms.remove(at);
-                    self.shared.registry.leave(&held, self.outbox.id());
-                }
+                self.leave(room);
                 Ok(())
             }
-            Command::Chat { message, room } => {
-                let held = match room {
-                    Some(name) => self.held(name).ok_or_else(|| {
-                        ClientError::NotInRoom(format!(
-                            "chat to a room you have not joined: {}",
-                            protocol::capped(name)
-                        ))
-                    })?,
-                    None => self.rooms.first().ok_or_else(|| {
-                        ClientError::NotInRoom("join a room before you chat".to_owned())
-                    })?,
-                };
-                self.publish(Publish {
-                    held: Some(held),
-                    room: held.id().as_str(),
-                    message,
-                    skip: Some(self.outbox.id()),
-                    from: &self.outbox,
-                })
-            }
+            Command::Chat { message, room } => self.chat(message, room),
             Command::SendMessage { room, message } => {
                 self.check_room_name(room)?;
+                self.check(room, Op::Publish)?;
                 self.publish(Publish {
                     held: self.held(room),
                     room,
                     message,
                     skip: None,
-                    from: &self.outbox,
+                    from: Some(&self.outbox),
                 })
             }
+            Command::Auth { token } => self.authenticate(token),
         }
+    }
+
+    fn leave(&mut self, room: &str) {
+        if let Some(at) = self.rooms.iter().position(|r| r.id().as_str() == room) {
+            let held = self.rooms.remove(at);
+            self.shared.registry.leave(&held, self.outbox.id());
+        }
+    }
+
+    /// Dialect 1: to every other member of the chat room, or of the held room named.
+    fn chat(&self, message: &str, room: Option<&str>) -> Result<(), ClientError> {
+        let held = match room {
+            Some(name) => self.held(name).ok_or_else(|| {
+                ClientError::NotInRoom(format!(
+                    "chat to a room you have not joined: {}",
+                    protocol::capped(name)
+                ))
+            })?,
+            None => self
+                .rooms
+                .first()
+                .ok_or_else(|| ClientError::NotInRoom("join a room before you chat".to_owned()))?,
+        };
+        self.check(held.id().as_str(), Op::Publish)?;
+        self.publish(Publish {
+            held: Some(held),
+            room: held.id().as_str(),
+            message,
+            skip: Some(self.outbox.id()),
+            from: Some(&self.outbox),
+        })
     }
 
     fn publish(&self, msg: Publish<'_>) -> Result<(), ClientError> {

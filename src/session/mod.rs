@@ -7,6 +7,7 @@
 //! deadlines), `commands` runs the two dialects against rooms and the backplane, `writer` drains
 //! the outbox in batches. This file holds the task's loop and its clocks.
 
+mod access;
 mod commands;
 mod reader;
 mod writer;
@@ -22,14 +23,15 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub(crate) use self::access::{Access, Grant};
 use self::reader::Partial;
 use self::writer::Batch;
 use crate::config::Config;
 use crate::frame::{self, close_code, OpCode};
 use crate::inbound::Inbound;
-use crate::outbox::{ConnId, Outbox};
+use crate::outbox::Outbox;
 use crate::room::Room;
-use crate::server::{Admitted, Shared};
+use crate::server::{Admitted, Shared, Slots};
 
 /// What a session serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,8 @@ pub(crate) struct Session {
     outbox: Arc<Outbox>,
     shared: Shared,
     mode: Mode,
+    /// What auth allows this connection to do, and until when.
+    access: Access,
     /// Rooms held, in join order: the first is dialect 1's chat room.
     rooms: Vec<Arc<Room>>,
     /// The unparsed tail of the last read: a frame not yet complete, or (while throttled)
@@ -108,7 +112,7 @@ pub(crate) struct Session {
     /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
     last_heard: Instant,
     ping_sent: Option<Instant>,
-    _admitted: Admitted,
+    _slots: Slots,
 }
 
 /// What woke the session.
@@ -121,8 +125,12 @@ enum Wake {
 }
 
 impl Session {
-    fn new(stream: TcpStream, id: ConnId, shared: Shared, admitted: Admitted, mode: Mode) -> Self {
-        let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()));
+    fn new(stream: TcpStream, shared: Shared, admitted: Admitted, mode: Mode) -> Self {
+        let Admitted {
+            slots,
+            outbox,
+            access,
+        } = admitted;
         let now = Instant::now();
         let inbound = Inbound::new(&shared.config.inbound, now);
         Self {
@@ -130,6 +138,7 @@ impl Session {
             outbox,
             shared,
             mode,
+            access,
             rooms: Vec::new(),
             rbuf: Vec::new(),
             tail_since: None,
@@ -147,18 +156,18 @@ impl Session {
             deadline: None,
             last_heard: now,
             ping_sent: None,
-            _admitted: admitted,
+            _slots: slots,
         }
     }
 
     /// The future that runs a session on an upgraded `stream` to its end. `early` holds bytes
-    /// the HTTP layer read past the upgrade request; `admitted` holds the connection's places
-    /// under the node's and its address's caps, given back when the session drops; `shutdown` turns true when the node stops. A plain function,
-    /// so what is only needed to start is not stored in the future.
+    /// the HTTP layer read past the upgrade request; `admitted` is what the handshake decided
+    /// (the connection's outbox, its access, its places under the caps, given back when the
+    /// session drops); `shutdown` turns true when the node stops. A plain function, so what is
+    /// only needed to start is not stored in the future.
     pub fn run(
         stream: TcpStream,
         early: Bytes,
-        id: ConnId,
         shared: Shared,
         admitted: Admitted,
         mode: Mode,
@@ -168,7 +177,7 @@ impl Session {
         // empty `Bytes` keeps that whole allocation alive: copy what it holds and let the
         // buffer go now, not at the end of the session.
         let early = (!early.is_empty()).then(|| early.to_vec());
-        Self::new(stream, id, shared, admitted, mode).run_to_end(early, shutdown)
+        Self::new(stream, shared, admitted, mode).run_to_end(early, shutdown)
     }
 
     async fn run_to_end(mut self, early: Option<Vec<u8>>, mut shutdown: watch::Receiver<bool>) {
@@ -219,6 +228,10 @@ impl Session {
                     if self.outbox.is_slow() && !self.close_sent {
                         self.close_slow_consumer();
                     }
+                    if self.outbox.is_revoked() && !self.close_sent {
+                        self.stop_reading();
+                        self.begin_close(close_code::REVOKED, "revoked", CLOSE_TIMEOUT);
+                    }
                     if !writing {
                         self.flush().await?;
                     }
@@ -259,16 +272,18 @@ impl Session {
         if let Some(deadline) = self.deadline {
             return deadline;
         }
+        let access = self.access.deadline();
+        let earliest = |at: Instant| access.map_or(at, |a| a.min(at));
         if let Some(throttle) = self.throttle {
-            return throttle.until;
+            return earliest(throttle.until);
         }
         let ping = match self.ping_sent {
             Some(sent) => sent + config.ping_timeout,
             None => self.last_heard + config.ping_interval,
         };
         match self.frame_deadline(config) {
-            Some(frame) => frame.min(ping),
-            None => ping,
+            Some(frame) => earliest(frame.min(ping)),
+            None => earliest(ping),
         }
     }
 
@@ -292,6 +307,10 @@ impl Session {
             } else {
                 Ok(())
             };
+        }
+        if self.access.deadline().is_some_and(|due| now >= due) {
+            self.access_expired();
+            return Ok(());
         }
         if let Some(throttle) = self.throttle {
             if now >= throttle.until {
@@ -374,6 +393,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::outbox::ConnId;
 
     /// Cleanup lives in `Drop`, so a bug that panics mid-session cannot leak the rooms it holds
     /// (they would keep their Redis subscriptions) or its connection slot.
@@ -384,14 +404,19 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let admitted = Admitted::new(
+        let slots = Slots::new(
             shared.metrics.try_connection_slot(10).expect("a free slot"),
             shared
                 .admission
                 .try_admit(addr.ip(), Instant::now())
                 .expect("no address caps"),
         );
-        let mut session = Session::new(stream, ConnId(1), shared.clone(), admitted, Mode::Rooms);
+        let admitted = Admitted {
+            slots,
+            outbox: Arc::new(Outbox::new(ConnId(1), shared.outbox_limits())),
+            access: Access::Open,
+        };
+        let mut session = Session::new(stream, shared.clone(), admitted, Mode::Rooms);
         session.join("a").expect("join a");
         session.join("b").expect("join b");
         assert_eq!(shared.registry.room_count(), 2);

@@ -22,18 +22,40 @@ use crate::metrics::Metrics;
 use crate::outbox::ConnId;
 use crate::protocol;
 use crate::room::Registry;
+use crate::users::Users;
 
 /// The bounded queue between the two stages.
 pub(super) struct Inbox {
     quota: Quota,
     metrics: Arc<Metrics>,
+    /// Revoked users' connections are closed from the control channel.
+    users: Arc<Users>,
 }
 
 impl Inbox {
-    pub(super) fn new(limits: &RedisLimits, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn new(limits: &RedisLimits, metrics: Arc<Metrics>, users: Arc<Users>) -> Self {
         Self {
             quota: Quota::new(limits.inbox_messages, limits.inbox_bytes),
             metrics,
+            users,
+        }
+    }
+
+    /// A fleet-wide command: `{"type":"disconnect","user":SUB}` closes that user here. Handled
+    /// in the reading stage, ahead of any fan-out backlog, and never dropped.
+    fn command(&self, payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Command {
+            #[serde(rename = "type")]
+            kind: String,
+            user: String,
+        }
+        match serde_json::from_slice::<Command>(payload) {
+            Ok(cmd) if cmd.kind == "disconnect" => {
+                let closed = self.users.revoke(&cmd.user);
+                tracing::debug!(closed, "revoked a user's connections");
+            }
+            _ => tracing::debug!("ignoring an unknown control message"),
         }
     }
 
@@ -60,7 +82,7 @@ pub(super) struct Delivery {
 /// Stage one: reads one subscriber connection until it ends.
 pub(super) async fn listen(
     mut stream: PubSubStream,
-    probe: String,
+    [probe, control]: [String; 2],
     state: Arc<State>,
     inbox: Arc<Inbox>,
     queue: mpsc::Sender<redis::Msg>,
@@ -69,6 +91,10 @@ pub(super) async fn listen(
         let channel = msg.get_channel_name();
         if channel == probe {
             state.heard_probe();
+            continue;
+        }
+        if channel == control {
+            inbox.command(msg.get_payload_bytes());
             continue;
         }
         let bytes = msg.get_payload_bytes().len() as u64;

@@ -40,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::protocol;
 use crate::room::{RoomId, RoomWatcher};
+use crate::users::Users;
 
 /// Problems with the Redis configuration itself (runtime failures are retried, not returned).
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +62,7 @@ struct Pending {
     channel: String,
     payload: Vec<u8>,
     room: Box<str>,
-    from: Arc<Outbox>,
+    from: Option<Arc<Outbox>>,
 }
 
 impl Pending {
@@ -143,6 +144,7 @@ impl Bus {
         prefix: &str,
         limits: &RedisLimits,
         metrics: Arc<Metrics>,
+        users: Arc<Users>,
     ) -> Result<(Self, Watcher, Worker), RedisError> {
         let client = redis::Client::open(url).map_err(RedisError::Url)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -154,7 +156,7 @@ impl Bus {
         });
         let node: Arc<str> = Arc::from(node_id());
         let prefix: Arc<str> = Arc::from(prefix);
-        let inbox = Arc::new(Inbox::new(limits, Arc::clone(&metrics)));
+        let inbox = Arc::new(Inbox::new(limits, Arc::clone(&metrics), users));
         let watcher = Watcher {
             ops: tx.downgrade(),
         };
@@ -197,7 +199,7 @@ impl Bus {
         room: &str,
         message: &str,
         skip: Option<ConnId>,
-        from: &Arc<Outbox>,
+        from: Option<&Arc<Outbox>>,
     ) -> Result<(), BackplaneError> {
         if !self.is_healthy() {
             return Err(BackplaneError::Unavailable);
@@ -206,8 +208,27 @@ impl Bus {
             channel: format!("{}{room}", self.prefix),
             payload: protocol::encode_relay(room, message, &self.node, skip.map(|c| c.0)),
             room: room.into(),
-            from: Arc::clone(from),
+            from: from.cloned(),
         };
+        self.enqueue(pending)
+    }
+
+    /// Tells every node (this one too, through Redis) to close `user`'s connections.
+    pub fn disconnect(&self, user: &str) -> Result<(), BackplaneError> {
+        if !self.is_healthy() {
+            return Err(BackplaneError::Unavailable);
+        }
+        self.enqueue(Pending {
+            channel: control_channel(&self.prefix),
+            payload: serde_json::json!({"type": "disconnect", "user": user})
+                .to_string()
+                .into_bytes(),
+            room: protocol::RESERVED_PREFIX.into(),
+            from: None,
+        })
+    }
+
+    fn enqueue(&self, pending: Pending) -> Result<(), BackplaneError> {
         let bytes = pending.bytes();
         if !self.state.queue.try_take(bytes) {
             return Err(BackplaneError::Full);
@@ -217,6 +238,11 @@ impl Bus {
             BackplaneError::Unavailable
         })
     }
+}
+
+/// The channel every node listens on for fleet-wide commands (revocations).
+fn control_channel(prefix: &str) -> String {
+    format!("{prefix}{}control", protocol::RESERVED_PREFIX)
 }
 
 /// A node id unique enough to tell this process's publications from every other node's.

@@ -176,8 +176,11 @@ impl Worker {
     fn fail(&self, pending: Pending) {
         self.state.queue.give_back(pending.bytes());
         self.metrics.add_backplane_failed();
-        let error = ClientError::BackplaneUnavailable(protocol::capped(&pending.room).to_owned());
-        pending.from.push(&error.to_frame(), &self.metrics);
+        if let Some(from) = &pending.from {
+            let room = protocol::capped(&pending.room).to_owned();
+            let error = ClientError::BackplaneUnavailable(room);
+            from.push(&error.to_frame(), &self.metrics);
+        }
     }
 
     /// One connected period: connect, subscribe everything, serve until something fails.
@@ -193,7 +196,8 @@ impl Worker {
             Err(e) => return lost(e, false),
         };
         let probe = self.probe_channel();
-        if let Err(e) = timed("subscribe probe", sink.subscribe(&probe)).await {
+        let control = super::control_channel(&self.prefix);
+        if let Err(e) = timed("subscribe probe", sink.subscribe(&[&probe, &control])).await {
             return lost(e, false);
         }
         let rooms: Vec<String> = registry
@@ -209,7 +213,7 @@ impl Worker {
         self.state.heard_probe();
         let listener = tokio::spawn(inbox::listen(
             stream,
-            probe,
+            [probe, control],
             Arc::clone(&self.state),
             Arc::clone(&self.inbox),
             queue.clone(),
