@@ -43,8 +43,12 @@ fn check_command(cmd: &Command<'_>) {
         | Command::Leave { room }
         | Command::Subscribe { room }
         | Command::Unsubscribe { room }
-        | Command::SendMessage { room, .. } => assert!(!room.is_empty()),
+        | Command::SendMessage { room, .. } => {
+            assert!(!room.is_empty());
+            assert!(!room.starts_with(protocol::RESERVED_PREFIX));
+        }
         Command::Chat { room, .. } => assert!(room.is_none_or(|r| !r.is_empty())),
+        Command::Auth { .. } => {}
     }
 }
 

@@ -34,6 +34,8 @@ fuzz_target!(|input: Input| {
     let mut buf = wire.clone();
     let expected = if input.room.is_empty() {
         Err(ClientError::BadField("roomId"))
+    } else if input.room.starts_with(protocol::RESERVED_PREFIX) {
+        Err(ClientError::ReservedRoom("roomId"))
     } else {
         Ok(Command::SendMessage {
             room: &input.room,
