@@ -20,7 +20,9 @@ pub(crate) enum Access {
     /// before this instant.
     Pending(Instant),
     /// A token proved who the connection is, or (auth optional) it has the anonymous grants.
-    Granted(Grant),
+    /// Boxed: with auth off every connection is `Open`, and this enum is paid by every idle
+    /// connection.
+    Granted(Box<Grant>),
 }
 
 /// What a granted connection may do, until when, and for which user it is counted.
@@ -132,7 +134,7 @@ impl Session {
                 return Ok(());
             }
         };
-        self.access = Access::Granted(Grant::of(&identity, user));
+        self.access = Access::Granted(Box::new(Grant::of(&identity, user)));
         self.leave_ungranted();
         Ok(())
     }

@@ -91,7 +91,8 @@ pub(crate) struct Session {
     rbuf: Vec<u8>,
     /// When the first byte of the incomplete frame at the head of `rbuf` arrived.
     tail_since: Option<Instant>,
-    partial: Option<Partial>,
+    /// Boxed: a fragmented message is rare, and this field is paid by every idle connection.
+    partial: Option<Box<Partial>>,
     inbound: Inbound,
     throttle: Option<Throttle>,
     /// The answer to the latest ping not yet written; a newer ping replaces it, so a ping flood
@@ -290,7 +291,7 @@ impl Session {
     /// When the frame or fragmented message in progress must be complete.
     fn frame_deadline(&self, config: &Config) -> Option<Instant> {
         let tail = self.tail_since;
-        let message = self.partial.as_ref().map(Partial::started);
+        let message = self.partial.as_ref().map(|p| p.started());
         let first = match (tail, message) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,

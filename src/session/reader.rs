@@ -168,12 +168,12 @@ impl Session {
                     return Err(FrameError::UnfinishedMessage);
                 }
                 if !fin {
-                    self.partial = Some(Partial {
+                    self.partial = Some(Box::new(Partial {
                         opcode,
                         data: Vec::new(),
                         started: now,
                         refused: true,
-                    });
+                    }));
                 }
                 true
             }
@@ -249,12 +249,12 @@ impl Session {
                 if fin {
                     self.on_message(opcode, payload)?;
                 } else {
-                    self.partial = Some(Partial {
+                    self.partial = Some(Box::new(Partial {
                         opcode,
                         data: payload.to_vec(),
                         started: now,
                         refused: false,
-                    });
+                    }));
                 }
             }
             OpCode::Continuation => self.on_continuation(fin, payload, max)?,
