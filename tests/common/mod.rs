@@ -214,29 +214,8 @@ pub async fn serves_a_fresh_pair(node: &Node) {
 /// A WebSocket session opened by hand on `path`, for sending bytes no client library would.
 /// Panics unless the server answers 101.
 pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .expect("write upgrade");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        tokio::time::timeout(PATIENCE, stream.read_exact(&mut byte))
-            .await
-            .expect("upgrade response in time")
-            .expect("read upgrade response");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (status, head, stream) = upgrade_at(addr, path, "").await;
+    assert_eq!(status, 101, "{head}");
     stream
 }
 
@@ -325,9 +304,14 @@ pub fn close_of(frames: &[(u8, Vec<u8>)]) -> Option<(u16, String)> {
 /// Sends a WebSocket upgrade request with `extra` header lines (each ending in `\r\n`) and
 /// returns the status and the response head; the connection is left open on 101.
 pub async fn try_upgrade(addr: SocketAddr, extra: &str) -> (u16, String, TcpStream) {
+    upgrade_at(addr, "/", extra).await
+}
+
+/// [`try_upgrade`] on `path`.
+pub async fn upgrade_at(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, TcpStream) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let req = format!(
-        "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     stream

@@ -160,15 +160,15 @@ impl Bus {
         let watcher = Watcher {
             ops: tx.downgrade(),
         };
-        let worker = Worker::new(
+        let worker = Worker {
             client,
-            rx,
-            Arc::clone(&state),
-            Arc::clone(&inbox),
-            Arc::clone(&node),
-            Arc::clone(&prefix),
+            ops: rx,
+            state: Arc::clone(&state),
+            inbox: Arc::clone(&inbox),
+            node: Arc::clone(&node),
+            prefix: Arc::clone(&prefix),
             metrics,
-        );
+        };
         let bus = Self {
             ops: tx,
             state,

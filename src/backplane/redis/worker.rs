@@ -73,36 +73,16 @@ async fn timed<T>(
 
 /// The task that owns the Redis connections.
 pub(crate) struct Worker {
-    client: redis::Client,
-    ops: mpsc::UnboundedReceiver<Op>,
-    state: Arc<State>,
-    inbox: Arc<Inbox>,
-    node: Arc<str>,
-    prefix: Arc<str>,
-    metrics: Arc<Metrics>,
+    pub(super) client: redis::Client,
+    pub(super) ops: mpsc::UnboundedReceiver<Op>,
+    pub(super) state: Arc<State>,
+    pub(super) inbox: Arc<Inbox>,
+    pub(super) node: Arc<str>,
+    pub(super) prefix: Arc<str>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Worker {
-    pub(super) fn new(
-        client: redis::Client,
-        ops: mpsc::UnboundedReceiver<Op>,
-        state: Arc<State>,
-        inbox: Arc<Inbox>,
-        node: Arc<str>,
-        prefix: Arc<str>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            client,
-            ops,
-            state,
-            inbox,
-            node,
-            prefix,
-            metrics,
-        }
-    }
-
     /// The node's own probe channel, in the reserved namespace no room can name.
     fn probe_channel(&self) -> String {
         format!(
