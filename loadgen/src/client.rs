@@ -213,6 +213,8 @@ pub struct Shared {
     /// Number of reconnecting clients (their slots stagger the reconnects).
     pub reconnect_slots: u32,
     pub reconnect_every: Duration,
+    /// Signs each client's token when the server requires one.
+    pub tokens: Option<crate::token::Minter>,
 }
 
 impl Shared {
@@ -762,7 +764,8 @@ async fn connect(
             .map_err(ConnectError::Tcp)?;
         // Deliveries are small frames; Nagle would add latency loadgen would then report.
         let _ = s.set_nodelay(true);
-        s.write_all(&ws::upgrade_request(&a.url, rng.key()))
+        let token = sh.tokens.as_ref().map(|m| m.token(a.id));
+        s.write_all(&ws::upgrade_request(&a.url, rng.key(), token.as_deref()))
             .await
             .map_err(ConnectError::HandshakeWrite)?;
         let mut filled = 0;

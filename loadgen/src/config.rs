@@ -80,6 +80,9 @@ pub struct Config {
     pub reconnect_fraction: f64,
     /// `--reconnect-every`.
     pub reconnect_every: Duration,
+    /// `--token-secret`: for a server with `--auth required`, sign one HS256 token per client
+    /// with this secret and send it as `Authorization: Bearer`.
+    pub token_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -109,6 +112,7 @@ impl Default for Config {
             stall_fraction: 0.0,
             reconnect_fraction: 0.0,
             reconnect_every: Duration::from_secs(5),
+            token_secret: None,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod report;
 mod run;
 pub mod sys;
+pub mod token;
 pub mod ws;
 
 use tokio::time::Instant;

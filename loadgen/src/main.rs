@@ -123,6 +123,11 @@ struct Args {
     /// Time between reconnects of each reconnecting client.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     reconnect_every: Duration,
+
+    /// For a server with `--auth required`: sign one HS256 token per client with this secret
+    /// (sub lg-N, subscribe and publish on lg-*) and send it as `Authorization: Bearer`.
+    #[arg(long, env = "LOADGEN_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
 }
 
 /// The command line's names for [`Dialect`] (the library stays free of clap).
@@ -164,6 +169,7 @@ impl From<Args> for Config {
             stall_fraction: a.stall_fraction,
             reconnect_fraction: a.reconnect_fraction,
             reconnect_every: a.reconnect_every,
+            token_secret: a.token_secret,
         }
     }
 }

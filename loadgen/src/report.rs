@@ -353,6 +353,9 @@ impl Report {
         self.totals.faults() == 0
             && self.server_errors == 0
             && self.connect.failed == 0
+            // A client that connected but never got ready (say, closed 4001 by a server that
+            // wants a token) checked nothing: a run with one is not clean.
+            && self.connect.not_ready == 0
             && self
                 .roles
                 .as_ref()

@@ -114,6 +114,11 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         roles,
         reconnect_slots,
         reconnect_every: cfg.reconnect_every,
+        // A day: tokens must outlive any run, and the server closes a connection at `exp`.
+        tokens: cfg
+            .token_secret
+            .as_deref()
+            .map(|s| crate::token::Minter::new(s, Duration::from_secs(86_400))),
     }
 }
 

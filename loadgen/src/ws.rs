@@ -137,16 +137,20 @@ impl WsUrl {
 /// The HTTP/1.1 upgrade request. The key only has to look random to the server; loadgen does
 /// not verify `Sec-WebSocket-Accept` (that would need SHA-1 just to catch a server that answers
 /// 101 to the wrong request, which the first delivery would expose anyway).
-pub fn upgrade_request(url: &WsUrl, key_bytes: [u8; 16]) -> Vec<u8> {
-    let mut s = String::with_capacity(256);
+pub fn upgrade_request(url: &WsUrl, key_bytes: [u8; 16], token: Option<&str>) -> Vec<u8> {
+    let mut s = String::with_capacity(512);
     let _ = write!(
         s,
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n",
         url.path,
         url.host_header,
         base64(&key_bytes)
     );
+    if let Some(token) = token {
+        let _ = write!(s, "Authorization: Bearer {token}\r\n");
+    }
+    s.push_str("\r\n");
     s.into_bytes()
 }
 
