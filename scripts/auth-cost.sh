@@ -53,7 +53,7 @@ run() {
 }
 
 for n in $(seq 1 "$RUNS"); do
-    for mode in off required; do
+    for mode in ${MODES:-off required}; do
         run "$mode" connect "$n"
         run "$mode" deliver "$n"
     done
