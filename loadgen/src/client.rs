@@ -719,7 +719,7 @@ fn build_send(scratch: &mut Vec<u8>, dialect: Dialect, room: u32, body: impl FnO
     });
 }
 
-fn build_join(scratch: &mut Vec<u8>, dialect: Dialect, room: u32) {
+pub(crate) fn build_join(scratch: &mut Vec<u8>, dialect: Dialect, room: u32) {
     scratch.clear();
     let _ = match dialect {
         Dialect::Subscribe => write!(scratch, "{{\"type\":\"SUBSCRIBE\",\"room\":\"lg-{room}\"}}"),

@@ -83,6 +83,12 @@ pub struct Config {
     /// `--token-secret`: for a server with `--auth required`, sign one HS256 token per client
     /// with this secret and send it as `Authorization: Bearer`.
     pub token_secret: Option<String>,
+    /// `--flooders`: hostile clients that join a room and send into it as fast as TCP allows.
+    pub flooders: usize,
+    /// `--pingers`: hostile clients that send pings as fast as TCP allows and never read.
+    pub pingers: usize,
+    /// `--flood-payload`: bytes of each flood message.
+    pub flood_payload: usize,
 }
 
 impl Default for Config {
@@ -113,6 +119,9 @@ impl Default for Config {
             reconnect_fraction: 0.0,
             reconnect_every: Duration::from_secs(5),
             token_secret: None,
+            flooders: 0,
+            pingers: 0,
+            flood_payload: 1000,
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod assemble;
 pub mod client;
 pub mod config;
+pub mod hostile;
 pub mod plot;
 pub mod progress;
 pub mod report;
@@ -79,6 +80,8 @@ pub async fn run(cfg: Config) -> Result<Report> {
     let plan = clients.publish_plan(&cfg, &connect.connected_ids);
     connect.not_ready = clients.await_readiness(&cfg, &plan).await;
     let schedule = clients.publish_schedule(&cfg);
+    let hostile = (cfg.flooders + cfg.pingers > 0)
+        .then(|| hostile::Hostile::start(&cfg, targets.urls(), targets.addrs()));
     let cpu = clients.send(&cfg, &schedule).await;
     let server_rss = cfg
         .server_pids
@@ -86,6 +89,10 @@ pub async fn run(cfg: Config) -> Result<Report> {
         .map(|&pid| sys::proc_rss_kb(pid).unwrap_or((0, 0)))
         .collect();
     let drained = clients.drain(&cfg).await;
+    let hostile = match hostile {
+        Some(h) => Some(h.stop().await),
+        None => None,
+    };
     let collected = clients.stop().await;
 
     let since_start = |ns: u64| ns.saturating_sub(started_ns) as f64 / 1e9;
@@ -110,7 +117,9 @@ pub async fn run(cfg: Config) -> Result<Report> {
         loadgen_cpu_total_s: sys::self_cpu_seconds() - cpu_at_start,
         elapsed_s: started.elapsed().as_secs_f64(),
     };
-    Ok(Report::assemble(&cfg, measurements))
+    let mut report = Report::assemble(&cfg, measurements);
+    report.hostile = hostile;
+    Ok(report)
 }
 
 /// Writes the --json, --plot and --rss-plot files the configuration asks for.

@@ -128,6 +128,20 @@ struct Args {
     /// (sub lg-N, subscribe and publish on lg-*) and send it as `Authorization: Bearer`.
     #[arg(long, env = "LOADGEN_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+
+    /// Hostile clients that join a room of the run and send into it as fast as TCP allows,
+    /// reconnecting when closed (reported apart; the healthy figures are unchanged by them).
+    #[arg(long, default_value_t = 0)]
+    flooders: usize,
+
+    /// Hostile clients that send pings as fast as TCP allows and never read, reconnecting
+    /// when closed.
+    #[arg(long, default_value_t = 0)]
+    pingers: usize,
+
+    /// Bytes of each flooder's message.
+    #[arg(long, default_value_t = 1000)]
+    flood_payload: usize,
 }
 
 /// The command line's names for [`Dialect`] (the library stays free of clap).
@@ -170,6 +184,9 @@ impl From<Args> for Config {
             reconnect_fraction: a.reconnect_fraction,
             reconnect_every: a.reconnect_every,
             token_secret: a.token_secret,
+            flooders: a.flooders,
+            pingers: a.pingers,
+            flood_payload: a.flood_payload,
         }
     }
 }

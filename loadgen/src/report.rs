@@ -41,6 +41,9 @@ pub struct Report {
     pub server: Option<ServerReport>,
     /// Whether every expected delivery arrived before the drain time ran out.
     pub drained: bool,
+    /// With --flooders or --pingers: what the hostile clients did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostile: Option<crate::hostile::HostileReport>,
     pub elapsed_s: f64,
     /// Start and end of the measured window (all steps), seconds since the run started: the
     /// time base of `server.rss_samples`.
@@ -374,6 +377,9 @@ impl Report {
         if self.steps.len() > 1 {
             self.ramp_lines(&mut o);
         }
+        if let Some(h) = &self.hostile {
+            hostile_lines(&mut o, h);
+        }
         let _ = writeln!(
             o,
             "verdict: {}",
@@ -627,5 +633,22 @@ fn server_lines(o: &mut String, s: &ServerReport) {
             );
         }
         None => o.push('\n'),
+    }
+}
+
+/// What the hostile clients did; the figures above are the healthy clients' alone.
+fn hostile_lines(o: &mut String, h: &crate::hostile::HostileReport) {
+    let _ = writeln!(o, "hostile clients (not in the figures above)");
+    for (name, k, unit) in [
+        ("flooders", &h.flooders, "messages"),
+        ("pingers", &h.pingers, "pings"),
+    ] {
+        if k.clients > 0 {
+            let _ = writeln!(
+                o,
+                "  {name:<20}{} clients, {} connections, {} {unit} written",
+                k.clients, k.connects, k.written
+            );
+        }
     }
 }

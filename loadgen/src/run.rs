@@ -36,6 +36,16 @@ pub(crate) struct Targets {
     addrs: Vec<SocketAddr>,
 }
 
+impl Targets {
+    pub(crate) fn urls(&self) -> &[Arc<ws::WsUrl>] {
+        &self.urls
+    }
+
+    pub(crate) fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
 /// Parses and resolves every --url.
 pub(crate) async fn resolve(cfg: &Config) -> Result<Targets> {
     let mut t = Targets {
