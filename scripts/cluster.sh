@@ -8,15 +8,16 @@
 #   RATES=1,2,3 bash scripts/cluster.sh
 set -u
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 cargo build --release -q -p roomcast -p loadgen
 RATES=${RATES:-1,2,3}
 OUT=target/cluster; mkdir -p $OUT
 for rate in ${RATES//,/ }; do
   taskset -c 0 redis-server --port 16399 --bind 127.0.0.1 --save "" --appendonly no >/dev/null & R=$!
-  sleep 0.3
+  wait_for_port 127.0.0.1 16399 10
   taskset -c 0 target/release/roomcast --listen 127.0.0.1:18081 --threads 1 --log warn --redis redis://127.0.0.1:16399 & A=$!
   taskset -c 0 target/release/roomcast --listen 127.0.0.1:18082 --threads 1 --log warn --redis redis://127.0.0.1:16399 & B=$!
-  sleep 1
+  wait_for_port 127.0.0.1 18081 10; wait_for_port 127.0.0.1 18082 10
   taskset -c 1 target/release/loadgen --url ws://127.0.0.1:18081 --url ws://127.0.0.1:18082 --clients 10000 --rooms 50 \
      --senders-per-room 2 --payload 64 --rate $rate --duration 10 --warmup 2 --dialect subscribe --threads 1 \
      --connect-concurrency 128 --server-pid $A --server-pid $B --server-pid $R --json $OUT/$rate.json -q > $OUT/$rate.txt 2>&1

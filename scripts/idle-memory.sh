@@ -8,6 +8,7 @@
 #   BIN=/path/to/other/roomcast bash scripts/idle-memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 CLIENTS=${CLIENTS:-10000}
 ROOMS=${ROOMS:-50}
@@ -21,7 +22,7 @@ BIN=${BIN:-target/release/roomcast}
 taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
-sleep 0.5
+wait_for_port 127.0.0.1 "$PORT" 10
 before=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
 taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" --clients "$CLIENTS" \
     --rooms "$ROOMS" --senders-per-room 1 --rate 0.01 --duration 5 --warmup 1 \
