@@ -6,7 +6,7 @@
 # healthy clients' loss and p99 and the server's peak RSS; flood messages the server accepted
 # are its messages_in less the clean run's.
 #
-#   bash scripts/hostile-mix.sh           # RUNS=3 DURATION=20
+#   bash scripts/hostile-mix.sh           # RUNS=3 DURATION=20; SERVER_ARGS="..." adds server flags
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -24,7 +24,8 @@ for run in $(seq 1 "$RUNS"); do
     for mix in clean hostile; do
         extra=()
         [ "$mix" = hostile ] && extra=(--flooders 10 --pingers 10)
-        taskset -c "$SERVER_CPU" target/release/roomcast --listen "127.0.0.1:$PORT" --log warn &
+        # shellcheck disable=SC2086
+        taskset -c "$SERVER_CPU" target/release/roomcast --listen "127.0.0.1:$PORT" --log warn ${SERVER_ARGS:-} &
         pid=$!
         wait_for_port 127.0.0.1 "$PORT" 10
         taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" --clients 10000 \
