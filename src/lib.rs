@@ -24,6 +24,13 @@
 //! 6. **writer** — each session drains its outbox in batches, many frames per `writev`.
 //!
 //! [`config`] holds every knob; [`metrics`] counts what `/healthz` and `/metrics` report.
+//!
+//! What guards the path, in the order a client meets it: [`admission`] (caps per address and
+//! per node, handshakes in progress, the client address behind trusted proxies) and [`auth`]
+//! (tokens, grants, the `Origin` allow-list) at the handshake; [`inbound`] (each connection's
+//! frame and byte buckets) before any frame is decoded; the outbox bound on the way out; and
+//! in `backplane` the bounded queues to and from Redis. `users` counts connections per user for
+//! the per-user cap and for revocation through the server API (`server::api`).
 
 #![warn(missing_docs)]
 
