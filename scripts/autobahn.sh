@@ -101,8 +101,11 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# Case 9.1.6 sends a 16 MiB message, the largest --max-message-bytes allows. The inbound limits
+# are off: this checks framing, and cases 9.7/9.8 send thousands of messages as fast as they can.
 "$ROOT/target/release/roomcast" --listen 127.0.0.1:0 --echo --log info \
-    --max-message-bytes 20000000 --outbox-bytes 67108864 --outbox-frames 100000 \
+    --max-message-bytes 16777216 --outbox-bytes 67108864 --outbox-frames 100000 \
+    --inbound-frames-per-sec 0 --inbound-bytes-per-sec 0 --inbound-fanout-per-sec 0 \
     >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 

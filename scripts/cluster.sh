@@ -15,8 +15,9 @@ OUT=target/cluster; mkdir -p $OUT
 for rate in ${RATES//,/ }; do
   taskset -c 0 redis-server --port 16399 --bind 127.0.0.1 --save "" --appendonly no >/dev/null & R=$!
   wait_for_port 127.0.0.1 16399 10
-  taskset -c 0 target/release/roomcast --listen 127.0.0.1:18081 --threads 1 --log warn --redis redis://127.0.0.1:16399 & A=$!
-  taskset -c 0 target/release/roomcast --listen 127.0.0.1:18082 --threads 1 --log warn --redis redis://127.0.0.1:16399 & B=$!
+  # Fan-out budget off: RATES above 10 msg/s into rooms of 200 would pass its 2,000 deliveries/s.
+  taskset -c 0 target/release/roomcast --listen 127.0.0.1:18081 --threads 1 --log warn --redis redis://127.0.0.1:16399 --inbound-fanout-per-sec 0 & A=$!
+  taskset -c 0 target/release/roomcast --listen 127.0.0.1:18082 --threads 1 --log warn --redis redis://127.0.0.1:16399 --inbound-fanout-per-sec 0 & B=$!
   wait_for_port 127.0.0.1 18081 10; wait_for_port 127.0.0.1 18082 10
   taskset -c 1 target/release/loadgen --url ws://127.0.0.1:18081 --url ws://127.0.0.1:18082 --clients 10000 --rooms 50 \
      --senders-per-room 2 --payload 64 --rate $rate --duration 10 --warmup 2 --dialect subscribe --threads 1 \

@@ -116,21 +116,20 @@ impl Backplane {
         Ok(self.users.revoke(user))
     }
 
-    pub fn publish(&self, msg: Publish<'_>) -> Result<(), BackplaneError> {
+    ///
+    /// Returns the deliveries it causes on this node: exact in-process; with Redis, the room's
+    /// local members (other nodes' are not known here), which is what the sender's fan-out
+    /// budget is charged.
+    pub fn publish(&self, msg: Publish<'_>) -> Result<usize, BackplaneError> {
+        let local = || match msg.held {
+            Some(room) => Some(Arc::clone(room)),
+            None => self.registry.get(msg.room),
+        };
         if let Some(bus) = &self.redis {
-            return bus.publish(msg.room, msg.message, msg.skip, msg.from);
+            bus.publish(msg.room, msg.message, msg.skip, msg.from)?;
+            return Ok(local().map_or(0, |room| room.len()));
         }
         let frame = frame::text(msg.message);
-        match msg.held {
-            Some(room) => {
-                room.broadcast(&frame, msg.skip, &self.metrics);
-            }
-            None => {
-                if let Some(room) = self.registry.get(msg.room) {
-                    room.broadcast(&frame, msg.skip, &self.metrics);
-                }
-            }
-        }
-        Ok(())
+        Ok(local().map_or(0, |room| room.broadcast(&frame, msg.skip, &self.metrics)))
     }
 }

@@ -254,6 +254,9 @@ impl Config {
         if inbound.frames_per_sec > 0 {
             in_range("inbound-frames-burst", inbound.frames_burst, 1..=1_000_000)?;
         }
+        if inbound.fanout_per_sec > 0 {
+            in_range("inbound-fanout-burst", inbound.fanout_burst, 1..=1 << 32)?;
+        }
         // A client frame's header is at most 14 bytes (2 + 8 of length + 4 of mask).
         let largest = self.max_message_bytes as u64 + 14;
         if inbound.bytes_per_sec > 0 && inbound.bytes_burst < largest {

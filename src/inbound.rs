@@ -42,6 +42,13 @@ pub struct InboundLimits {
     /// Under `reject`, refusals within [`REJECT_WINDOW`] past which the connection is closed
     /// with 4008. Default 20.
     pub reject_close_after: u32,
+    /// Deliveries per second this connection's messages may cause on this node, sustained (a
+    /// message to a room of 200 costs 200); 0 turns it off. Default 2,000. The frame limit
+    /// bounds what one client costs each reader; this one bounds what it costs the server,
+    /// whatever the size of the rooms it sends to.
+    pub fanout_per_sec: u64,
+    /// Deliveries a connection may cause at once. Default 10,000.
+    pub fanout_burst: u64,
 }
 
 impl Default for InboundLimits {
@@ -53,6 +60,8 @@ impl Default for InboundLimits {
             bytes_burst: 512 * 1024,
             policy: RatePolicy::Throttle,
             reject_close_after: 20,
+            fanout_per_sec: 2_000,
+            fanout_burst: 10_000,
         }
     }
 }
@@ -72,11 +81,13 @@ pub enum Admit {
 
 /// One connection's two buckets and its refusal count. The limits themselves live in the
 /// node's config and are passed in, so each of the 100,000 connections a node may hold keeps
-/// only its own 56 bytes here.
+/// only its own 64 bytes here.
 #[derive(Debug)]
 pub struct Inbound {
     frames: f64,
     bytes: f64,
+    /// May go below zero: a message is charged its deliveries after it went out.
+    fanout: f64,
     refilled: Instant,
     refusals: u32,
     window_start: Instant,
@@ -88,6 +99,7 @@ impl Inbound {
         Self {
             frames: f64::from(limits.frames_burst),
             bytes: limits.bytes_burst as f64,
+            fanout: limits.fanout_burst as f64,
             refilled: now,
             refusals: 0,
             window_start: now,
@@ -97,17 +109,9 @@ impl Inbound {
     /// Charges one frame of `len` bytes on the wire, or says what to do instead. Both buckets
     /// are charged together or not at all.
     pub fn admit(&mut self, limits: &InboundLimits, len: usize, now: Instant) -> Admit {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
+        self.refill(limits, now);
         let frame_rate = f64::from(limits.frames_per_sec);
         let byte_rate = limits.bytes_per_sec as f64;
-        self.frames = refill(
-            self.frames,
-            frame_rate,
-            f64::from(limits.frames_burst),
-            elapsed,
-        );
-        self.bytes = refill(self.bytes, byte_rate, limits.bytes_burst as f64, elapsed);
         let wait =
             wait_for(self.frames, frame_rate, 1.0).max(wait_for(self.bytes, byte_rate, len as f64));
         if wait.is_zero() {
@@ -119,6 +123,37 @@ impl Inbound {
             RatePolicy::Throttle => Admit::WaitUntil(now + wait),
             RatePolicy::Reject => self.refuse(limits, now),
         }
+    }
+
+    /// Charges the deliveries one message caused. When that leaves the fan-out bucket short,
+    /// returns the instant it is whole again: the caller stops reading until then (always a
+    /// throttle, whatever the policy: the message itself already went out).
+    pub fn charge_fanout(
+        &mut self,
+        limits: &InboundLimits,
+        deliveries: usize,
+        now: Instant,
+    ) -> Option<Instant> {
+        if limits.fanout_per_sec == 0 {
+            return None;
+        }
+        self.refill(limits, now);
+        self.fanout -= deliveries as f64;
+        (self.fanout < 0.0)
+            .then(|| now + Duration::from_secs_f64(-self.fanout / limits.fanout_per_sec as f64))
+    }
+
+    fn refill(&mut self, limits: &InboundLimits, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        let (frames, bytes) = (
+            f64::from(limits.frames_per_sec),
+            limits.bytes_per_sec as f64,
+        );
+        self.frames = refill(self.frames, frames, f64::from(limits.frames_burst), elapsed);
+        self.bytes = refill(self.bytes, bytes, limits.bytes_burst as f64, elapsed);
+        let fanout = limits.fanout_per_sec as f64;
+        self.fanout = refill(self.fanout, fanout, limits.fanout_burst as f64, elapsed);
     }
 
     fn refuse(&mut self, limits: &InboundLimits, now: Instant) -> Admit {
@@ -166,7 +201,27 @@ mod tests {
             bytes_burst: 1000,
             policy,
             reject_close_after: 2,
+            fanout_per_sec: 100,
+            fanout_burst: 300,
         }
+    }
+
+    #[test]
+    fn fanout_is_charged_after_the_fact_and_throttles_until_it_is_whole() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Reject);
+        let mut inbound = Inbound::new(&l, t0);
+        assert_eq!(inbound.charge_fanout(&l, 200, t0), None);
+        // 100 more than the burst: whole again after a second at 100 a second.
+        assert_eq!(
+            inbound.charge_fanout(&l, 200, t0),
+            Some(t0 + Duration::from_secs(1))
+        );
+        let off = InboundLimits {
+            fanout_per_sec: 0,
+            ..l
+        };
+        assert_eq!(inbound.charge_fanout(&off, 1_000_000, t0), None);
     }
 
     #[test]

@@ -120,6 +120,15 @@ struct Args {
     )]
     inbound_reject_close_after: u32,
 
+    /// Deliveries per second one connection's messages may cause on this node (a message to a
+    /// room of 200 costs 200); past it the server stops reading from it for a while. 0 is off.
+    #[arg(long, env = "ROOMCAST_INBOUND_FANOUT_PER_SEC", default_value_t = 2_000)]
+    inbound_fanout_per_sec: u64,
+
+    /// Deliveries one connection's messages may cause at once.
+    #[arg(long, env = "ROOMCAST_INBOUND_FANOUT_BURST", default_value_t = 10_000)]
+    inbound_fanout_burst: u64,
+
     /// A frame or fragmented message must be complete this long after it began, or the
     /// connection is closed with 1008 "incomplete frame" (time spent throttled not counted).
     #[arg(long, env = "ROOMCAST_FRAME_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
@@ -303,6 +312,8 @@ impl Args {
                     InboundPolicy::Reject => RatePolicy::Reject,
                 },
                 reject_close_after: self.inbound_reject_close_after,
+                fanout_per_sec: self.inbound_fanout_per_sec,
+                fanout_burst: self.inbound_fanout_burst,
             },
             frame_timeout: self.frame_timeout,
             drain_timeout: self.drain_timeout,

@@ -281,3 +281,37 @@ async fn error_replies_quote_at_most_a_capped_piece_of_client_strings() {
     assert_eq!(error_code(&reply), "not_in_room");
     assert!(reply.len() < 160, "{} bytes: {reply}", reply.len());
 }
+
+/// The fan-out budget: a sender is charged the deliveries its messages cause, so in a big room
+/// it is slowed down sooner than in a small one; nothing it sent is lost.
+#[tokio::test]
+async fn the_fanout_budget_slows_a_sender_by_its_rooms_size_and_loses_nothing() {
+    let node = Node::start_with(|c| {
+        c.inbound.fanout_per_sec = 200;
+        c.inbound.fanout_burst = 100;
+    })
+    .await;
+    let mut members = Vec::new();
+    for _ in 0..20 {
+        let mut ws = node.client().await;
+        send(&mut ws, &subscribe("wide")).await;
+        sync(&mut ws, "member").await;
+        members.push(ws);
+    }
+    let mut sender = node.client().await;
+    // Ten messages to 20 members: 200 deliveries, twice the burst.
+    for i in 0..10 {
+        sender
+            .feed(Message::text(send_message("wide", &format!("w{i}"))))
+            .await
+            .expect("feed");
+    }
+    sender.flush().await.expect("flush");
+    for ws in members.iter_mut() {
+        for i in 0..10 {
+            assert_eq!(recv(ws).await, format!("w{i}"));
+        }
+    }
+    let health = node.health().await;
+    assert!(health["throttled"].as_u64().unwrap_or(0) > 0, "{health}");
+}

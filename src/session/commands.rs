@@ -50,17 +50,23 @@ impl Session {
                 self.leave(room);
                 Ok(())
             }
-            Command::Chat { message, room } => self.chat(message, room),
+            Command::Chat { message, room } => {
+                let deliveries = self.chat(message, room)?;
+                self.charge_fanout(deliveries);
+                Ok(())
+            }
             Command::SendMessage { room, message } => {
                 self.check_room_name(room)?;
                 self.check(room, Op::Publish)?;
-                self.publish(Publish {
+                let deliveries = self.publish(Publish {
                     held: self.held(room),
                     room,
                     message,
                     skip: None,
                     from: Some(&self.outbox),
-                })
+                })?;
+                self.charge_fanout(deliveries);
+                Ok(())
             }
             Command::Auth { token } => self.authenticate(token),
         }
@@ -74,7 +80,7 @@ impl Session {
     }
 
     /// Dialect 1: to every other member of the chat room, or of the held room named.
-    fn chat(&self, message: &str, room: Option<&str>) -> Result<(), ClientError> {
+    fn chat(&self, message: &str, room: Option<&str>) -> Result<usize, ClientError> {
         let held = match room {
             Some(name) => self.held(name).ok_or_else(|| {
                 ClientError::NotInRoom(format!(
@@ -97,7 +103,8 @@ impl Session {
         })
     }
 
-    fn publish(&self, msg: Publish<'_>) -> Result<(), ClientError> {
+    /// Publishes `msg`; returns the deliveries it caused here, for the fan-out budget.
+    fn publish(&self, msg: Publish<'_>) -> Result<usize, ClientError> {
         self.shared.backplane.publish(msg).map_err(|e| {
             if e == BackplaneError::Full {
                 self.shared.metrics.add_backplane_refused();

@@ -157,6 +157,17 @@ impl Session {
         }
     }
 
+    /// Charges the deliveries a message caused to the fan-out budget; past it, the session
+    /// stops reading until the budget is whole again (the next frame waits, unread).
+    pub(super) fn charge_fanout(&mut self, deliveries: usize) {
+        let now = Instant::now();
+        let limits = &self.shared.config.inbound;
+        if let Some(until) = self.inbound.charge_fanout(limits, deliveries, now) {
+            self.shared.metrics.add_throttled();
+            self.throttle = Some(Throttle { since: now, until });
+        }
+    }
+
     /// A frame refused under policy `reject`: a message gets one `rate_limited` reply (a
     /// fragmented one is dropped whole); a ping gets no pong.
     fn on_refused(&mut self, fin: bool, opcode: OpCode, now: Instant) -> Result<(), FrameError> {

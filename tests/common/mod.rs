@@ -97,6 +97,7 @@ impl Node {
 pub fn lift_inbound_limits(config: &mut Config) {
     config.inbound.frames_per_sec = 0;
     config.inbound.bytes_per_sec = 0;
+    config.inbound.fanout_per_sec = 0;
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
