@@ -240,7 +240,11 @@ impl Session {
             OpCode::Ping => {
                 if !self.close_sent {
                     let pong = frame::encode(OpCode::Pong, payload);
-                    if self.pong.replace(pong).is_some() {
+                    // The pong already waiting goes out now if the socket takes it (a client
+                    // that reads gets a pong per ping, as Autobahn 2.10 expects); only when the
+                    // socket is full is it replaced, so a client that never reads holds one.
+                    let waiting = self.pong.replace(pong);
+                    if waiting.and_then(|old| self.write_now(old)).is_some() {
                         self.shared.metrics.add_pong_replaced();
                     }
                 }

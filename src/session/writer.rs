@@ -90,6 +90,25 @@ impl Session {
         Ok(())
     }
 
+    /// Writes a small control frame at once when nothing else is half-written; gives it back
+    /// when the socket would block (or a batch is in progress, so a frame boundary is not
+    /// guaranteed). A partial write leaves the rest at the front of the batch.
+    pub(super) fn write_now(&mut self, frame: Bytes) -> Option<Bytes> {
+        if !self.batch.is_empty() {
+            return Some(frame);
+        }
+        match self.stream.try_write(&frame) {
+            Ok(n) => {
+                self.shared.metrics.add_write(1, n as u64);
+                if n < frame.len() {
+                    self.batch.segs.push_back(frame.slice(n..));
+                }
+                None
+            }
+            Err(_) => Some(frame),
+        }
+    }
+
     /// Moves the pending pong and frames from the outbox into the batch; false when there was
     /// nothing to move.
     fn fill(&mut self) -> bool {
