@@ -135,6 +135,7 @@ impl Session {
             }
         };
         self.access = Access::Granted(Box::new(Grant::of(&identity, user)));
+        self.access_deadline = self.access.deadline();
         self.leave_ungranted();
         Ok(())
     }

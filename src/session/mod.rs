@@ -84,6 +84,9 @@ pub(crate) struct Session {
     mode: Mode,
     /// What auth allows this connection to do, and until when.
     access: Access,
+    /// `access.deadline()`, kept inline: `next_wake` runs on every wake-up (once per delivery
+    /// under load), and reading it through the boxed grant cost a cache miss each time.
+    access_deadline: Option<Instant>,
     /// Rooms held, in join order: the first is dialect 1's chat room.
     rooms: Vec<Arc<Room>>,
     /// The unparsed tail of the last read: a frame not yet complete, or (while throttled)
@@ -139,6 +142,7 @@ impl Session {
             outbox,
             shared,
             mode,
+            access_deadline: access.deadline(),
             access,
             rooms: Vec::new(),
             rbuf: Vec::new(),
@@ -273,7 +277,7 @@ impl Session {
         if let Some(deadline) = self.deadline {
             return deadline;
         }
-        let access = self.access.deadline();
+        let access = self.access_deadline;
         let earliest = |at: Instant| access.map_or(at, |a| a.min(at));
         if let Some(throttle) = self.throttle {
             return earliest(throttle.until);
@@ -309,7 +313,7 @@ impl Session {
                 Ok(())
             };
         }
-        if self.access.deadline().is_some_and(|due| now >= due) {
+        if self.access_deadline.is_some_and(|due| now >= due) {
             self.access_expired();
             return Ok(());
         }
