@@ -2,15 +2,18 @@
 //! sockets that can be measured without a socket.
 //!
 //! * `registry` — membership. `join_then_leave/*` is one `Registry::join` + `Registry::leave`
-//!   of a newcomer: copy-on-write, so it grows with the room (`room_of_0` also creates and
-//!   removes the room). `snapshot/*` is what a broadcast pays before its first recipient: one
+//!   of a newcomer at the end of the member list (`room_of_0` also creates and removes the
+//!   room); `leave_then_rejoin_scattered/*` takes a member from anywhere in the list (the last
+//!   one moves into its place) and joins it again; `everyone_leaves/room_of_20000` is a whole
+//!   audience dropping, per leave. Each change copies one path of the room's persistent tree,
+//!   so all of these should stay flat from 200 members to 100,000. `snapshot/*` is what a broadcast pays before its first recipient: one
 //!   `ArcSwap` load (`len`), plus the deliveries counter (`broadcast_empty`, a room whose last
 //!   member left). `broadcast_200/*` is fan-out to 200 members alone (`quiet`), while a second
 //!   thread joins and leaves extra members of the same room as fast as it can (`churning`),
 //!   and while it does the same to another room (`churning_other_room`, the control: same CPU
 //!   competition, no shared snapshot). Readers never take the shard lock, so the gap between
 //!   the last two is what sharing the room costs in cache-line traffic, not waiting.
-//! * `fanout` — `Room::broadcast` of one 64-byte text frame to 200 and 10,000 members, per
+//! * `fanout` — `Room::broadcast` of one 64-byte text frame to 200, 10,000 and 100,000 members, per
 //!   recipient. A recipient costs one outbox push (bound check, queue push, wake-up) and a
 //!   reference-count bump of the shared `Bytes`. Outboxes are drained the way the session
 //!   writer does it, outside the timed region, after every broadcast: the bounded rings never
@@ -176,9 +179,8 @@ fn registry(c: &mut Criterion) {
     let frame = frame::text(MESSAGE);
 
     group.throughput(Throughput::Elements(1));
-    for n in [0usize, 200, 10_000] {
+    for n in [0usize, 200, 10_000, 100_000] {
         let registry = Registry::new(None);
-        // Filling a room costs O(n²) (every join copies the list): only when the bench runs.
         let mut present = None;
         let newcomer = member(u64::MAX);
         group.bench_function(
@@ -194,7 +196,32 @@ fn registry(c: &mut Criterion) {
                 })
             },
         );
+        if n == 0 {
+            continue;
+        }
+        // The newcomer above joins and leaves at the end of the list; a member leaving from
+        // the middle also moves the last one into its place. Members leave in a scattered
+        // order (a stride coprime with n) and rejoin at the end.
+        let mut k = 0;
+        group.bench_function(
+            BenchmarkId::new("leave_then_rejoin_scattered", format!("room_of_{n}")),
+            |b| {
+                let audience = present
+                    .get_or_insert_with(|| Some(Audience::new(&registry, "busy", 0, n)))
+                    .as_ref()
+                    .expect("n > 0");
+                b.iter(|| {
+                    k = (k + 7_919) % n;
+                    let who = &audience.members[k];
+                    registry.leave(&audience.room, who.id());
+                    registry
+                        .join(black_box("busy"), who)
+                        .expect("under the cap");
+                })
+            },
+        );
     }
+    drop_of_a_whole_room(&mut group, 20_000);
 
     // A room whose last member left: still a valid handle, with an empty snapshot.
     let registry = Registry::new(None);
@@ -232,11 +259,42 @@ fn registry(c: &mut Criterion) {
     group.finish();
 }
 
+/// Every member of a room of `n` leaving at once (an abrupt drop of a whole audience), in a
+/// scattered order, per leave; the room is refilled untimed between iterations.
+fn drop_of_a_whole_room(group: &mut BenchmarkGroup<'_, WallTime>, n: usize) {
+    let registry = Registry::new(None);
+    let members: Vec<Arc<Outbox>> = (0..n as u64).map(member).collect();
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function(
+        BenchmarkId::new("everyone_leaves", format!("room_of_{n}")),
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut room = None;
+                    for m in &members {
+                        room = Some(registry.join("dropped", m).expect("under the cap"));
+                    }
+                    let room = room.expect("n > 0");
+                    let start = Instant::now();
+                    for i in 0..n {
+                        registry.leave(&room, members[(i * 7_919) % n].id());
+                    }
+                    total += start.elapsed();
+                    assert!(room.is_empty());
+                }
+                total
+            })
+        },
+    );
+    group.throughput(Throughput::Elements(1));
+}
+
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     let metrics = Metrics::default();
     let frame = frame::text(MESSAGE);
-    for n in [200usize, 10_000] {
+    for n in [200usize, 10_000, 100_000] {
         let registry = Registry::new(None);
         let mut audience = None;
         group.throughput(Throughput::Elements(n as u64));

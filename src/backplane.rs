@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
-use crate::room::{Registry, Room, RoomWatcher};
+use crate::room::{Bounds, Fanout, Registry, Room, RoomWatcher};
 use crate::users::Users;
 
 pub use self::redis::{Queues, RedisError};
@@ -42,6 +42,27 @@ pub struct Publish<'a> {
     pub from: Option<&'a Arc<Outbox>>,
 }
 
+/// What a publish did on this node.
+#[derive(Default)]
+pub struct Published {
+    /// Deliveries on this node: exact in-process when `rest` is `None`, else the room's local
+    /// members (what the sender's fan-out budget is charged).
+    pub deliveries: usize,
+    /// In-process, the part of the broadcast to a large room still to serve: the caller
+    /// finishes it, yielding between slices, before it publishes again.
+    pub rest: Option<Box<Fanout>>,
+}
+
+fn bounds(config: &Config) -> Bounds {
+    Bounds {
+        max_rooms: config.max_rooms,
+        fanout_slice: match config.fanout_slice {
+            0 => usize::MAX,
+            n => n,
+        },
+    }
+}
+
 /// Cheap-to-clone handle to the node's bus.
 #[derive(Clone)]
 pub struct Backplane {
@@ -59,7 +80,7 @@ impl Backplane {
         users: Arc<Users>,
     ) -> Result<(Registry, Self), RedisError> {
         let Some(url) = &config.redis else {
-            let registry = Registry::bounded(None, config.max_rooms);
+            let registry = Registry::bounded(None, bounds(config));
             let bus = Self {
                 registry: registry.clone(),
                 metrics,
@@ -76,7 +97,7 @@ impl Backplane {
             Arc::clone(&users),
         )?;
         let watcher = Arc::new(watcher) as Arc<dyn RoomWatcher>;
-        let registry = Registry::bounded(Some(watcher), config.max_rooms);
+        let registry = Registry::bounded(Some(watcher), bounds(config));
         tokio::spawn(worker.run(registry.clone()));
         Ok((
             registry.clone(),
@@ -117,19 +138,35 @@ impl Backplane {
     }
 
     ///
-    /// Returns the deliveries it causes on this node: exact in-process; with Redis, the room's
-    /// local members (other nodes' are not known here), which is what the sender's fan-out
-    /// budget is charged.
-    pub fn publish(&self, msg: Publish<'_>) -> Result<usize, BackplaneError> {
+    /// Returns what it did on this node ([`Published`]). In-process, the first slice of the
+    /// broadcast is served before this returns, and the rest (a room larger than one slice)
+    /// is handed back.
+    pub fn publish(&self, msg: Publish<'_>) -> Result<Published, BackplaneError> {
         let local = || match msg.held {
             Some(room) => Some(Arc::clone(room)),
             None => self.registry.get(msg.room),
         };
         if let Some(bus) = &self.redis {
             bus.publish(msg.room, msg.message, msg.skip, msg.from)?;
-            return Ok(local().map_or(0, |room| room.len()));
+            let deliveries = local().map_or(0, |room| room.len());
+            return Ok(Published {
+                deliveries,
+                rest: None,
+            });
         }
-        let frame = frame::text(msg.message);
-        Ok(local().map_or(0, |room| room.broadcast(&frame, msg.skip, &self.metrics)))
+        let Some(room) = local() else {
+            return Ok(Published::default());
+        };
+        let mut fanout = room.fanout(frame::text(msg.message), msg.skip);
+        if fanout.step(&self.metrics) {
+            return Ok(Published {
+                deliveries: fanout.queued(),
+                rest: None,
+            });
+        }
+        Ok(Published {
+            deliveries: room.len(),
+            rest: Some(Box::new(fanout)),
+        })
     }
 }

@@ -50,6 +50,10 @@ struct Args {
     #[arg(long, env = "ROOMCAST_MAX_ROOMS", default_value_t = 100_000)]
     max_rooms: usize,
 
+    /// Members one broadcast serves before it lets other tasks run (0: never yields).
+    #[arg(long, env = "ROOMCAST_FANOUT_SLICE", default_value_t = 2048)]
+    fanout_slice: usize,
+
     /// HTTP connections not yet upgraded, at once; more are answered 503 and closed.
     #[arg(long, env = "ROOMCAST_MAX_HANDSHAKES", default_value_t = 16_384)]
     max_handshakes: usize,
@@ -288,6 +292,7 @@ impl Args {
             max_rooms_per_connection: self.max_rooms_per_connection,
             max_connections: self.max_connections,
             max_rooms: self.max_rooms,
+            fanout_slice: self.fanout_slice,
             max_handshakes: self.max_handshakes,
             addresses: AddressLimits {
                 max_connections_per_ip: self.max_connections_per_ip,

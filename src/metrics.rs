@@ -29,6 +29,7 @@ pub struct Metrics {
     backplane_failed: AtomicU64,
     backplane_dropped: AtomicU64,
     backplane_connects: AtomicU64,
+    fanout_yields: AtomicU64,
 }
 
 /// Why a connection was refused before it became a session.
@@ -127,6 +128,8 @@ pub struct Snapshot {
     pub backplane_dropped: u64,
     /// Times the Redis link was (re)established; more than one means a reconnect.
     pub backplane_connects: u64,
+    /// Times a broadcast to a large room let other tasks run between two slices.
+    pub fanout_yields: u64,
 }
 
 impl Metrics {
@@ -146,6 +149,10 @@ impl Metrics {
     /// `n` frames queued by one fan-out.
     pub fn add_deliveries(&self, n: u64) {
         self.deliveries.fetch_add(n, Relaxed);
+    }
+    /// A broadcast to a large room let other tasks run between two slices.
+    pub fn add_fanout_yield(&self) {
+        self.fanout_yields.fetch_add(1, Relaxed);
     }
     /// `n` frames dropped for slow consumers.
     pub fn add_dropped(&self, n: u64) {
@@ -233,6 +240,7 @@ impl Metrics {
             backplane_failed: self.backplane_failed.load(Relaxed),
             backplane_dropped: self.backplane_dropped.load(Relaxed),
             backplane_connects: self.backplane_connects.load(Relaxed),
+            fanout_yields: self.fanout_yields.load(Relaxed),
         }
     }
 }
@@ -276,7 +284,7 @@ impl Snapshot {
         for &(name, help, value) in gauges {
             row(name, "gauge", help, value);
         }
-        for (name, help, value) in self.counters() {
+        for (name, help, value) in self.counters().into_iter().chain(self.backplane_counters()) {
             row(name, "counter", help, value);
         }
         row(
@@ -298,7 +306,7 @@ impl Snapshot {
         out
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, u64); 16] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 12] {
         [
             (
                 "roomcast_messages_in_total",
@@ -356,6 +364,11 @@ impl Snapshot {
                 "pongs replaced by a newer one",
                 self.pongs_replaced,
             ),
+        ]
+    }
+
+    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 5] {
+        [
             (
                 "roomcast_backplane_refused_total",
                 "publishes refused: queue to Redis full",
@@ -375,6 +388,11 @@ impl Snapshot {
                 "roomcast_backplane_connects_total",
                 "times the Redis link came up",
                 self.backplane_connects,
+            ),
+            (
+                "roomcast_fanout_yields_total",
+                "broadcasts to large rooms yielding between slices",
+                self.fanout_yields,
             ),
         ]
     }

@@ -214,3 +214,46 @@ async fn killed_subscriber_connections_are_replaced() {
     let mut redis = Redis::start().await;
     outage_then_recovery(&mut redis, false).await;
 }
+
+/// Messages from Redis to a room larger than one slice: the inbox serves each a slice at a
+/// time and still delivers every message to every member, in the order Redis gave them.
+#[tokio::test]
+async fn sliced_delivery_from_redis_keeps_the_order() {
+    let redis = Redis::start().await;
+    let url = redis.url();
+    let sliced = |c: &mut roomcast::Config| {
+        c.redis = Some(url.clone());
+        c.fanout_slice = 1;
+        lift_inbound_limits(c);
+    };
+    let a = Node::start_with(sliced).await;
+    let b = Node::start_with(sliced).await;
+    for node in [&a, &b] {
+        node.wait_health("backplane connected", |h| h["status"] == "ok")
+            .await;
+    }
+    let mut members = Vec::new();
+    for _ in 0..40 {
+        let mut ws = b.client().await;
+        send(&mut ws, &subscribe("wide")).await;
+        members.push(ws);
+    }
+    for (i, ws) in members.iter_mut().enumerate() {
+        sync(ws, &format!("w{i}")).await;
+    }
+    redis.wait_numsub("wide", 1).await;
+    let mut sender = a.client().await;
+    for i in 0..10 {
+        send(&mut sender, &send_message("wide", &format!("n{i}"))).await;
+    }
+    for (m, ws) in members.iter_mut().enumerate() {
+        for i in 0..10 {
+            assert_eq!(recv(ws).await, format!("n{i}"), "member {m}");
+        }
+    }
+    let yields = b.health().await["fanout_yields"].as_u64();
+    assert!(
+        yields >= Some(10),
+        "40 members are three slices per message: {yields:?}"
+    );
+}

@@ -105,7 +105,7 @@ pub(super) async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
         Err(reply) => return reply,
     };
     match path.as_str() {
-        "/api/publish" => publish(&body, shared),
+        "/api/publish" => publish(&body, shared).await,
         "/api/disconnect" => disconnect(&body, shared),
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such API"),
     }
@@ -147,7 +147,7 @@ fn check(publication: &Publication, index: usize, shared: &Shared) -> Result<(),
     Ok(())
 }
 
-fn publish(body: &[u8], shared: &Shared) -> Reply {
+async fn publish(body: &[u8], shared: &Shared) -> Reply {
     let publications = match serde_json::from_slice::<PublishBody>(body) {
         Ok(PublishBody::One(one)) => vec![one],
         Ok(PublishBody::Many { publications }) => publications,
@@ -171,7 +171,7 @@ fn publish(body: &[u8], shared: &Shared) -> Reply {
             skip: None,
             from: None,
         });
-        if sent.is_err() {
+        let Ok(published) = sent else {
             let room = protocol::capped(&publication.room);
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -181,6 +181,10 @@ fn publish(body: &[u8], shared: &Shared) -> Reply {
                     "accepted": accepted,
                 }),
             );
+        };
+        // In order: each publication is served whole before the next one starts.
+        if let Some(rest) = published.rest {
+            rest.finish(&shared.metrics).await;
         }
     }
     json(

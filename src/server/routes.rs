@@ -141,7 +141,7 @@ fn healthz(shared: &Shared) -> Reply {
             r#""throttled":{},"rate_limited":{},"rate_limit_closed":{},"incomplete_closed":{},"#,
             r#""pongs_replaced":{},"outbox_peak_bytes":{},"refused":{},"#,
             r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{},"#,
-            r#""backplane_connects":{}}}"#
+            r#""backplane_connects":{},"fanout_yields":{}}}"#
         ),
         if healthy { "ok" } else { "degraded" },
         m.connections,
@@ -162,6 +162,7 @@ fn healthz(shared: &Shared) -> Reply {
         m.backplane_failed,
         m.backplane_dropped,
         m.backplane_connects,
+        m.fanout_yields,
     );
     let status = if healthy {
         StatusCode::OK

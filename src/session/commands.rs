@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{Mode, Session};
 use crate::auth::Op;
-use crate::backplane::{BackplaneError, Publish};
+use crate::backplane::{BackplaneError, Publish, Published};
 use crate::frame::{self, FrameError, OpCode};
 use crate::protocol::{self, ClientError, Command};
 use crate::room::Room;
@@ -51,21 +51,21 @@ impl Session {
                 Ok(())
             }
             Command::Chat { message, room } => {
-                let deliveries = self.chat(message, room)?;
-                self.charge_fanout(deliveries);
+                let published = self.chat(message, room)?;
+                self.published(published);
                 Ok(())
             }
             Command::SendMessage { room, message } => {
                 self.check_room_name(room)?;
                 self.check(room, Op::Publish)?;
-                let deliveries = self.publish(Publish {
+                let published = self.publish(Publish {
                     held: self.held(room),
                     room,
                     message,
                     skip: None,
                     from: Some(&self.outbox),
                 })?;
-                self.charge_fanout(deliveries);
+                self.published(published);
                 Ok(())
             }
             Command::Auth { token } => self.authenticate(token),
@@ -80,7 +80,7 @@ impl Session {
     }
 
     /// Dialect 1: to every other member of the chat room, or of the held room named.
-    fn chat(&self, message: &str, room: Option<&str>) -> Result<usize, ClientError> {
+    fn chat(&self, message: &str, room: Option<&str>) -> Result<Published, ClientError> {
         let held = match room {
             Some(name) => self.held(name).ok_or_else(|| {
                 ClientError::NotInRoom(format!(
@@ -103,14 +103,25 @@ impl Session {
         })
     }
 
-    /// Publishes `msg`; returns the deliveries it caused here, for the fan-out budget.
-    fn publish(&self, msg: Publish<'_>) -> Result<usize, ClientError> {
+    /// Publishes `msg`; returns what it did here.
+    fn publish(&self, msg: Publish<'_>) -> Result<Published, ClientError> {
         self.shared.backplane.publish(msg).map_err(|e| {
             if e == BackplaneError::Full {
                 self.shared.metrics.add_backplane_refused();
             }
             ClientError::BackplaneUnavailable(protocol::capped(msg.room).to_owned())
         })
+    }
+
+    /// Charges the fan-out budget, and keeps what is left of a large room's broadcast: the
+    /// session serves it a slice per turn of its loop and reads no further message until it
+    /// is done, so this sender's messages keep their order.
+    fn published(&mut self, published: Published) {
+        self.charge_fanout(published.deliveries);
+        if published.rest.is_some() {
+            self.shared.metrics.add_fanout_yield();
+        }
+        self.fanout = published.rest;
     }
 
     fn held(&self, name: &str) -> Option<&Arc<Room>> {

@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::frame::{self, close_code, OpCode};
 use crate::inbound::Inbound;
 use crate::outbox::Outbox;
-use crate::room::Room;
+use crate::room::{Fanout, Room};
 use crate::server::{Admitted, Shared, Slots};
 
 /// What a session serves.
@@ -98,6 +98,10 @@ pub(crate) struct Session {
     partial: Option<Box<Partial>>,
     inbound: Inbound,
     throttle: Option<Throttle>,
+    /// The rest of this client's last broadcast to a large room, served a slice per turn of
+    /// the loop; no further message is read until it is done. Boxed: rare, and paid by every
+    /// idle connection.
+    fanout: Option<Box<Fanout>>,
     /// The answer to the latest ping not yet written; a newer ping replaces it, so a ping flood
     /// holds one pong, not one per ping.
     pong: Option<Bytes>,
@@ -126,6 +130,8 @@ enum Wake {
     Writable(io::Result<()>),
     Readable(io::Result<()>),
     Timer,
+    /// The next slice of a broadcast to a large room, after the other branches had their turn.
+    Fanout,
 }
 
 impl Session {
@@ -150,6 +156,7 @@ impl Session {
             partial: None,
             inbound,
             throttle: None,
+            fanout: None,
             pong: None,
             taken: VecDeque::new(),
             batch: Batch::default(),
@@ -213,7 +220,7 @@ impl Session {
         }
         loop {
             let writing = !self.batch.is_empty();
-            let reading = self.reading && self.throttle.is_none();
+            let reading = self.reading && self.throttle.is_none() && self.fanout.is_none();
             let wake = tokio::select! {
                 biased;
                 _ = &mut stop_signal, if !stopping => Wake::Shutdown,
@@ -223,6 +230,8 @@ impl Session {
                 r = self.stream.writable(), if writing => Wake::Writable(r),
                 r = self.stream.readable(), if reading => Wake::Readable(r),
                 _ = &mut timer => Wake::Timer,
+                // Ready on its second poll: other tasks on this worker run between two slices.
+                () = tokio::task::yield_now(), if self.fanout.is_some() => Wake::Fanout,
             };
             match wake {
                 Wake::Shutdown => {
@@ -250,6 +259,10 @@ impl Session {
                 }
                 Wake::Timer => {
                     self.on_timer(&config)?;
+                    self.flush().await?;
+                }
+                Wake::Fanout => {
+                    self.continue_fanout();
                     self.flush().await?;
                 }
             }
@@ -358,6 +371,20 @@ impl Session {
         self.ingest(&mut [], now);
     }
 
+    /// Serves the next slice of a large room's broadcast; once it is done, what was left unread
+    /// in `rbuf` is handled before the socket is read again.
+    fn continue_fanout(&mut self) {
+        let Some(fanout) = self.fanout.as_mut() else {
+            return;
+        };
+        if fanout.step(&self.shared.metrics) {
+            self.fanout = None;
+            self.ingest(&mut [], Instant::now());
+        } else {
+            self.shared.metrics.add_fanout_yield();
+        }
+    }
+
     /// Drops everything queued for a consumer that fell behind and closes it with 1008.
     fn close_slow_consumer(&mut self) {
         self.outbox.discard();
@@ -383,6 +410,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // A broadcast the node accepted is served whole, even when its sender is gone.
+        if let Some(mut fanout) = self.fanout.take() {
+            fanout.finish_now(&self.shared.metrics);
+        }
         self.outbox.finish();
         let id = self.outbox.id();
         for room in std::mem::take(&mut self.rooms) {

@@ -99,7 +99,7 @@ impl Session {
     fn parse(&mut self, buf: &mut [u8], now: Instant) -> usize {
         let max = self.shared.config.max_message_bytes;
         let mut at = 0;
-        while self.reading && self.throttle.is_none() {
+        while self.reading && self.throttle.is_none() && self.fanout.is_none() {
             let header = match frame::parse_header(&buf[at..], max) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,

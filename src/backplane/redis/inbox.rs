@@ -136,6 +136,9 @@ pub(super) async fn deliver(
             (Some(origin), Some(conn)) if origin == &*ctx.node => Some(ConnId(conn)),
             _ => None,
         };
-        room.broadcast(&frame::text(relay.message), skip, &ctx.metrics);
+        // Sliced, so a message to a room of 100,000 does not hold this worker for its whole
+        // fan-out; the next message waits until this one is served, so the order holds.
+        let fanout = room.fanout(frame::text(relay.message), skip);
+        fanout.finish(&ctx.metrics).await;
     }
 }
