@@ -4,7 +4,9 @@
 //! * `registry` — membership. `join_then_leave/*` is one `Registry::join` + `Registry::leave`
 //!   of a newcomer at the end of the member list (`room_of_0` also creates and removes the
 //!   room); `leave_then_rejoin_scattered/*` takes a member from anywhere in the list (the last
-//!   one moves into its place) and joins it again; `everyone_leaves/room_of_20000` is a whole
+//!   one moves into its place) and joins it again (`500_rooms_of_200`: the same 100,000
+//!   members as `room_of_100000`, so the two differ only in the room's size, not in how much
+//!   of memory the bench walks); `everyone_leaves/room_of_20000` is a whole
 //!   audience dropping, per leave. Each change copies one path of the room's persistent tree,
 //!   so all of these should stay flat from 200 members to 100,000. `snapshot/*` is what a broadcast pays before its first recipient: one
 //!   `ArcSwap` load (`len`), plus the deliveries counter (`broadcast_empty`, a room whose last
@@ -221,6 +223,7 @@ fn registry(c: &mut Criterion) {
             },
         );
     }
+    scattered_over_many_rooms(&mut group, 500, 200);
     drop_of_a_whole_room(&mut group, 20_000);
 
     // A room whose last member left: still a valid handle, with an empty snapshot.
@@ -257,6 +260,33 @@ fn registry(c: &mut Criterion) {
         &frame,
     );
     group.finish();
+}
+
+/// `leave_then_rejoin_scattered` with the same 100,000 members as `room_of_100000`, in `rooms`
+/// rooms of `size`: what a room's size costs once the working set is the same. (`room_of_200`
+/// alone fits in the L1 cache; a server holding 100,000 connections does not.)
+fn scattered_over_many_rooms(group: &mut BenchmarkGroup<'_, WallTime>, rooms: usize, size: usize) {
+    let registry = Registry::new(None);
+    let names: Vec<String> = (0..rooms).map(|r| format!("room-{r}")).collect();
+    let audiences: Vec<Audience> = names
+        .iter()
+        .enumerate()
+        .map(|(r, name)| Audience::new(&registry, name, (r * size) as u64, size))
+        .collect();
+    let n = rooms * size;
+    let mut k = 0;
+    let id = format!("{rooms}_rooms_of_{size}");
+    group.bench_function(BenchmarkId::new("leave_then_rejoin_scattered", id), |b| {
+        b.iter(|| {
+            k = (k + 7_919) % n;
+            let (audience, who) = (&audiences[k / size], k % size);
+            let who = &audience.members[who];
+            registry.leave(&audience.room, who.id());
+            registry
+                .join(black_box(&names[k / size]), who)
+                .expect("under the cap");
+        })
+    });
 }
 
 /// Every member of a room of `n` leaving at once (an abrupt drop of a whole audience), in a

@@ -21,6 +21,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18300}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 
 cargo build --release -q -p loadgen
 for run in $(seq 1 "$RUNS"); do

@@ -19,6 +19,7 @@ LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18500}
 SECRET=auth-cost-secret
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 
 cargo build --release -q -p roomcast -p loadgen
 

@@ -196,6 +196,8 @@ pub struct Shared {
     pub rooms: u32,
     pub senders_per_room: u32,
     pub dialect: Dialect,
+    /// Room names are this plus the room's number.
+    pub room_prefix: String,
     pub payload: usize,
     pub n_phases: usize,
     pub read_buf: usize,
@@ -702,13 +704,18 @@ impl ClientState {
 }
 
 /// Appends the JSON of a send in the chosen dialect, carrying message `m` built by `body`.
-fn build_send(scratch: &mut Vec<u8>, dialect: Dialect, room: u32, body: impl FnOnce(&mut Vec<u8>)) {
+fn build_send(
+    scratch: &mut Vec<u8>,
+    (dialect, prefix): (Dialect, &str),
+    room: u32,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
     scratch.clear();
     // Writes to a Vec cannot fail.
     let _ = match dialect {
         Dialect::Subscribe => write!(
             scratch,
-            "{{\"type\":\"sendMessage\",\"roomId\":\"lg-{room}\",\"message\":\""
+            "{{\"type\":\"sendMessage\",\"roomId\":\"{prefix}{room}\",\"message\":\""
         ),
         Dialect::Join => write!(scratch, "{{\"type\":\"chat\",\"payload\":{{\"message\":\""),
     };
@@ -719,13 +726,16 @@ fn build_send(scratch: &mut Vec<u8>, dialect: Dialect, room: u32, body: impl FnO
     });
 }
 
-pub(crate) fn build_join(scratch: &mut Vec<u8>, dialect: Dialect, room: u32) {
+pub(crate) fn build_join(scratch: &mut Vec<u8>, dialect: Dialect, prefix: &str, room: u32) {
     scratch.clear();
     let _ = match dialect {
-        Dialect::Subscribe => write!(scratch, "{{\"type\":\"SUBSCRIBE\",\"room\":\"lg-{room}\"}}"),
+        Dialect::Subscribe => write!(
+            scratch,
+            "{{\"type\":\"SUBSCRIBE\",\"room\":\"{prefix}{room}\"}}"
+        ),
         Dialect::Join => write!(
             scratch,
-            "{{\"type\":\"join\",\"payload\":{{\"roomId\":\"lg-{room}\"}}}}"
+            "{{\"type\":\"join\",\"payload\":{{\"roomId\":\"{prefix}{room}\"}}}}"
         ),
     };
 }
@@ -789,7 +799,7 @@ async fn connect(
             }
         };
         rbuf.copy_within(header_len..filled, 0);
-        build_join(scratch, sh.dialect, a.id % sh.rooms);
+        build_join(scratch, sh.dialect, &sh.room_prefix, a.id % sh.rooms);
         out.clear();
         ws::encode_frame(out, ws::OP_TEXT, scratch, rng.mask());
         s.write_all(out).await.map_err(ConnectError::JoinWrite)?;
@@ -895,7 +905,8 @@ impl Conn {
         {
             self.last_probe_round = c.probe_round;
             let round = c.probe_round;
-            build_send(&mut self.scratch, self.sh.dialect, room, |b| {
+            let wire = (self.sh.dialect, &*self.sh.room_prefix);
+            build_send(&mut self.scratch, wire, room, |b| {
                 let _ = write!(b, "lg-{room}|P|{round}|");
             });
             ws::encode_frame(&mut self.out, ws::OP_TEXT, &self.scratch, self.rng.mask());
@@ -930,12 +941,17 @@ impl Conn {
         let mut hists: Option<MutexGuard<'_, Hists>> = None;
         while !s.done && s.next <= now && (n as usize) < MAX_SEND_BATCH {
             let (seq, sched, pad) = (s.seq, s.next, sh.payload);
-            build_send(&mut self.scratch, sh.dialect, room, |b| {
-                let at = b.len();
-                let _ = write!(b, "lg-{room}|{id}|{seq}|{sched}|");
-                let len = b.len() - at;
-                b.resize(b.len() + pad.saturating_sub(len), b'x');
-            });
+            build_send(
+                &mut self.scratch,
+                (sh.dialect, &sh.room_prefix),
+                room,
+                |b| {
+                    let at = b.len();
+                    let _ = write!(b, "lg-{room}|{id}|{seq}|{sched}|");
+                    let len = b.len() - at;
+                    b.resize(b.len() + pad.saturating_sub(len), b'x');
+                },
+            );
             ws::encode_frame(&mut self.out, ws::OP_TEXT, &self.scratch, self.rng.mask());
             hists.get_or_insert_with(|| sh.shard(id)).lag[s.phase]
                 .saturating_record((now - sched) / 1000);
@@ -1406,18 +1422,20 @@ mod tests {
     #[test]
     fn message_roundtrip() {
         let mut b = Vec::new();
-        build_send(&mut b, Dialect::Subscribe, 3, |b| {
+        build_send(&mut b, (Dialect::Subscribe, "lg-"), 3, |b| {
             let _ = write!(b, "lg-3|17|42|123456789|xxxx");
         });
         assert_eq!(
             b,
             br#"{"type":"sendMessage","roomId":"lg-3","message":"lg-3|17|42|123456789|xxxx"}"#
         );
-        build_send(&mut b, Dialect::Join, 3, |b| b.extend_from_slice(b"m"));
+        build_send(&mut b, (Dialect::Join, "lg-"), 3, |b| {
+            b.extend_from_slice(b"m")
+        });
         assert_eq!(b, br#"{"type":"chat","payload":{"message":"m"}}"#);
-        build_join(&mut b, Dialect::Join, 7);
+        build_join(&mut b, Dialect::Join, "lg-", 7);
         assert_eq!(b, br#"{"type":"join","payload":{"roomId":"lg-7"}}"#);
-        build_join(&mut b, Dialect::Subscribe, 7);
+        build_join(&mut b, Dialect::Subscribe, "lg-", 7);
         assert_eq!(b, br#"{"type":"SUBSCRIBE","room":"lg-7"}"#);
         let Some(Msg::Data {
             room,

@@ -48,6 +48,9 @@ pub struct Config {
     pub payload: usize,
     /// `--dialect`.
     pub dialect: Dialect,
+    /// `--room-prefix`: rooms are named `<prefix><n>`; two loadgens with different prefixes
+    /// can share one server without sharing rooms.
+    pub room_prefix: String,
     /// `--connect-concurrency`: connection attempts in flight at once.
     pub connect_concurrency: usize,
     /// `--connect-timeout`: per-connection limit for TCP connect + upgrade + join.
@@ -103,6 +106,7 @@ impl Default for Config {
             warmup: Duration::from_secs(2),
             payload: 64,
             dialect: Dialect::Subscribe,
+            room_prefix: "lg-".to_string(),
             connect_concurrency: 256,
             connect_timeout: Duration::from_secs(10),
             json: None,

@@ -77,7 +77,7 @@ impl Hostile {
                 let counters = Arc::clone(&floods);
                 tasks.push(tokio::spawn(flood(
                     target,
-                    cfg.dialect,
+                    (cfg.dialect, cfg.room_prefix.clone()),
                     room,
                     frames,
                     counters,
@@ -134,7 +134,8 @@ fn flood_batch(cfg: &Config, i: usize) -> Vec<u8> {
     let json = match cfg.dialect {
         Dialect::Join => format!(r#"{{"type":"chat","payload":{{"message":"{message}"}}}}"#),
         Dialect::Subscribe => {
-            format!(r#"{{"type":"sendMessage","roomId":"lg-{room}","message":"{message}"}}"#)
+            let prefix = &cfg.room_prefix;
+            format!(r#"{{"type":"sendMessage","roomId":"{prefix}{room}","message":"{message}"}}"#)
         }
     };
     let mut out = Vec::new();
@@ -184,10 +185,16 @@ async fn connect(t: &Target, counters: &Counters) -> Option<TcpStream> {
 
 /// A flooder: joins its room, then writes flood batches until stopped, reading (and
 /// discarding) whatever the server sends so that it stays a reader; reconnects when closed.
-async fn flood(t: Target, dialect: Dialect, room: u32, frames: Vec<u8>, c: Arc<Counters>) {
+async fn flood(
+    t: Target,
+    (dialect, prefix): (Dialect, String),
+    room: u32,
+    frames: Vec<u8>,
+    c: Arc<Counters>,
+) {
     let mut join = Vec::new();
     let mut scratch = Vec::new();
-    build_join(&mut scratch, dialect, room);
+    build_join(&mut scratch, dialect, &prefix, room);
     ws::encode_frame(&mut join, ws::OP_TEXT, &scratch, [1, 2, 3, 4]);
     while !*t.stop.borrow() {
         let Some(stream) = connect(&t, &c).await else {

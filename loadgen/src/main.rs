@@ -54,6 +54,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = DialectArg::Subscribe)]
     dialect: DialectArg,
 
+    /// Rooms are named PREFIX0, PREFIX1, ...: two loadgens with different prefixes can share
+    /// one server without sharing rooms (tokens then grant PREFIX*).
+    #[arg(long, default_value = "lg-")]
+    room_prefix: String,
+
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
@@ -168,6 +173,7 @@ impl From<Args> for Config {
                 DialectArg::Join => Dialect::Join,
                 DialectArg::Subscribe => Dialect::Subscribe,
             },
+            room_prefix: a.room_prefix,
             connect_concurrency: a.connect_concurrency,
             connect_timeout: a.connect_timeout,
             json: a.json,

@@ -108,6 +108,7 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         rooms,
         senders_per_room: cfg.senders_per_room as u32,
         dialect: cfg.dialect,
+        room_prefix: cfg.room_prefix.clone(),
         payload: cfg.payload,
         n_phases,
         read_buf,
@@ -128,7 +129,7 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         tokens: cfg
             .token_secret
             .as_deref()
-            .map(|s| crate::token::Minter::new(s, Duration::from_secs(86_400))),
+            .map(|s| crate::token::Minter::new(s, Duration::from_secs(86_400), &cfg.room_prefix)),
     }
 }
 

@@ -12,13 +12,15 @@ use ring::hmac;
 pub struct Minter {
     key: hmac::Key,
     ttl: Duration,
+    room_prefix: String,
 }
 
 impl Minter {
-    pub fn new(secret: &str, ttl: Duration) -> Minter {
+    pub fn new(secret: &str, ttl: Duration, room_prefix: &str) -> Minter {
         Minter {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()),
             ttl,
+            room_prefix: room_prefix.to_string(),
         }
     }
 
@@ -30,7 +32,8 @@ impl Minter {
             + self.ttl.as_secs();
         let header = base64url(br#"{"alg":"HS256","typ":"JWT"}"#);
         let claims = format!(
-            r#"{{"sub":"lg-{id}","exp":{exp},"rooms":{{"lg-*":["subscribe","publish"]}}}}"#
+            r#"{{"sub":"lg-{id}","exp":{exp},"rooms":{{"{}*":["subscribe","publish"]}}}}"#,
+            self.room_prefix
         );
         let signed = format!("{header}.{}", base64url(claims.as_bytes()));
         let signature = hmac::sign(&self.key, signed.as_bytes());
@@ -68,7 +71,7 @@ mod tests {
 
     #[test]
     fn a_token_has_three_parts_and_names_its_client() {
-        let token = Minter::new("s", Duration::from_secs(60)).token(7);
+        let token = Minter::new("s", Duration::from_secs(60), "lg-").token(7);
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts.len(), 3);
         assert_eq!(parts[0], "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9");

@@ -340,14 +340,18 @@ mod tests {
 
     #[test]
     fn height_is_the_least_that_holds_the_members() {
+        let three_levels = WIDTH * WIDTH * WIDTH;
         let mut roster = Roster::default();
-        for i in 0..=4096u64 {
+        for i in 0..=three_levels as u64 {
             roster = roster.push(member(i));
         }
-        assert_eq!(roster.height, 3, "4,097 members need a fourth level");
+        assert_eq!(
+            roster.height, 3,
+            "one past three full levels needs a fourth"
+        );
         roster = roster.pop().expect("not empty").0;
-        assert_eq!(roster.height, 2, "4,096 fit in three levels");
-        assert_eq!(roster.swap_remove(4096).map(|(r, _)| r.len()), None);
+        assert_eq!(roster.height, 2, "three full levels fit in three");
+        assert_eq!(roster.swap_remove(three_levels).map(|(r, _)| r.len()), None);
     }
 
     #[test]
@@ -356,7 +360,7 @@ mod tests {
         for i in 0..1_000u64 {
             roster = roster.push(member(i));
         }
-        for start in [0, 15, 16, 255, 256, 999] {
+        for start in [0, WIDTH - 1, WIDTH, WIDTH * WIDTH - 1, WIDTH * WIDTH, 999] {
             let mut seen = Vec::new();
             let end = roster.leaves_from(start, &mut |leaf| {
                 seen.extend(leaf.iter().map(|m| m.id.0));
@@ -371,11 +375,9 @@ mod tests {
             leaves += 1;
             leaves < 3
         });
-        assert_eq!(
-            (leaves, end),
-            (3, 144),
-            "three leaves from the one holding 100: 96..144"
-        );
+        let first = 100 / WIDTH * WIDTH;
+        let three_leaves = (3, first + 3 * WIDTH);
+        assert_eq!((leaves, end), three_leaves, "from the leaf holding 100");
         assert_eq!(roster.leaves_from(1_000, &mut |_| unreachable!()), 1_000);
     }
 }
