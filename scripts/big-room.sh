@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Rooms of any size, end to end: CLIENTS clients (19,000: the file limit here is 20,000 per
 # process) connect and join at full speed, either all into one room or spread over ROOMS_SPREAD
-# rooms (95 rooms of 200), then close. Prints the server's CPU (utime+stime from /proc) for that
-# whole connect-join-close run, per build and layout, interleaved, a fresh server per run. Then,
-# per build, the one room with 2 senders at 5 msg/s: server CPU per delivery and p99.
+# rooms (95 rooms of 200), then close, with no sender (loadgen --senders-per-room 0), so the two
+# layouts differ in membership alone (the readiness probes reach every member in both). Prints
+# the server's CPU (utime+stime from /proc) for that whole connect-join-close run, per build and
+# layout, interleaved, a fresh server per run. Then, per build, the one room with 2 senders at
+# 5 msg/s: server CPU per delivery and p99.
 #
 #   bash scripts/big-room.sh                                  # this build only
 #   BINS="old=/tmp/roomcast-old new=target/release/roomcast" bash scripts/big-room.sh
@@ -47,7 +49,7 @@ for run in $(seq 1 "$RUNS"); do
             start "$bin"
             before=$(cpu_ticks "$pid")
             taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" \
-                --clients "$CLIENTS" --rooms "$rooms" --senders-per-room 1 --rate 0.01 \
+                --clients "$CLIENTS" --rooms "$rooms" --senders-per-room 0 \
                 --warmup 0.5 --duration 1 -q >"$OUT/$name-join-$rooms-$run.txt" 2>&1 || true
             after=$(cpu_ticks "$pid")
             echo "$name join rooms=$rooms run=$run server_cpu_ms=$(( (after - before) * 10 ))"
