@@ -16,7 +16,9 @@
 //!    room: in-process by default.
 //! 4. **room** — [`room`] holds each room's members as an immutable `ArcSwap` snapshot in a
 //!    sharded registry; a broadcast reads it with one atomic load and takes no lock (joins and
-//!    leaves take their shard's mutex).
+//!    leaves take their shard's mutex and copy one path of the snapshot's persistent tree, so
+//!    they cost the same in any room). A room larger than `--fanout-slice` is served a slice at
+//!    a time, the caller yielding between slices ([`room::Fanout`]).
 //! 5. **fan-out** — the message is framed once into a `Bytes` ([`frame::text`]); every
 //!    recipient's [`outbox`] gets a clone of it (a reference-count bump, never a copy). The
 //!    push is not lock-free: it holds that outbox's own mutex for one `push_back`, a lock no

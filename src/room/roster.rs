@@ -7,9 +7,10 @@
 //! one of its level, and the list has no holes. A leave moves the last member into the hole
 //! (`swap_remove`), so order is not join order; fan-out does not need it to be.
 //!
-//! Why 16 and not 32: a change copies `16 × (height + 1)` pointers and bumps as many reference
-//! counts; at 16 that is 80 for 100,000 members against 29 for 200 (the bound is 3×),
-//! at 32 it would be 128 against 39. Fan-out pays one pointer chase per 16 members.
+//! Why 16: a change copies about `16 × (height + 1)` entries and bumps as many reference counts
+//! (80 for 100,000 members, 32 for 200); 32 would copy 128 against 39, and 8 was measured no
+//! faster (more levels, more allocations, more dependent loads). Each node is one allocation
+//! holding its entries inline (`Arc<[T]>`), so fan-out pays one pointer chase per 16 members.
 
 use std::sync::Arc;
 
@@ -20,17 +21,19 @@ const BITS: u32 = 4;
 const WIDTH: usize = 1 << BITS;
 const MASK: usize = WIDTH - 1;
 
+/// A subtree; cloning one is a reference-count bump.
+#[derive(Clone)]
 enum Node {
     /// 1 to `WIDTH` members.
-    Leaf(Vec<Member>),
+    Leaf(Arc<[Member]>),
     /// 1 to `WIDTH` children, all of the same height.
-    Branch(Vec<Arc<Node>>),
+    Branch(Arc<[Node]>),
 }
 
 /// An immutable member list; every change returns a new roster sharing all untouched nodes.
 #[derive(Clone, Default)]
 pub(crate) struct Roster {
-    root: Option<Arc<Node>>,
+    root: Option<Node>,
     len: usize,
     /// Branch levels above the leaves (a root leaf has height 0).
     height: u32,
@@ -52,7 +55,7 @@ impl Roster {
             None => (single_path(0, member), 0),
             Some(root) if self.len == Self::capacity(self.height) => {
                 let sibling = single_path(self.height, member);
-                let root = Arc::new(Node::Branch(vec![Arc::clone(root), sibling]));
+                let root = Node::Branch(Arc::from([root.clone(), sibling]));
                 (root, self.height + 1)
             }
             Some(root) => (push_at(root, self.height, self.len, member), self.height),
@@ -76,21 +79,15 @@ impl Roster {
 
     /// The last member removed, and that member. `None` when empty.
     pub(crate) fn pop(&self) -> Option<(Self, Member)> {
-        let root = self.root.as_ref()?;
-        let (mut root, last) = pop_last(root);
+        let (mut root, last) = pop_last(self.root.as_ref()?);
         let mut height = self.height;
         // Dense shape: a root branch left with one child is one level too tall.
-        while let Some(node) = root.take() {
-            match &*node {
-                Node::Branch(children) if children.len() == 1 && height > 0 => {
-                    root = Some(Arc::clone(&children[0]));
-                    height -= 1;
-                }
-                _ => {
-                    root = Some(node);
-                    break;
-                }
+        while let Some(Node::Branch(children)) = &root {
+            if children.len() != 1 || height == 0 {
+                break;
             }
+            root = Some(children[0].clone());
+            height -= 1;
         }
         let len = self.len - 1;
         Some((Self { root, len, height }, last))
@@ -117,7 +114,7 @@ impl Roster {
         if index >= self.len {
             return None;
         }
-        let mut node = self.root.as_deref()?;
+        let mut node = self.root.as_ref()?;
         let mut level = self.height;
         loop {
             match node {
@@ -158,80 +155,72 @@ fn digit(index: usize, level: u32) -> usize {
 }
 
 /// A path of single-child branches down to a leaf holding `member`.
-fn single_path(height: u32, member: Member) -> Arc<Node> {
-    let mut node = Arc::new(Node::Leaf(with_one(member)));
+fn single_path(height: u32, member: Member) -> Node {
+    let mut node = Node::Leaf(Arc::from([member]));
     for _ in 0..height {
-        node = Arc::new(Node::Branch(with_one(node)));
+        node = Node::Branch(Arc::from([node]));
     }
     node
 }
 
-/// A vector sized for a full node, holding `first`: a node grows to `WIDTH` without moving.
-fn with_one<T>(first: T) -> Vec<T> {
-    let mut v = Vec::with_capacity(WIDTH);
-    v.push(first);
-    v
+/// `items` with the entry at `slot` replaced by `with`, or `with` appended when `slot` is
+/// `items.len()`; one allocation of the exact size.
+fn replaced<T: Clone>(items: &[T], slot: usize, with: T) -> Arc<[T]> {
+    let mut with = Some(with);
+    let len = items.len().max(slot + 1);
+    (0..len)
+        .map(|i| match items.get(i) {
+            Some(_) if i == slot => with.take().expect("one slot is replaced"),
+            Some(item) => item.clone(),
+            None => with.take().expect("one slot is appended"),
+        })
+        .collect()
 }
 
-fn push_at(node: &Node, level: u32, index: usize, member: Member) -> Arc<Node> {
-    Arc::new(match node {
-        Node::Leaf(members) => {
-            let mut copy = copied(members);
-            copy.push(member);
-            Node::Leaf(copy)
-        }
+fn push_at(node: &Node, level: u32, index: usize, member: Member) -> Node {
+    match node {
+        Node::Leaf(members) => Node::Leaf(replaced(members, members.len(), member)),
         Node::Branch(children) => {
             let slot = digit(index, level);
-            let mut copy = copied(children);
-            match copy.get_mut(slot) {
-                Some(child) => *child = push_at(child, level - 1, index, member),
-                None => copy.push(single_path(level - 1, member)),
-            }
-            Node::Branch(copy)
+            let child = match children.get(slot) {
+                Some(child) => push_at(child, level - 1, index, member),
+                None => single_path(level - 1, member),
+            };
+            Node::Branch(replaced(children, slot, child))
         }
-    })
+    }
 }
 
-fn set_at(node: &Node, level: u32, index: usize, member: Member) -> Arc<Node> {
-    Arc::new(match node {
-        Node::Leaf(members) => {
-            let mut copy = copied(members);
-            copy[index & MASK] = member;
-            Node::Leaf(copy)
-        }
+fn set_at(node: &Node, level: u32, index: usize, member: Member) -> Node {
+    match node {
+        Node::Leaf(members) => Node::Leaf(replaced(members, index & MASK, member)),
         Node::Branch(children) => {
             let slot = digit(index, level);
-            let mut copy = copied(children);
-            copy[slot] = set_at(&children[slot], level - 1, index, member);
-            Node::Branch(copy)
+            let child = set_at(&children[slot], level - 1, index, member);
+            Node::Branch(replaced(children, slot, child))
         }
-    })
+    }
 }
 
 /// `node` without its last member (`None` when that was its only one), and that member.
-fn pop_last(node: &Node) -> (Option<Arc<Node>>, Member) {
+fn pop_last(node: &Node) -> (Option<Node>, Member) {
     match node {
         Node::Leaf(members) => {
             let (last, rest) = members.split_last().expect("a leaf holds a member");
-            let rest = (!rest.is_empty()).then(|| Arc::new(Node::Leaf(copied(rest))));
+            let rest = (!rest.is_empty()).then(|| Node::Leaf(Arc::from(rest)));
             (rest, last.clone())
         }
         Node::Branch(children) => {
             let (tail, rest) = children.split_last().expect("a branch holds a child");
             let (tail, last) = pop_last(tail);
-            let mut copy = copied(rest);
-            copy.extend(tail);
-            let node = (!copy.is_empty()).then(|| Arc::new(Node::Branch(copy)));
+            let node = match tail {
+                Some(tail) => Some(Node::Branch(replaced(children, rest.len(), tail))),
+                None if rest.is_empty() => None,
+                None => Some(Node::Branch(Arc::from(rest))),
+            };
             (node, last)
         }
     }
-}
-
-/// A copy with room for a full node, so the push that follows never reallocates.
-fn copied<T: Clone>(items: &[T]) -> Vec<T> {
-    let mut copy = Vec::with_capacity(WIDTH);
-    copy.extend_from_slice(items);
-    copy
 }
 
 /// Visits the leaves under `node` (whose first member has index `first`) from `start` on.
