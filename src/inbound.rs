@@ -143,9 +143,15 @@ impl Inbound {
             .then(|| now + Duration::from_secs_f64(-self.fanout / limits.fanout_per_sec as f64))
     }
 
+    /// Adds the tokens earned since the last refill. Callers pass different clocks (a frame
+    /// is admitted at the instant its read began, its fan-out charged after it was handled),
+    /// so `now` may be older than the last refill: then nothing is earned and `refilled` stays
+    /// where it is (an unlimited bucket is still kept full). Moving it back would let the next call earn the same interval again, once
+    /// per message: a slow server (a busy core) then let a flood through at several times its
+    /// limit.
     fn refill(&mut self, limits: &InboundLimits, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
+        self.refilled = self.refilled.max(now);
         let (frames, bytes) = (
             f64::from(limits.frames_per_sec),
             limits.bytes_per_sec as f64,
@@ -204,6 +210,29 @@ mod tests {
             fanout_per_sec: 100,
             fanout_burst: 300,
         }
+    }
+
+    /// Frames of one read are admitted at the read's instant and their fan-out is charged
+    /// later, so the clocks interleave old, new, old, new: the time between them must be
+    /// earned once, not once per message (found by `tests/flow_control.rs` on a busy core,
+    /// where 5,000 frames passed a 1,000 a second limit in 2.7 s).
+    #[test]
+    fn an_older_clock_after_a_newer_one_earns_nothing_twice() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Reject);
+        let mut inbound = Inbound::new(&l, t0);
+        let read_at = t0 + Duration::from_secs(10);
+        let mut admitted = 0;
+        for i in 1..=20u64 {
+            if inbound.admit(&l, 1, read_at) == Admit::Yes {
+                admitted += 1;
+            }
+            let handled_at = read_at + Duration::from_millis(10 * i);
+            let _ = inbound.charge_fanout(&l, 0, handled_at);
+        }
+        // The burst (3) plus what 0.2 s earns at 10 a second (2), however the calls interleave
+        // (before the fix: 17).
+        assert!(admitted <= 3 + 2, "{admitted} frames admitted");
     }
 
     #[test]

@@ -125,7 +125,8 @@ async fn a_flood_never_evicts_readers_that_keep_up_with_the_senders_limit() {
         h["slow_consumers_closed"] == 1 && h["connections"] == 3
     })
     .await;
-    assert!(node.health().await["throttled"].as_u64().unwrap_or(0) > 0);
+    let health = node.health().await;
+    assert!(health["throttled"].as_u64().unwrap_or(0) > 0, "{health}");
     drop(stuck);
 }
 
