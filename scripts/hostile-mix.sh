@@ -6,13 +6,14 @@
 # healthy clients' loss and p99 and the server's peak RSS; flood messages the server accepted
 # are its messages_in less the clean run's.
 #
-#   bash scripts/hostile-mix.sh           # RUNS=3 DURATION=20; SERVER_ARGS="..." adds server flags
+#   bash scripts/hostile-mix.sh           # RUNS=3 DURATION=20 RATE=2; SERVER_ARGS="..." adds server flags
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-20}
+RATE=${RATE:-2}
 SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18600}
@@ -29,7 +30,7 @@ for run in $(seq 1 "$RUNS"); do
         pid=$!
         wait_for_port 127.0.0.1 "$PORT" 10
         taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" --clients 10000 \
-            --rooms 50 --senders-per-room 2 --rate 2 --duration "$DURATION" --server-pid "$pid" \
+            --rooms 50 --senders-per-room 2 --rate "$RATE" --duration "$DURATION" --server-pid "$pid" \
             --json "$OUT/$mix-$run.json" -q "${extra[@]}" >"$OUT/$mix-$run.txt" 2>&1 || true
         curl -s "http://127.0.0.1:$PORT/healthz" >"$OUT/health-$mix-$run.json"
         kill "$pid" 2>/dev/null || true
