@@ -6,7 +6,7 @@
 # healthy clients' loss and p99 and the server's peak RSS; flood messages the server accepted
 # are its messages_in less the clean run's.
 #
-#   bash scripts/hostile-mix.sh           # RUNS=3 DURATION=20 RATE=2; SERVER_ARGS="..." adds server flags
+#   bash scripts/hostile-mix.sh           # RUNS=3 DURATION=20 RATE=2 FLOODERS=10 PINGERS=10; SERVER_ARGS="..." adds server flags
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -14,6 +14,8 @@ source scripts/lib.sh
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-20}
 RATE=${RATE:-2}
+FLOODERS=${FLOODERS:-10}
+PINGERS=${PINGERS:-10}
 SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18600}
@@ -24,7 +26,7 @@ cargo build --release -q -p roomcast -p loadgen
 for run in $(seq 1 "$RUNS"); do
     for mix in clean hostile; do
         extra=()
-        [ "$mix" = hostile ] && extra=(--flooders 10 --pingers 10)
+        [ "$mix" = hostile ] && extra=(--flooders "$FLOODERS" --pingers "$PINGERS")
         # shellcheck disable=SC2086
         taskset -c "$SERVER_CPU" target/release/roomcast --listen "127.0.0.1:$PORT" --log warn ${SERVER_ARGS:-} &
         pid=$!
