@@ -111,15 +111,10 @@ impl Room {
     /// Queues `frame` for every member except `skip`; returns how many got it. Each recipient
     /// receives a clone of the same `Bytes`: one allocation per message, whatever the fan-out.
     pub fn broadcast(&self, frame: &Bytes, skip: Option<ConnId>, metrics: &Metrics) -> usize {
-        let members = self.members.load();
-        let mut queued = 0;
-        members.for_each(|member| {
-            if Some(member.id) != skip && member.outbox.push(frame, metrics) == Pushed::Queued {
-                queued += 1;
-            }
-        });
-        metrics.add_deliveries(queued as u64);
-        queued
+        // The same path the server takes, served to the end without yielding.
+        let mut fanout = self.fanout(frame.clone(), skip);
+        fanout.finish_now(metrics);
+        fanout.queued()
     }
 
     /// A broadcast of `frame` to the members of now, except `skip`, to be served a slice at a

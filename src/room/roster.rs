@@ -141,6 +141,7 @@ impl Roster {
     }
 
     /// Every member, in index order.
+    #[cfg(test)]
     pub(crate) fn for_each(&self, mut visit: impl FnMut(&Member)) {
         self.leaves_from(0, &mut |leaf| {
             leaf.iter().for_each(&mut visit);
