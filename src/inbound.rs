@@ -126,7 +126,7 @@ impl Inbound {
     }
 
     /// Charges the deliveries one message caused. When that leaves the fan-out bucket short,
-    /// returns the instant it is whole again: the caller stops reading until then (always a
+    /// returns the instant it is back to zero: the caller stops reading until then (always a
     /// throttle, whatever the policy: the message itself already went out).
     pub fn charge_fanout(
         &mut self,
@@ -236,12 +236,13 @@ mod tests {
     }
 
     #[test]
-    fn fanout_is_charged_after_the_fact_and_throttles_until_it_is_whole() {
+    fn fanout_is_charged_after_the_fact_and_throttles_until_it_is_out_of_debt() {
         let t0 = Instant::now();
         let l = limits(RatePolicy::Reject);
         let mut inbound = Inbound::new(&l, t0);
         assert_eq!(inbound.charge_fanout(&l, 200, t0), None);
-        // 100 more than the burst: whole again after a second at 100 a second.
+        // 100 more than the burst: out of debt after a second at 100 a second (the next
+        // message may go then; the bucket is whole again only two seconds later).
         assert_eq!(
             inbound.charge_fanout(&l, 200, t0),
             Some(t0 + Duration::from_secs(1))

@@ -294,6 +294,7 @@ impl Report {
             loadgen_cpu_total_s: m.loadgen_cpu_total_s,
             drained: m.drained,
             hostile: None,
+            split_rooms: None,
             elapsed_s: m.elapsed_s,
             measured_window_s: m.window_s,
             curves: Curves(curves),

@@ -181,6 +181,9 @@ pub fn assign_roles(
 pub struct Hists {
     pub latency: Vec<Histogram<u64>>,
     pub lag: Vec<Histogram<u64>>,
+    /// Measured latency with `--split-rooms N`: `[rooms N.., rooms 0..N]` (flooders go to
+    /// rooms 0, 1, ...), so a flood's cost to its own rooms and to the others read apart.
+    pub split: [Histogram<u64>; 2],
 }
 
 impl Hists {
@@ -188,6 +191,7 @@ impl Hists {
         Hists {
             latency: (0..n_phases).map(|_| new_hist()).collect(),
             lag: (0..n_phases).map(|_| new_hist()).collect(),
+            split: [new_hist(), new_hist()],
         }
     }
 }
@@ -198,6 +202,8 @@ pub struct Shared {
     pub dialect: Dialect,
     /// Room names are this plus the room's number.
     pub room_prefix: String,
+    /// `--split-rooms`: latency of rooms `0..split_rooms` is also recorded apart.
+    pub split_rooms: u32,
     pub payload: usize,
     pub n_phases: usize,
     pub read_buf: usize,
@@ -684,7 +690,11 @@ impl ClientState {
                 // Phase 0 is the warm-up, excluded from latency.
                 if p > 0 {
                     let us = (now.saturating_sub(sched) / 1000).max(1);
-                    hists.get_or_insert_with(|| sh.shard(self.id)).latency[p].saturating_record(us);
+                    let h = hists.get_or_insert_with(|| sh.shard(self.id));
+                    h.latency[p].saturating_record(us);
+                    if sh.split_rooms > 0 {
+                        h.split[usize::from(room < sh.split_rooms)].saturating_record(us);
+                    }
                 }
             }
         }

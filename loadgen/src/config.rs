@@ -93,6 +93,9 @@ pub struct Config {
     pub pingers: usize,
     /// `--flood-payload`: bytes of each flood message.
     pub flood_payload: usize,
+    /// `--split-rooms`: report the latency of rooms `0..split_rooms` and of the rest apart
+    /// (flooders go to rooms 0, 1, ...); 0 is off.
+    pub split_rooms: u32,
 }
 
 impl Default for Config {
@@ -127,6 +130,7 @@ impl Default for Config {
             flooders: 0,
             pingers: 0,
             flood_payload: 1000,
+            split_rooms: 0,
         }
     }
 }

@@ -119,6 +119,14 @@ pub async fn run(cfg: Config) -> Result<Report> {
     };
     let mut report = Report::assemble(&cfg, measurements);
     report.hostile = hostile;
+    report.split_rooms = (cfg.split_rooms > 0).then(|| {
+        let [rest, first] = &collected.split;
+        report::SplitRooms {
+            first_rooms: cfg.split_rooms,
+            latency_first: report::Latency::from_hist(first),
+            latency_rest: report::Latency::from_hist(rest),
+        }
+    });
     Ok(report)
 }
 

@@ -147,6 +147,11 @@ struct Args {
     /// Bytes of each flooder's message.
     #[arg(long, default_value_t = 1000)]
     flood_payload: usize,
+
+    /// Also report the healthy latency of rooms 0..N and of the others apart (default: the
+    /// rooms with a flooder, one per flooder in turn; 0 turns it off).
+    #[arg(long)]
+    split_rooms: Option<u32>,
 }
 
 /// The command line's names for [`Dialect`] (the library stays free of clap).
@@ -191,6 +196,7 @@ impl From<Args> for Config {
             reconnect_every: a.reconnect_every,
             token_secret: a.token_secret,
             flooders: a.flooders,
+            split_rooms: a.split_rooms.unwrap_or(a.flooders.min(a.rooms) as u32),
             pingers: a.pingers,
             flood_payload: a.flood_payload,
         }

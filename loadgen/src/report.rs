@@ -44,6 +44,9 @@ pub struct Report {
     /// With --flooders or --pingers: what the hostile clients did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostile: Option<crate::hostile::HostileReport>,
+    /// With --split-rooms: the measured latency of the first rooms and of the rest apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_rooms: Option<SplitRooms>,
     pub elapsed_s: f64,
     /// Start and end of the measured window (all steps), seconds since the run started: the
     /// time base of `server.rss_samples`.
@@ -171,6 +174,14 @@ impl Counts {
     pub fn faults(&self) -> u64 {
         self.lost + self.duplicates + self.order_violations + self.misrouted
     }
+}
+
+/// `--split-rooms N`: the healthy clients' measured latency in rooms `0..N` and in the rest.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitRooms {
+    pub first_rooms: u32,
+    pub latency_first: Latency,
+    pub latency_rest: Latency,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -379,6 +390,21 @@ impl Report {
         }
         if let Some(h) = &self.hostile {
             hostile_lines(&mut o, h);
+        }
+        if let Some(s) = &self.split_rooms {
+            let n = s.first_rooms;
+            for (name, l) in [
+                (format!("rooms 0..{n}"), &s.latency_first),
+                (format!("rooms {n}.."), &s.latency_rest),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "latency in {name:<14}p50 {} p99 {} ms ({} samples)",
+                    ms(l.p50_us),
+                    ms(l.p99_us),
+                    l.samples
+                );
+            }
         }
         let _ = writeln!(
             o,

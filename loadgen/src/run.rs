@@ -109,6 +109,7 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         senders_per_room: cfg.senders_per_room as u32,
         dialect: cfg.dialect,
         room_prefix: cfg.room_prefix.clone(),
+        split_rooms: cfg.split_rooms,
         payload: cfg.payload,
         n_phases,
         read_buf,
@@ -151,6 +152,8 @@ pub(crate) struct Collected {
     /// Per phase, merged over the histogram shards.
     pub latency: Vec<Histogram<u64>>,
     pub lag: Vec<Histogram<u64>>,
+    /// Measured latency of rooms `split_rooms..` and `0..split_rooms`.
+    pub split: [Histogram<u64>; 2],
     pub error_codes: BTreeMap<String, u64>,
 }
 
@@ -378,7 +381,7 @@ impl Clients {
             }
         }
         self.progress.finish();
-        let (latency, lag) = merged_hists(&self.shared);
+        let (latency, lag, split) = merged_hists(&self.shared);
         let error_codes = self
             .shared
             .error_codes
@@ -390,6 +393,7 @@ impl Clients {
             unstopped,
             latency,
             lag,
+            split,
             error_codes,
         }
     }
@@ -446,18 +450,29 @@ fn phases_from(cfg: &Config, t0: u64) -> Vec<PhaseSpec> {
     phases
 }
 
-fn merged_hists(shared: &Shared) -> (Vec<Histogram<u64>>, Vec<Histogram<u64>>) {
+type Merged = (
+    Vec<Histogram<u64>>,
+    Vec<Histogram<u64>>,
+    [Histogram<u64>; 2],
+);
+
+fn merged_hists(shared: &Shared) -> Merged {
+    use crate::assemble::merge;
     let n = shared.n_phases;
     let mut lat: Vec<Histogram<u64>> = (0..n).map(|_| new_hist()).collect();
     let mut lag: Vec<Histogram<u64>> = (0..n).map(|_| new_hist()).collect();
+    let mut split = [new_hist(), new_hist()];
     for shard in &shared.shards {
         let h = shard.lock().unwrap_or_else(|e| e.into_inner());
         for p in 0..n {
-            crate::assemble::merge(&mut lat[p], &h.latency[p]);
-            crate::assemble::merge(&mut lag[p], &h.lag[p]);
+            merge(&mut lat[p], &h.latency[p]);
+            merge(&mut lag[p], &h.lag[p]);
+        }
+        for (all, one) in split.iter_mut().zip(&h.split) {
+            merge(all, one);
         }
     }
-    (lat, lag)
+    (lat, lag, split)
 }
 
 /// Samples the servers' RSS every --rss-every from the start of the run, in a task of its

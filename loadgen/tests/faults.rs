@@ -95,7 +95,11 @@ async fn correct_server_subscribe_is_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn correct_server_join_dialect_is_clean() {
-    let r = run_against(Fault::None, |c| c.dialect = Dialect::Join).await;
+    let r = run_against(Fault::None, |c| {
+        c.dialect = Dialect::Join;
+        c.split_rooms = 1;
+    })
+    .await;
     let t = &r.totals;
     // Join dialect: the sender is skipped, 9 others receive.
     assert_eq!(t.expected, t.sent * 9);
@@ -105,6 +109,12 @@ async fn correct_server_join_dialect_is_clean() {
         (0, 0, 0, 0)
     );
     assert!(r.clean());
+    // --split-rooms 1: room 0 and room 1 apart, each half of the measured deliveries (two
+    // senders at the same rate in each).
+    let split = r.split_rooms.as_ref().expect("split reported");
+    let (first, rest) = (split.latency_first.samples, split.latency_rest.samples);
+    assert_eq!(first + rest, r.measured.latency.samples);
+    assert!(first.abs_diff(rest) <= r.measured.latency.samples / 5, "{first} vs {rest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

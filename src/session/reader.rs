@@ -158,7 +158,7 @@ impl Session {
     }
 
     /// Charges the deliveries a message caused to the fan-out budget; past it, the session
-    /// stops reading until the budget is whole again (the next frame waits, unread).
+    /// stops reading until the budget is out of debt (the next frame waits, unread).
     pub(super) fn charge_fanout(&mut self, deliveries: usize) {
         let now = Instant::now();
         let limits = &self.shared.config.inbound;
