@@ -6,6 +6,7 @@
 #
 #   bash scripts/idle-memory.sh                     # the release build of this checkout
 #   BIN=/path/to/other/roomcast bash scripts/idle-memory.sh
+#   SERVER=floor bash scripts/idle-memory.sh        # the raw-epoll floor, one epoll thread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -17,9 +18,13 @@ LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18090}
 
 cargo build --release -q -p roomcast -p loadgen
-BIN=${BIN:-target/release/roomcast}
-
-taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 &
+if [ "${SERVER:-roomcast}" = floor ]; then
+    BIN=$(build_floor)
+    PORT=$PORT WORKERS=1 taskset -c "$SERVER_CPU" "$BIN" >/dev/null 2>&1 &
+else
+    BIN=${BIN:-target/release/roomcast}
+    taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 &
+fi
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 wait_for_port 127.0.0.1 "$PORT" 10

@@ -18,3 +18,19 @@ wait_for_port() {
     done
     port_open "$host" "$port"
 }
+
+# build_floor: builds the product owner's raw-epoll floor (../shared/floor, a yardstick that is
+# never copied into this repository) in a folder outside it, FLOOR_DIR (default
+# /tmp/roomcast-floor), and prints the binary's path. Serves PORT with WORKERS epoll threads.
+build_floor() {
+    local src dir=${FLOOR_DIR:-/tmp/roomcast-floor}
+    src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/../shared/floor"
+    if [ ! -f "$src/Cargo.toml" ]; then
+        echo "the floor is not at $src" >&2
+        return 1
+    fi
+    mkdir -p "$dir"
+    cp -r "$src/." "$dir/" && chmod -R u+w "$dir"
+    (cd "$dir" && cargo build --release -q) >&2 || return 1
+    echo "$dir/target/release/limit"
+}
