@@ -114,7 +114,10 @@ async fn correct_server_join_dialect_is_clean() {
     let split = r.split_rooms.as_ref().expect("split reported");
     let (first, rest) = (split.latency_first.samples, split.latency_rest.samples);
     assert_eq!(first + rest, r.measured.latency.samples);
-    assert!(first.abs_diff(rest) <= r.measured.latency.samples / 5, "{first} vs {rest}");
+    assert!(
+        first.abs_diff(rest) <= r.measured.latency.samples / 5,
+        "{first} vs {rest}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Session, CLOSE_TIMEOUT};
+use super::Session;
 use crate::auth::{self, Grants, Identity, Op};
 use crate::frame::close_code;
 use crate::protocol::{self, ClientError};
@@ -103,8 +103,7 @@ impl Session {
     }
 
     pub(super) fn unauthorized(&mut self, reason: &str) {
-        self.stop_reading();
-        self.begin_close(close_code::UNAUTHORIZED, reason, CLOSE_TIMEOUT);
+        self.refuse_input(close_code::UNAUTHORIZED, reason);
     }
 
     /// A first-message `auth`, or a refresh. A refused token closes with 4001; a refresh must
@@ -128,9 +127,7 @@ impl Session {
                 return Ok(());
             }
             Err(SlotError::TooMany) => {
-                self.stop_reading();
-                let reason = "too many connections for this user";
-                self.begin_close(close_code::POLICY, reason, CLOSE_TIMEOUT);
+                self.refuse_input(close_code::POLICY, "too many connections for this user");
                 return Ok(());
             }
         };

@@ -60,6 +60,34 @@ enum End {
     Io(#[from] io::Error),
 }
 
+/// How far the connection is in its life. It only moves forward: `Open` to `Closing`, and
+/// within `Closing` `input` only towards `Ended` and `half_closed` only to true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Frames are read and handled, deliveries written.
+    Open,
+    /// Our close frame is queued behind what was queued before it and nothing more is accepted
+    /// for delivery; the connection is dropped at `deadline` at the latest.
+    Closing {
+        deadline: Instant,
+        input: Input,
+        /// Our close is out and the write side shut down, so the peer sees EOF after it.
+        half_closed: bool,
+    },
+}
+
+/// What becomes of what the peer sends once the close has begun; ordered, later wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Input {
+    /// Still framed: control frames are handled, data frames dropped.
+    Frames,
+    /// The stream can no longer be framed (a protocol error) or is refused (auth, rate):
+    /// after the half-close it is read and thrown away, to see the peer's EOF.
+    Discard,
+    /// The peer's close frame arrived: nothing more is read.
+    Ended,
+}
+
 /// The sender is over its inbound limit: the socket is left unread until `until`. The clocks
 /// that judge the client (ping timeout, frame deadline) stop from `since`, because it is the
 /// server that chose not to read.
@@ -108,15 +136,7 @@ pub(crate) struct Session {
     /// Frames taken from the outbox in one swap and not yet moved into the batch.
     taken: VecDeque<Bytes>,
     batch: Batch,
-    reading: bool,
-    close_sent: bool,
-    close_received: bool,
-    half_closed: bool,
-    /// After a protocol error the byte stream cannot be framed any more: reads are discarded
-    /// and only EOF (or the deadline) ends the session.
-    poisoned: bool,
-    /// Set once closing starts: the connection is dropped at this instant at the latest.
-    deadline: Option<Instant>,
+    phase: Phase,
     /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
     last_heard: Instant,
     ping_sent: Option<Instant>,
@@ -160,12 +180,7 @@ impl Session {
             pong: None,
             taken: VecDeque::new(),
             batch: Batch::default(),
-            reading: true,
-            close_sent: false,
-            close_received: false,
-            half_closed: false,
-            poisoned: false,
-            deadline: None,
+            phase: Phase::Open,
             last_heard: now,
             ping_sent: None,
             _slots: slots,
@@ -220,7 +235,7 @@ impl Session {
         }
         loop {
             let writing = !self.batch.is_empty();
-            let reading = self.reading && self.throttle.is_none() && self.fanout.is_none();
+            let reading = self.reads_socket() && self.throttle.is_none() && self.fanout.is_none();
             let wake = tokio::select! {
                 biased;
                 _ = &mut stop_signal, if !stopping => Wake::Shutdown,
@@ -239,12 +254,11 @@ impl Session {
                     self.shutting_down(&config);
                 }
                 Wake::Outbox => {
-                    if self.outbox.is_slow() && !self.close_sent {
+                    if self.outbox.is_slow() && !self.closing() {
                         self.close_slow_consumer();
                     }
-                    if self.outbox.is_revoked() && !self.close_sent {
-                        self.stop_reading();
-                        self.begin_close(close_code::REVOKED, "revoked", CLOSE_TIMEOUT);
+                    if self.outbox.is_revoked() && !self.closing() {
+                        self.refuse_input(close_code::REVOKED, "revoked");
                     }
                     if !writing {
                         self.flush().await?;
@@ -280,6 +294,7 @@ impl Session {
             close_code::GOING_AWAY,
             "server shutting down",
             config.drain_timeout,
+            Input::Frames,
         );
     }
 
@@ -287,7 +302,7 @@ impl Session {
     /// end of a throttle (the other clocks are stopped); else the ping schedule or the frame
     /// deadline.
     fn next_wake(&self, config: &Config) -> Instant {
-        if let Some(deadline) = self.deadline {
+        if let Phase::Closing { deadline, .. } = self.phase {
             return deadline;
         }
         let access = self.access_deadline;
@@ -319,7 +334,7 @@ impl Session {
     /// The timer fired: does whatever is due at this instant.
     fn on_timer(&mut self, config: &Config) -> Result<(), End> {
         let now = Instant::now();
-        if let Some(deadline) = self.deadline {
+        if let Phase::Closing { deadline, .. } = self.phase {
             return if now >= deadline {
                 Err(End::Deadline)
             } else {
@@ -338,8 +353,7 @@ impl Session {
         }
         if self.frame_deadline(config).is_some_and(|due| now >= due) {
             self.shared.metrics.add_incomplete_closed();
-            self.stop_reading();
-            self.begin_close(close_code::POLICY, "incomplete frame", CLOSE_TIMEOUT);
+            self.refuse_input(close_code::POLICY, "incomplete frame");
             return Ok(());
         }
         match self.ping_sent {
@@ -391,20 +405,72 @@ impl Session {
         for frame in std::mem::take(&mut self.taken) {
             self.outbox.release(&frame);
         }
-        self.begin_close(close_code::POLICY, "slow consumer", CLOSE_TIMEOUT);
+        self.begin_close(
+            close_code::POLICY,
+            "slow consumer",
+            CLOSE_TIMEOUT,
+            Input::Frames,
+        );
     }
 
-    /// Starts a server-side close: nothing more is accepted for delivery, what is queued goes
-    /// out, then the close frame, then the peer has `grace` to answer.
-    fn begin_close(&mut self, code: u16, reason: &str, grace: Duration) {
-        if self.close_sent {
+    /// Stops framing what the client sends (a protocol error, a refusal) and closes.
+    fn refuse_input(&mut self, code: u16, reason: &str) {
+        self.begin_close(code, reason, CLOSE_TIMEOUT, Input::Discard);
+    }
+
+    /// Starts a close: nothing more is accepted for delivery, what is queued goes out, then
+    /// the close frame, then the peer has `grace` to answer. Once closing, a second call only
+    /// moves `input` on: the first close frame is the one sent.
+    fn begin_close(&mut self, code: u16, reason: &str, grace: Duration, input: Input) {
+        if input >= Input::Discard {
+            // Nothing more will be framed: keep no buffer for it.
+            self.partial = None;
+            self.rbuf = Vec::new();
+            self.tail_since = None;
+        }
+        if let Phase::Closing { input: now, .. } = &mut self.phase {
+            *now = (*now).max(input);
             return;
         }
-        self.close_sent = true;
         self.throttle = None;
         self.pong = None;
         self.outbox.close_with(frame::close(code, reason));
-        self.deadline = Some(Instant::now() + grace);
+        self.phase = Phase::Closing {
+            deadline: Instant::now() + grace,
+            input,
+            half_closed: false,
+        };
+    }
+
+    fn closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
+    /// Whether what arrives is framed and handled.
+    fn framing(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Open
+                | Phase::Closing {
+                    input: Input::Frames,
+                    ..
+                }
+        )
+    }
+
+    /// Whether the loop waits on the socket's read readiness: not after the peer's close, nor
+    /// for refused input until our close is out (then only to see the peer's EOF).
+    fn reads_socket(&self) -> bool {
+        match self.phase {
+            Phase::Open => true,
+            Phase::Closing {
+                input, half_closed, ..
+            } => match input {
+                Input::Frames => true,
+                Input::Discard => half_closed,
+                Input::Ended => false,
+            },
+        }
     }
 }
 

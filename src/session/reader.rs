@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{End, Session, Throttle, CLOSE_TIMEOUT};
+use super::{End, Input, Session, Throttle, CLOSE_TIMEOUT};
 use crate::frame::{self, close_code, FrameError, Header, OpCode};
 use crate::inbound::Admit;
 use crate::protocol::ClientError;
@@ -59,7 +59,7 @@ impl Session {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(End::Io(e)),
         };
-        if !self.poisoned {
+        if self.framing() {
             self.ingest(&mut chunk[..n], Instant::now());
         }
         Ok(())
@@ -70,7 +70,7 @@ impl Session {
     pub(super) fn ingest(&mut self, data: &mut [u8], now: Instant) {
         let (used, left) = if self.rbuf.is_empty() {
             let used = self.parse(data, now);
-            if used < data.len() && self.reading {
+            if used < data.len() && self.framing() {
                 self.rbuf.extend_from_slice(&data[used..]);
             }
             (used, data.len() - used)
@@ -79,7 +79,7 @@ impl Session {
             buf.extend_from_slice(data);
             let used = self.parse(&mut buf, now);
             let left = buf.len() - used;
-            if left > 0 && self.reading {
+            if left > 0 && self.framing() {
                 buf.drain(..used);
                 self.rbuf = buf;
             }
@@ -99,7 +99,7 @@ impl Session {
     fn parse(&mut self, buf: &mut [u8], now: Instant) -> usize {
         let max = self.shared.config.max_message_bytes;
         let mut at = 0;
-        while self.reading && self.throttle.is_none() && self.fanout.is_none() {
+        while self.framing() && self.throttle.is_none() && self.fanout.is_none() {
             let header = match frame::parse_header(&buf[at..], max) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
@@ -136,7 +136,7 @@ impl Session {
     /// Charges the inbound buckets for one complete frame. A close frame is never charged (it
     /// must always get through), nor is anything read after our own close.
     fn admit(&mut self, header: &Header, now: Instant) -> Verdict {
-        if header.opcode == OpCode::Close || self.close_sent {
+        if header.opcode == OpCode::Close || self.closing() {
             return Verdict::Handle;
         }
         let limits = &self.shared.config.inbound;
@@ -150,8 +150,7 @@ impl Session {
             Admit::Refuse => Verdict::Skip,
             Admit::Close => {
                 self.shared.metrics.add_rate_limit_closed();
-                self.stop_reading();
-                self.begin_close(close_code::RATE_LIMITED, "rate limited", CLOSE_TIMEOUT);
+                self.refuse_input(close_code::RATE_LIMITED, "rate limited");
                 Verdict::Stop
             }
         }
@@ -213,19 +212,10 @@ impl Session {
         Ok(())
     }
 
-    /// The byte stream cannot be trusted any more: stop framing it.
-    pub(super) fn stop_reading(&mut self) {
-        self.reading = false;
-        self.poisoned = true;
-        self.partial = None;
-        self.rbuf = Vec::new();
-        self.tail_since = None;
-    }
-
+    /// The byte stream cannot be framed any more: stop framing it and close.
     fn protocol_error(&mut self, e: FrameError) {
         tracing::debug!(conn = self.outbox.id().0, "protocol error: {e}");
-        self.stop_reading();
-        self.begin_close(e.close_code(), &e.to_string(), CLOSE_TIMEOUT);
+        self.refuse_input(e.close_code(), &e.to_string());
     }
 
     fn on_frame(
@@ -238,7 +228,7 @@ impl Session {
     ) -> Result<(), FrameError> {
         match opcode {
             OpCode::Ping => {
-                if !self.close_sent {
+                if !self.closing() {
                     let pong = frame::encode(OpCode::Pong, payload);
                     // The pong already waiting goes out now if the socket takes it (a client
                     // that reads gets a pong per ping, as Autobahn 2.10 expects); only when the
@@ -252,11 +242,9 @@ impl Session {
             OpCode::Pong => {}
             OpCode::Close => {
                 let code = frame::parse_close(payload)?;
-                self.close_received = true;
-                self.reading = false;
-                self.begin_close(code, "", CLOSE_TIMEOUT);
+                self.begin_close(code, "", CLOSE_TIMEOUT, Input::Ended);
             }
-            OpCode::Text | OpCode::Binary | OpCode::Continuation if self.close_sent => {}
+            OpCode::Text | OpCode::Binary | OpCode::Continuation if self.closing() => {}
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
                     return Err(FrameError::UnfinishedMessage);

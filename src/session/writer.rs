@@ -10,7 +10,7 @@ use std::io::{self, IoSlice};
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 
-use super::{End, Session};
+use super::{End, Input, Phase, Session};
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written in place.
 const COALESCE_MAX: usize = 1024;
@@ -35,7 +35,7 @@ impl Session {
                 self.batch.small = BytesMut::new();
                 self.batch.segs = VecDeque::new();
                 self.taken = VecDeque::new();
-                if self.close_sent && self.outbox.pending().0 == 0 {
+                if self.closing() && self.outbox.pending().0 == 0 {
                     self.after_close_flushed().await?;
                 }
                 return Ok(());
@@ -77,15 +77,20 @@ impl Session {
     }
 
     async fn after_close_flushed(&mut self) -> Result<(), End> {
-        if self.close_received {
+        let Phase::Closing {
+            input, half_closed, ..
+        } = &mut self.phase
+        else {
+            return Ok(());
+        };
+        if *input == Input::Ended {
             return Err(End::Closed);
         }
-        if !self.half_closed {
+        if !*half_closed {
             // Our close is out; half-close so the peer sees EOF after it, and keep reading
             // until the peer's close frame (or EOF) or the deadline.
-            self.half_closed = true;
+            *half_closed = true;
             let _ = self.stream.shutdown().await;
-            self.reading = true;
         }
         Ok(())
     }
