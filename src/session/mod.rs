@@ -79,7 +79,7 @@ enum Phase {
 /// What becomes of what the peer sends once the close has begun; ordered, later wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Input {
-    /// Still framed: control frames are handled, data frames dropped.
+    /// Still framed, so the peer's close frame is seen; data frames and pings are dropped.
     Frames,
     /// The stream can no longer be framed (a protocol error) or is refused (auth, rate):
     /// after the half-close it is read and thrown away, to see the peer's EOF.
