@@ -12,6 +12,8 @@
 #       # roomcast with its default thread count (SERVER_THREADS empty; the variable is not
 #       # ROOMCAST_THREADS, which roomcast itself reads), the floor with
 #       # FLOOR_WORKERS (default 1) epoll threads
+#   RUNS=3 RATES=5 SERVERS="roomcast roomcast:1 floor" SERVER_THREADS= bash scripts/compare.sh
+#       # roomcast:N is roomcast with --threads N, beside the other entries
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -60,12 +62,14 @@ fi
 start_server() {
     local name=$1
     case "$name" in
-        roomcast)
+        roomcast | roomcast:*)
             # The ladder's senders reach 160 msg/s into rooms of 200, past the default inbound
             # limits (100 frames/s, and 2,000 deliveries/s of fan-out per connection): lift them
             # so the ladder measures fan-out, not throttling.
-            local threads=()
-            [[ -n "$SERVER_THREADS" ]] && threads=(--threads "$SERVER_THREADS")
+            # roomcast:N runs it with --threads N, so two thread counts can share one run.
+            local n=$SERVER_THREADS threads=()
+            [[ "$name" == roomcast:* ]] && n=${name#roomcast:}
+            [[ -n "$n" ]] && threads=(--threads "$n")
             taskset -c "$SERVER_CPU" "${ROOMCAST_BIN:-target/release/roomcast}" --listen "127.0.0.1:$PORT" \
                 "${threads[@]}" --log warn --inbound-frames-per-sec 1000 --inbound-frames-burst 2000 \
                 --inbound-fanout-per-sec 0 &
