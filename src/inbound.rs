@@ -146,9 +146,9 @@ impl Inbound {
     /// Adds the tokens earned since the last refill. Callers pass different clocks (a frame
     /// is admitted at the instant its read began, its fan-out charged after it was handled),
     /// so `now` may be older than the last refill: then nothing is earned and `refilled` stays
-    /// where it is (an unlimited bucket is still kept full). Moving it back would let the next call earn the same interval again, once
-    /// per message: a slow server (a busy core) then let a flood through at several times its
-    /// limit.
+    /// where it is (an unlimited bucket is still kept full). Moving it back would let the next
+    /// call earn the same interval again, once per message: a slow server (a busy core) then
+    /// let a flood through at several times its limit.
     fn refill(&mut self, limits: &InboundLimits, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = self.refilled.max(now);
