@@ -35,7 +35,7 @@
 //! The allocator is the binary's (mimalloc), so allocation costs match production.
 //! `benches/README.md` has the commands and one run's figures.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,6 +62,7 @@ const LIMITS: Limits = Limits {
     max_frames: 4096,
     max_bytes: 1 << 20,
     policy: SlowConsumer::Close,
+    direct: true,
 };
 
 const ROOM: &str = "room-17";
@@ -110,12 +111,22 @@ impl Audience {
     }
 }
 
-/// Empties every outbox the way the session writer does.
+/// Empties every outbox the way the session writer does: claim the socket, take everything,
+/// release each frame, give the socket back.
 fn drain(members: &[Arc<Outbox>]) {
+    let mut taken = VecDeque::new();
     for m in members {
-        m.begin_drain();
-        m.discard();
+        empty(m, &mut taken);
     }
+}
+
+fn empty(m: &Outbox, taken: &mut VecDeque<Bytes>) {
+    m.claim();
+    m.take_all(taken);
+    for frame in taken.drain(..) {
+        m.release(&frame);
+    }
+    m.release_socket();
 }
 
 /// Joins and leaves each of `extras` to room `name` until `stop`, counting join+leave pairs.
@@ -131,8 +142,7 @@ fn churn(
             let room = registry.join(name, m).expect("under the room cap");
             registry.leave(&room, m.id());
             // A broadcast that loaded the snapshot while `m` was in it queued a frame here.
-            m.begin_drain();
-            m.discard();
+            empty(m, &mut VecDeque::new());
         }
         pairs.fetch_add(extras.len() as u64, Ordering::Relaxed);
     }

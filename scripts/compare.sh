@@ -14,6 +14,9 @@
 #       # FLOOR_WORKERS (default 1) epoll threads
 #   RUNS=3 RATES=5 SERVERS="roomcast roomcast:1 floor" SERVER_THREADS= bash scripts/compare.sh
 #       # roomcast:N is roomcast with --threads N, beside the other entries
+#   RUNS=3 RATES=5 SERVERS="roomcast roomcast-queued floor" SERVER_THREADS= bash scripts/compare.sh
+#       # roomcast-queued[:N] is roomcast with --direct-write false: every frame goes through
+#       # the recipient's session, as before direct writes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -62,14 +65,15 @@ fi
 start_server() {
     local name=$1
     case "$name" in
-        roomcast | roomcast:*)
+        roomcast | roomcast:* | roomcast-queued | roomcast-queued:*)
             # The ladder's senders reach 160 msg/s into rooms of 200, past the default inbound
             # limits (100 frames/s, and 2,000 deliveries/s of fan-out per connection): lift them
             # so the ladder measures fan-out, not throttling.
             # roomcast:N runs it with --threads N, so two thread counts can share one run.
             local n=$SERVER_THREADS threads=()
-            [[ "$name" == roomcast:* ]] && n=${name#roomcast:}
+            [[ "$name" == *:* ]] && n=${name#*:}
             [[ -n "$n" ]] && threads=(--threads "$n")
+            [[ "$name" == roomcast-queued* ]] && threads+=(--direct-write false)
             taskset -c "$SERVER_CPU" "${ROOMCAST_BIN:-target/release/roomcast}" --listen "127.0.0.1:$PORT" \
                 "${threads[@]}" --log warn --inbound-frames-per-sec 1000 --inbound-frames-burst 2000 \
                 --inbound-fanout-per-sec 0 &

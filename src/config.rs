@@ -52,6 +52,10 @@ pub struct Config {
     pub outbox_bytes: u64,
     /// What to do with a slow consumer. Default: close it with 1008.
     pub slow_consumer: SlowConsumer,
+    /// A publisher writes a frame to an idle recipient's socket itself instead of waking the
+    /// recipient's session to do it. Default on; off queues every frame for the session (the
+    /// design before direct writes, kept to compare against).
+    pub direct_write: bool,
     /// Ping a connection after this long without hearing from it. Default 30 s.
     pub ping_interval: Duration,
     /// Drop a connection that has not answered a ping within this long. Default 10 s.
@@ -100,6 +104,7 @@ impl Default for Config {
             outbox_frames: 4096,
             outbox_bytes: 1024 * 1024,
             slow_consumer: SlowConsumer::Close,
+            direct_write: true,
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
             inbound: InboundLimits::default(),

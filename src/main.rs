@@ -54,6 +54,11 @@ struct Args {
     #[arg(long, env = "ROOMCAST_FANOUT_SLICE", default_value_t = 2048)]
     fanout_slice: usize,
 
+    /// Whether a publisher writes to an idle recipient's socket itself (false: every frame
+    /// goes through the recipient's session, the design before direct writes).
+    #[arg(long, env = "ROOMCAST_DIRECT_WRITE", default_value_t = true, action = clap::ArgAction::Set)]
+    direct_write: bool,
+
     /// HTTP connections not yet upgraded, at once; more are answered 503 and closed.
     #[arg(long, env = "ROOMCAST_MAX_HANDSHAKES", default_value_t = 16_384)]
     max_handshakes: usize,
@@ -293,6 +298,7 @@ impl Args {
             max_connections: self.max_connections,
             max_rooms: self.max_rooms,
             fanout_slice: self.fanout_slice,
+            direct_write: self.direct_write,
             max_handshakes: self.max_handshakes,
             addresses: AddressLimits {
                 max_connections_per_ip: self.max_connections_per_ip,

@@ -212,7 +212,12 @@ impl Metrics {
     }
     /// One socket write that carried `frames` whole or partial frames and `bytes` bytes.
     pub fn add_write(&self, frames: u64, bytes: u64) {
-        self.writes.fetch_add(1, Relaxed);
+        self.add_writes(1, frames, bytes);
+    }
+
+    /// `writes` socket writes carrying `frames` whole frames and `bytes` bytes in all.
+    pub fn add_writes(&self, writes: u64, frames: u64, bytes: u64) {
+        self.writes.fetch_add(writes, Relaxed);
         self.frames_out.fetch_add(frames, Relaxed);
         self.bytes_out.fetch_add(bytes, Relaxed);
     }

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::metrics::Metrics;
-use crate::outbox::{ConnId, Outbox, Pushed};
+use crate::outbox::{self, ConnId, DeferredWrites, Outbox};
 use roster::Roster;
 
 /// A room's name as clients spell it; cheap to clone.
@@ -155,15 +155,27 @@ impl Fanout {
         let (skip, frame) = (self.skip, &self.frame);
         let mut budget = self.slice.max(1);
         let mut queued = 0;
-        self.next = self.members.leaves_from(self.next, &mut |leaf| {
-            for member in leaf {
-                if Some(member.id) != skip && member.outbox.push(frame, metrics) == Pushed::Queued {
-                    queued += 1;
+        // Idle sockets are claimed and written when the batch ends (the session's, when it
+        // opened one around its read): see `outbox::DeferredWrites`.
+        let batch = DeferredWrites::begin();
+        self.next = outbox::with_owed(|owed| {
+            self.members.leaves_from(self.next, &mut |leaf| {
+                for member in leaf {
+                    if Some(member.id) != skip
+                        && member
+                            .outbox
+                            .deliver_later(frame, metrics, owed)
+                            .delivered()
+                    {
+                        queued += 1;
+                    }
                 }
-            }
-            budget = budget.saturating_sub(leaf.len());
-            budget > 0
+                budget = budget.saturating_sub(leaf.len());
+                budget > 0
+            })
         });
+        batch.finish(metrics);
+        // Counted once per slice, not per recipient.
         metrics.add_deliveries(queued as u64);
         self.queued += queued;
         self.is_done()
@@ -419,6 +431,7 @@ mod tests {
                 max_frames: 16,
                 max_bytes: 1 << 20,
                 policy: SlowConsumer::Close,
+                direct: true,
             },
         ))
     }

@@ -261,6 +261,7 @@ mod tests {
             max_frames: 1,
             max_bytes: 1,
             policy: SlowConsumer::Close,
+            direct: true,
         };
         Member {
             id: ConnId(id),

@@ -136,6 +136,7 @@ impl Shared {
             max_frames: self.config.outbox_frames,
             max_bytes: self.config.outbox_bytes,
             policy: self.config.slow_consumer,
+            direct: self.config.direct_write,
         }
     }
 }

@@ -29,7 +29,7 @@ use self::writer::Batch;
 use crate::config::Config;
 use crate::frame::{self, close_code, OpCode};
 use crate::inbound::Inbound;
-use crate::outbox::Outbox;
+use crate::outbox::{DeferredWrites, Outbox};
 use crate::room::{Fanout, Room};
 use crate::server::{Admitted, Shared, Slots};
 
@@ -100,13 +100,14 @@ struct Throttle {
 /// One upgraded connection, run by a single task from upgrade to close.
 ///
 /// It reads and parses the client's frames, runs their commands against the registry and the
-/// backplane, holds the connection's room handles (so a send needs no registry lookup), and is
-/// the only writer of its socket: fan-out on other tasks only pushes into its [`Outbox`].
+/// backplane, holds the connection's room handles (so a send needs no registry lookup), and
+/// writes whatever its [`Outbox`] queues. Its socket lives in the outbox, so a publisher can
+/// write to it while it is idle; the outbox's ownership word keeps the two from interleaving.
 /// What must stay true: every room in `rooms` has this connection as a member until the session
 /// leaves it or drops; the `Drop` impl leaves them all and finishes the outbox, and the slots in
 /// `Admitted` are given back with it, so a panic cannot leak memberships or connection slots.
 pub(crate) struct Session {
-    stream: TcpStream,
+    /// The connection's way out, and its socket (attached in [`Session::new`]).
     outbox: Arc<Outbox>,
     shared: Shared,
     mode: Mode,
@@ -163,8 +164,9 @@ impl Session {
         } = admitted;
         let now = Instant::now();
         let inbound = Inbound::new(&shared.config.inbound, now);
+        // A fresh outbox from the handshake: nothing else attaches a stream to it.
+        let _ = outbox.attach(stream);
         Self {
-            stream,
             outbox,
             shared,
             mode,
@@ -242,8 +244,8 @@ impl Session {
                 // Polled even while blocked on a full socket: a slow-consumer verdict must be
                 // seen then most of all.
                 _ = self.outbox.notified() => Wake::Outbox,
-                r = self.stream.writable(), if writing => Wake::Writable(r),
-                r = self.stream.readable(), if reading => Wake::Readable(r),
+                r = self.stream().writable(), if writing => Wake::Writable(r),
+                r = self.stream().readable(), if reading => Wake::Readable(r),
                 _ = &mut timer => Wake::Timer,
                 // Ready on its second poll: other tasks on this worker run between two slices.
                 () = tokio::task::yield_now(), if self.fanout.is_some() => Wake::Fanout,
@@ -267,12 +269,12 @@ impl Session {
                 Wake::Writable(Ok(())) => self.flush().await?,
                 Wake::Writable(Err(e)) | Wake::Readable(Err(e)) => return Err(End::Io(e)),
                 Wake::Readable(Ok(())) => {
-                    self.read()?;
+                    self.batched(Self::read)?;
                     // Commands may have queued replies to this very connection.
                     self.flush().await?;
                 }
                 Wake::Timer => {
-                    self.on_timer(&config)?;
+                    self.batched(|s| s.on_timer(&config))?;
                     self.flush().await?;
                 }
                 Wake::Fanout => {
@@ -287,6 +289,16 @@ impl Session {
                 timer.as_mut().reset(next);
             }
         }
+    }
+
+    /// Runs `step` (which may publish) as one batch of direct writes: the sockets it claims
+    /// are written once it is done, each with everything owed to it by then
+    /// ([`crate::outbox::DeferredWrites`]). Synchronous on purpose: a batch cannot span an `.await`.
+    fn batched<R>(&mut self, step: impl FnOnce(&mut Self) -> R) -> R {
+        let batch = DeferredWrites::begin();
+        let result = step(self);
+        batch.finish(&self.shared.metrics);
+        result
     }
 
     fn shutting_down(&mut self, config: &Config) {
@@ -442,6 +454,13 @@ impl Session {
         };
     }
 
+    /// The connection's socket, shared with publishers through the outbox.
+    fn stream(&self) -> &TcpStream {
+        self.outbox
+            .stream()
+            .expect("Session::new attaches the stream before anything runs")
+    }
+
     fn closing(&self) -> bool {
         matches!(self.phase, Phase::Closing { .. })
     }
@@ -481,6 +500,11 @@ impl Drop for Session {
             fanout.finish_now(&self.shared.metrics);
         }
         self.outbox.finish();
+        // Publishers may hold the outbox (and so the socket) a moment longer: end the TCP
+        // connection now, as dropping the socket used to, rather than when the last one lets go.
+        if let Some(stream) = self.outbox.stream() {
+            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
+        }
         let id = self.outbox.id();
         for room in std::mem::take(&mut self.rooms) {
             self.shared.registry.leave(&room, id);

@@ -53,7 +53,7 @@ impl Session {
     /// Reads once and handles every complete frame that arrived.
     pub(super) fn read(&mut self) -> Result<(), End> {
         let mut chunk = [0u8; READ_CHUNK];
-        let n = match self.stream.try_read(&mut chunk) {
+        let n = match self.stream().try_read(&mut chunk) {
             Ok(0) => return Err(End::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

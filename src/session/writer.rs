@@ -1,5 +1,9 @@
 //! The session's outbound side: the outbox drained in batches, many frames per write.
 //!
+//! A publisher writes to an idle socket itself; the session writes what was queued: what
+//! arrived while someone else was writing, the rest of a write the socket did not take, and
+//! its own frames (pong, ping, replies, close). It claims the socket from the outbox's
+//! ownership word first and gives it back when nothing is left, so the two never interleave.
 //! Small frames are copied back to back into one buffer (one contiguous write beats many
 //! iovecs), large ones go out as their own iovec, and each batch is one `writev`. The pending
 //! pong, when there is one, goes first.
@@ -8,9 +12,9 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 
 use super::{End, Input, Phase, Session};
+use crate::outbox::Claim;
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written in place.
 const COALESCE_MAX: usize = 1024;
@@ -24,13 +28,25 @@ const WRITES_PER_TURN: usize = 16;
 impl Session {
     /// Writes until the outbox is empty or the socket is full. Returns `Err(Closed)` once our
     /// close frame is out and the peer has no more to say.
+    ///
+    /// What must stay true on return: the session holds the socket only with a batch waiting
+    /// for the socket to take it, or with a wake-up owed to itself; otherwise a frame a
+    /// publisher queued behind it would wait for nobody.
     pub(super) async fn flush(&mut self) -> Result<(), End> {
+        if self.batch.is_empty() && self.outbox.claim() == Claim::Busy {
+            // A publisher is mid-write; it hands the socket over, with a wake-up, as it ends.
+            return Ok(());
+        }
         let pong = self.pong.as_ref().map_or(0, Bytes::len) as u64;
         self.shared
             .metrics
             .observe_outbox_bytes(self.outbox.pending().1 + pong);
         for _ in 0..WRITES_PER_TURN {
             if self.batch.segs.is_empty() && !self.fill() {
+                if !self.outbox.release_socket() {
+                    // Queued since the last take: write that first.
+                    continue;
+                }
                 // Nothing left to write: keep no buffer while idle.
                 self.batch.small = BytesMut::new();
                 self.batch.segs = VecDeque::new();
@@ -50,9 +66,9 @@ impl Session {
                 // One segment (the usual case) takes plain write(2), a little cheaper than
                 // writev(2) with a single iovec.
                 if count == 1 {
-                    self.stream.try_write(&iov[0])
+                    self.stream().try_write(&iov[0])
                 } else {
-                    self.stream.try_write_vectored(&iov[..count])
+                    self.stream().try_write_vectored(&iov[..count])
                 }
             };
             match written {
@@ -71,7 +87,7 @@ impl Session {
         // batch empty the loop waits on the outbox, so owe ourselves a wake-up.
         tokio::task::yield_now().await;
         if self.batch.segs.is_empty() {
-            self.outbox.wake();
+            self.outbox.signal();
         }
         Ok(())
     }
@@ -90,34 +106,43 @@ impl Session {
             // Our close is out; half-close so the peer sees EOF after it, and keep reading
             // until the peer's close frame (or EOF) or the deadline.
             *half_closed = true;
-            let _ = self.stream.shutdown().await;
+            let _ = socket2::SockRef::from(self.stream()).shutdown(std::net::Shutdown::Write);
         }
         Ok(())
     }
 
     /// Writes a small control frame at once when nothing else is half-written; gives it back
-    /// when the socket would block (or a batch is in progress, so a frame boundary is not
-    /// guaranteed). A partial write leaves the rest at the front of the batch.
+    /// when the socket would block (or a batch is in progress, or a publisher is writing, so
+    /// a frame boundary is not guaranteed). A partial write leaves the rest at the front of
+    /// the batch, and the session keeps the socket until it is out.
     pub(super) fn write_now(&mut self, frame: Bytes) -> Option<Bytes> {
-        if !self.batch.is_empty() {
+        if !self.batch.is_empty() || self.outbox.claim() == Claim::Busy {
             return Some(frame);
         }
-        match self.stream.try_write(&frame) {
+        let written = self.stream().try_write(&frame);
+        let rest = match written {
             Ok(n) => {
-                self.shared.metrics.add_write(1, n as u64);
+                self.shared
+                    .metrics
+                    .add_write(u64::from(n == frame.len()), n as u64);
                 if n < frame.len() {
                     self.batch.segs.push_back(frame.slice(n..));
+                    self.batch.uncounted += 1;
                 }
                 None
             }
             Err(_) => Some(frame),
+        };
+        if self.batch.is_empty() && !self.outbox.release_socket() {
+            // Something was queued while we held the socket: come back for it.
+            self.outbox.signal();
         }
+        rest
     }
 
     /// Moves the pending pong and frames from the outbox into the batch; false when there was
     /// nothing to move.
     fn fill(&mut self) -> bool {
-        self.outbox.begin_drain();
         let Some(first) = self.pong.take().or_else(|| self.next_frame()) else {
             return false;
         };

@@ -1,0 +1,675 @@
+//! A connection's way out: its socket, written directly by a publisher when it is idle, and a
+//! bounded ring for everything else, which the session's writer drains.
+//!
+//! Many publishers deliver from any worker thread and exactly one session task drains. A
+//! publisher that finds the socket idle (open, nobody writing, nothing queued: one
+//! compare-and-swap on the ownership word, [`word`]) writes the frame itself, through the
+//! shared `TcpStream` (never a raw fd, which could be reused by another connection once
+//! closed): at light load a delivery then costs one `write` and wakes no task. Otherwise the
+//! frame is queued and the session writes it, many frames per `writev`, so batching still
+//! grows with load. A write that is partial or would block puts the rest at the front of the
+//! queue and hands the socket to the session.
+//!
+//! The ring is a `VecDeque` behind a `std::sync::Mutex`: a push holds the lock for one
+//! `push_back`, and the writer swaps the whole deque out in one step, which leaves an idle
+//! connection's outbox holding no storage at all. crossbeam's `SegQueue`, used before, was a
+//! few ns cheaper per push into an outbox in cache, dearer across 10,000 outboxes, and kept a
+//! 1.2 KiB block plus 256 B of padding per connection (RESULTS.md has the figures). Capacity
+//! is not reserved up front; the bound is one atomic word counting queued frames and bytes
+//! together.
+
+mod deferred;
+mod word;
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::Poll;
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use tokio::net::TcpStream;
+
+use crate::metrics::Metrics;
+pub(crate) use deferred::with_owed;
+pub use deferred::DeferredWrites;
+pub use word::Claim;
+use word::{State, Word};
+
+/// Identifies one WebSocket session on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// What happens when a push finds the ring full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Close the connection with 1008 "slow consumer".
+    Close,
+    /// Drop the frame for that recipient and count it.
+    Drop,
+}
+
+/// The bound on one outbox and what happens past it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Frames pending (queued or taken and not yet released) at most.
+    pub max_frames: u64,
+    /// Bytes pending at most.
+    pub max_bytes: u64,
+    /// What a push past either bound does.
+    pub policy: SlowConsumer,
+    /// Whether a publisher may write to an idle socket itself (`--direct-write`); when false
+    /// every frame is queued for the session, as before direct writes existed.
+    pub direct: bool,
+}
+
+/// The pending word packs the frame count above `BYTE_BITS` bits of byte count.
+const BYTE_BITS: u32 = 40;
+const BYTE_MASK: u64 = (1 << BYTE_BITS) - 1;
+const ONE_FRAME: u64 = 1 << BYTE_BITS;
+/// The largest frame bound a config may set. The count field has 24 bits; pushers add before
+/// they check, so 16× headroom keeps concurrent pushes from carrying into nothing.
+pub const MAX_FRAMES: u64 = 1 << 20;
+/// The largest byte bound a config may set (4 GiB), far below the 40-bit field's 1 TiB.
+pub const MAX_BYTES: u64 = 1 << 32;
+
+/// The queued frames, and whether the first is the rest of a frame already partly on the wire
+/// (a discard must keep it, or the close frame would land inside it).
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    partial_front: bool,
+}
+
+/// One connection's socket and bounded queue of outbound frames: delivered into by fan-out on
+/// any thread, drained by its session alone.
+///
+/// What must stay true: only the holder of the ownership word's right writes to the socket; a
+/// queued frame counts against the bound from its push until the writer releases it; a push
+/// past the bound either drops that frame (policy `Drop`) or marks the outbox slow and wakes
+/// the session to close it (policy `Close`), and never blocks the pusher; after
+/// [`finish`](Self::finish) nothing more is accepted, and nothing is written behind the close
+/// frame.
+pub struct Outbox {
+    id: ConnId,
+    /// The connection's socket, set once by its session when it starts. `OnceLock`: written
+    /// once, then read lock-free by every publisher.
+    stream: OnceLock<TcpStream>,
+    /// Frames queued and not yet taken by the writer. Never held across anything but a
+    /// `push_back`, a `push_front` or a swap.
+    queue: Mutex<Queue>,
+    /// Frames and bytes queued and not yet released by the writer (queued or taken).
+    pending: AtomicU64,
+    /// Who may write to the socket, and the connection's state ([`word`]).
+    word: Word,
+    /// A wake-up was sent and the session has not seen it yet (a permit, like `Notify`'s).
+    signaled: AtomicBool,
+    /// The session task's waker. Exactly one task waits, so one slot replaces `Notify`'s
+    /// locked waiter list, which cost a lock on every register and drop.
+    waker: AtomicWaker,
+    limits: Limits,
+}
+
+/// Outcome of one delivery, for the caller's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The publisher wrote this many bytes of the frame to the socket itself; when short of
+    /// the frame's length, the rest is queued in front of everything else.
+    Written(usize),
+    /// The frame was queued and will be written by the session.
+    Queued,
+    /// The outbox was full and the policy is `Drop`: this frame is lost for this recipient.
+    Dropped,
+    /// The outbox is closed (finished, or slow under policy `Close`).
+    Closed,
+}
+
+impl Pushed {
+    /// True when the frame will reach the socket (written now or queued).
+    pub fn delivered(self) -> bool {
+        matches!(self, Self::Written(_) | Self::Queued)
+    }
+}
+
+/// Socket writes made by publishers during one broadcast, added to the node's counters once.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Writes {
+    /// `write` calls.
+    pub writes: u64,
+    /// Frames that went out whole.
+    pub frames: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+impl Writes {
+    fn count(&mut self, pushed: Pushed, frame: &Bytes) {
+        if let Pushed::Written(n) = pushed {
+            self.writes += 1;
+            self.frames += u64::from(n == frame.len());
+            self.bytes += n as u64;
+        }
+    }
+
+    /// Adds these writes to the node's counters.
+    pub fn publish(&self, metrics: &Metrics) {
+        if self.writes > 0 {
+            metrics.add_writes(self.writes, self.frames, self.bytes);
+        }
+    }
+}
+
+/// Writes a claimed socket gets per batch before the rest is left to its session.
+const CLAIMED_WRITES: usize = 4;
+/// Most iovecs handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// One `write` (or `writev`) of the front of `segs`; `None` when nothing was written (the
+/// socket is full or failed: the session finds out which on its own write).
+fn write_segments(stream: &TcpStream, segs: &VecDeque<Bytes>) -> Option<usize> {
+    let written = if segs.len() == 1 {
+        stream.try_write(&segs[0])
+    } else {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        for (slot, seg) in iov.iter_mut().zip(segs.iter()) {
+            *slot = IoSlice::new(seg);
+            count += 1;
+        }
+        stream.try_write_vectored(&iov[..count])
+    };
+    written.ok().filter(|&n| n > 0)
+}
+
+/// Drops `n` written bytes from the front of `segs`; true when the front frame was cut.
+fn advance(segs: &mut VecDeque<Bytes>, mut n: usize) -> bool {
+    while let Some(front) = segs.front_mut() {
+        if n >= front.len() {
+            n -= front.len();
+            segs.pop_front();
+        } else {
+            if n > 0 {
+                let _ = front.split_to(n);
+                return true;
+            }
+            return false;
+        }
+    }
+    false
+}
+
+impl Outbox {
+    /// An empty, open outbox for connection `id`; it allocates nothing until the first push.
+    pub fn new(id: ConnId, limits: Limits) -> Self {
+        Self {
+            id,
+            stream: OnceLock::new(),
+            queue: Mutex::new(Queue::default()),
+            pending: AtomicU64::new(0),
+            word: Word::new(),
+            signaled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            limits,
+        }
+    }
+
+    /// The connection this outbox belongs to.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Hands the connection's socket over; the session does this once, as it starts. Until
+    /// then every frame is queued. Gives the stream back if one was already attached.
+    pub fn attach(&self, stream: TcpStream) -> Result<(), TcpStream> {
+        self.stream.set(stream)
+    }
+
+    /// The socket, once attached.
+    pub fn stream(&self) -> Option<&TcpStream> {
+        self.stream.get()
+    }
+
+    /// Delivers `frame` (a reference-count bump, never a copy of the bytes) and counts a
+    /// direct write in `metrics`. Fan-out uses [`deliver`](Self::deliver), which counts once
+    /// per broadcast.
+    pub fn push(&self, frame: &Bytes, metrics: &Metrics) -> Pushed {
+        let mut writes = Writes::default();
+        let pushed = self.deliver(frame, metrics, &mut writes);
+        writes.publish(metrics);
+        pushed
+    }
+
+    /// Writes `frame` to the socket at once when it is idle, else queues it; a direct write
+    /// is added to `writes`.
+    pub fn deliver(&self, frame: &Bytes, metrics: &Metrics, writes: &mut Writes) -> Pushed {
+        if self.limits.direct {
+            if let Some(stream) = self.stream.get() {
+                if self.word.try_direct() {
+                    let pushed = self.write_direct(stream, frame);
+                    writes.count(pushed, frame);
+                    return pushed;
+                }
+            }
+        }
+        self.enqueue(frame, metrics)
+    }
+
+    /// Like [`deliver`](Self::deliver) inside a [`DeferredWrites`]: an idle socket is claimed and the
+    /// frame noted in `owed`, to be written when the batch ends, together with whatever is
+    /// queued behind the claim by then.
+    pub(crate) fn deliver_later(
+        self: &Arc<Self>,
+        frame: &Bytes,
+        metrics: &Metrics,
+        owed: &mut Vec<(Arc<Outbox>, Bytes)>,
+    ) -> Pushed {
+        if self.limits.direct && self.stream.get().is_some() && self.word.try_direct() {
+            owed.push((Arc::clone(self), frame.clone()));
+            return Pushed::Queued;
+        }
+        self.enqueue(frame, metrics)
+    }
+
+    /// Holding the right to write (claimed in a batch): writes `first` and everything queued
+    /// behind the claim, in as few writes as the socket takes; what it does not take is parked
+    /// for the session.
+    fn write_claimed(&self, first: Bytes, scratch: &mut VecDeque<Bytes>, writes: &mut Writes) {
+        let Some(stream) = self.stream.get() else {
+            // Claims need an attached stream; if that ever changed, the session writes it.
+            return self.park(first, false);
+        };
+        if !self.word.queued() {
+            let pushed = self.write_direct(stream, &first);
+            writes.count(pushed, &first);
+            return;
+        }
+        scratch.clear();
+        self.take_all(scratch);
+        for frame in scratch.iter() {
+            self.release(frame);
+        }
+        scratch.push_front(first);
+        let mut cut = false;
+        for _ in 0..CLAIMED_WRITES {
+            match write_segments(stream, scratch) {
+                Some(n) => {
+                    let before = scratch.len();
+                    cut = advance(scratch, n);
+                    writes.writes += 1;
+                    writes.bytes += n as u64;
+                    writes.frames += (before - scratch.len()) as u64;
+                }
+                None => break,
+            }
+            if scratch.is_empty() {
+                if self.word.finish_direct() {
+                    self.signal();
+                }
+                return;
+            }
+        }
+        self.park_all(scratch, cut);
+    }
+
+    /// Like [`park`](Self::park) for several frames, kept in order.
+    fn park_all(&self, rest: &mut VecDeque<Bytes>, partial: bool) {
+        let bytes: u64 = rest.iter().map(|f| f.len() as u64).sum();
+        self.pending
+            .fetch_add(ONE_FRAME * rest.len() as u64 + bytes, Ordering::AcqRel);
+        {
+            let mut queue = self.queue();
+            while let Some(frame) = rest.pop_back() {
+                queue.frames.push_front(frame);
+            }
+            queue.partial_front = partial;
+        }
+        self.word.park();
+        self.signal();
+    }
+
+    /// Holding the right to write: one `write`. What does not go out (the rest of a partial
+    /// write, or the whole frame when the socket is full or failed) is parked for the session,
+    /// which sees the same error, if any, on its own write.
+    fn write_direct(&self, stream: &TcpStream, frame: &Bytes) -> Pushed {
+        match stream.try_write(frame) {
+            Ok(n) if n == frame.len() => {
+                if self.word.finish_direct() {
+                    self.signal();
+                }
+                Pushed::Written(n)
+            }
+            Ok(n) if n > 0 => {
+                self.park(frame.slice(n..), true);
+                Pushed::Written(n)
+            }
+            Ok(_) | Err(_) => {
+                self.park(frame.clone(), false);
+                Pushed::Queued
+            }
+        }
+    }
+
+    /// Puts `rest` in front of everything queued and hands the socket to the session. It counts
+    /// against the bound like any queued frame, but is never refused: it is already owed.
+    fn park(&self, rest: Bytes, partial: bool) {
+        self.pending
+            .fetch_add(ONE_FRAME | rest.len() as u64, Ordering::AcqRel);
+        {
+            let mut queue = self.queue();
+            queue.frames.push_front(rest);
+            queue.partial_front = partial;
+        }
+        self.word.park();
+        self.signal();
+    }
+
+    /// Queues `frame` for the session, within the bound.
+    fn enqueue(&self, frame: &Bytes, metrics: &Metrics) -> Pushed {
+        if self.word.state() != State::Open {
+            return Pushed::Closed;
+        }
+        let add = ONE_FRAME | frame.len() as u64;
+        let before = self.pending.fetch_add(add, Ordering::AcqRel);
+        let frames = (before >> BYTE_BITS) + 1;
+        let bytes = (before & BYTE_MASK) + frame.len() as u64;
+        if frames > self.limits.max_frames || bytes > self.limits.max_bytes {
+            self.pending.fetch_sub(add, Ordering::AcqRel);
+            return self.over_bound(metrics);
+        }
+        {
+            let mut queue = self.queue();
+            // Checked again under the lock: `close_with` changes the state and queues the close
+            // frame under this same lock, so no data frame can land behind the close.
+            if self.word.state() != State::Open {
+                drop(queue);
+                self.pending.fetch_sub(add, Ordering::AcqRel);
+                return Pushed::Closed;
+            }
+            queue.frames.push_back(frame.clone());
+        }
+        self.wake();
+        Pushed::Queued
+    }
+
+    fn over_bound(&self, metrics: &Metrics) -> Pushed {
+        match self.limits.policy {
+            SlowConsumer::Drop => {
+                metrics.add_dropped(1);
+                Pushed::Dropped
+            }
+            SlowConsumer::Close => {
+                if self.word.close(State::Slow) {
+                    metrics.add_slow_closed();
+                    self.signal();
+                }
+                Pushed::Closed
+            }
+        }
+    }
+
+    /// Queues the server's own ping. It counts against the bound like any frame but is never
+    /// refused: the session keeps at most one ping outstanding, so this cannot grow.
+    pub fn push_ping(&self, frame: Bytes) {
+        self.pending
+            .fetch_add(ONE_FRAME | frame.len() as u64, Ordering::AcqRel);
+        self.queue().frames.push_back(frame);
+        self.wake();
+    }
+
+    /// Refuses every later push and queues `close` as the last frame. The close is never
+    /// refused (it must get out to end the connection cleanly) and is queued at most once per
+    /// session; a frame pushed concurrently lands before it or not at all, and the direct path
+    /// is shut by the state change.
+    pub fn close_with(&self, close: Bytes) {
+        {
+            let mut queue = self.queue();
+            // SLOW stays SLOW: the session has already discarded what was queued.
+            self.word.close(State::Done);
+            self.pending
+                .fetch_add(ONE_FRAME | close.len() as u64, Ordering::AcqRel);
+            queue.frames.push_back(close);
+        }
+        self.wake();
+    }
+
+    /// A panic elsewhere cannot leave the deque half-updated (a push, an append or a swap is
+    /// all that happens under the lock), so a poisoned lock is still good to use.
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// After a push: makes sure a writer will take the frame. Costs one `fetch_or` when a
+    /// wake-up is already owed or someone holds the socket (it sees the flag before it lets go).
+    fn wake(&self) {
+        if self.word.flag_queued() {
+            self.signal();
+        }
+    }
+
+    /// Wakes the session task (a permit: a wake-up before it waits is not lost).
+    pub fn signal(&self) {
+        self.signaled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves when there may be something to write or the outbox was closed as slow. Only
+    /// the session task may wait here.
+    pub async fn notified(&self) {
+        poll_fn(|cx| {
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A signal sent before the registration found no waker to wake: look again.
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Session: takes the right to write to the socket (see [`word`]). `Busy` means a
+    /// publisher is mid-write and will hand over, with a wake-up, as it finishes.
+    pub fn claim(&self) -> Claim {
+        self.word.claim()
+    }
+
+    /// Session, holding the right to write with nothing left to write: gives it up. False
+    /// when something was queued meanwhile: take it and write it first.
+    pub fn release_socket(&self) -> bool {
+        self.word.release()
+    }
+
+    /// Moves everything queued to the back of `into`, in order. The frames still count against
+    /// the bound until the writer [`release`](Self::release)s them. Only the holder of the
+    /// right to write may take.
+    pub fn take_all(&self, into: &mut VecDeque<Bytes>) {
+        self.word.begin_drain();
+        let mut queue = self.queue();
+        queue.partial_front = false;
+        if into.is_empty() {
+            std::mem::swap(into, &mut queue.frames);
+        } else {
+            into.append(&mut queue.frames);
+        }
+        if queue.frames.capacity() > 0 {
+            // The writer's emptied deque came back in the swap; an idle outbox holds nothing.
+            queue.frames = VecDeque::new();
+        }
+    }
+
+    /// The writer is done with `frame` (it is in a batch or discarded): it stops counting
+    /// against the bound.
+    pub fn release(&self, frame: &Bytes) {
+        self.pending
+            .fetch_sub(ONE_FRAME | frame.len() as u64, Ordering::AcqRel);
+    }
+
+    /// Refuses further pushes; what is queued still goes out.
+    pub fn finish(&self) {
+        self.word.close(State::Done);
+    }
+
+    /// True once a push found the outbox full under policy `Close`.
+    pub fn is_slow(&self) -> bool {
+        self.word.state() == State::Slow
+    }
+
+    /// Refuses further pushes and wakes the session to close the connection as revoked.
+    /// Called from any thread (the server API); a no-op once the outbox is closed.
+    pub fn revoke(&self) {
+        if self.word.close(State::Revoked) {
+            self.signal();
+        }
+    }
+
+    /// True once [`revoke`](Self::revoke) took effect.
+    pub fn is_revoked(&self) -> bool {
+        self.word.state() == State::Revoked
+    }
+
+    /// Drops everything queued (a slow consumer will never read it), except the rest of a
+    /// frame already partly written: without it the stream could not be framed.
+    pub fn discard(&self) {
+        let mut queue = self.queue();
+        let keep = if queue.partial_front {
+            queue.frames.pop_front()
+        } else {
+            None
+        };
+        let dropped = std::mem::take(&mut queue.frames);
+        if let Some(rest) = keep {
+            queue.frames.push_back(rest);
+        }
+        drop(queue);
+        for frame in &dropped {
+            self.release(frame);
+        }
+    }
+
+    /// Frames and bytes queued and not yet released: still queued, or taken by the writer and
+    /// not yet in a batch. This is what the bound is checked against; frames written directly
+    /// never count.
+    pub fn pending(&self) -> (u64, u64) {
+        let word = self.pending.load(Ordering::Acquire);
+        (word >> BYTE_BITS, word & BYTE_MASK)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(policy: SlowConsumer) -> Outbox {
+        Outbox::new(
+            ConnId(1),
+            Limits {
+                max_frames: 3,
+                max_bytes: 100,
+                policy,
+                direct: true,
+            },
+        )
+    }
+
+    #[test]
+    fn bounded_in_frames_and_bytes() {
+        let m = Metrics::default();
+        let ob = outbox(SlowConsumer::Drop);
+        let small = Bytes::from_static(b"abc");
+        for _ in 0..3 {
+            assert_eq!(ob.push(&small, &m), Pushed::Queued);
+        }
+        assert_eq!(ob.push(&small, &m), Pushed::Dropped);
+        assert_eq!(ob.pending(), (3, 9));
+        ob.discard();
+        assert_eq!(ob.pending(), (0, 0));
+        let big = Bytes::from(vec![0u8; 101]);
+        assert_eq!(ob.push(&big, &m), Pushed::Dropped);
+        assert_eq!(m.snapshot().dropped, 2);
+    }
+
+    #[test]
+    fn taken_frames_keep_order_and_count_until_released_and_the_outbox_keeps_no_storage() {
+        let m = Metrics::default();
+        let ob = outbox(SlowConsumer::Drop);
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"bb"));
+        ob.push(&a, &m);
+        ob.push(&b, &m);
+        let mut taken = VecDeque::new();
+        ob.take_all(&mut taken);
+        assert_eq!(taken, [a.clone(), b.clone()]);
+        assert_eq!(
+            ob.queue().frames.capacity(),
+            0,
+            "an emptied outbox must hold no storage"
+        );
+        assert_eq!(
+            ob.pending(),
+            (2, 3),
+            "taken frames still count against the bound"
+        );
+        assert_eq!(ob.push(&a, &m), Pushed::Queued);
+        assert_eq!(ob.push(&a, &m), Pushed::Dropped);
+        ob.take_all(&mut taken);
+        assert_eq!(taken, [a.clone(), b, a]);
+        assert_eq!(ob.queue().frames.capacity(), 0);
+        for frame in &taken {
+            ob.release(frame);
+        }
+        assert_eq!(ob.pending(), (0, 0));
+    }
+
+    /// Pushers on other threads racing `close_with`: whatever they got in is queued before the
+    /// close frame, never after it.
+    #[test]
+    fn nothing_is_queued_behind_the_close_frame() {
+        let close = Bytes::from_static(b"close");
+        for _ in 0..200 {
+            let m = Metrics::default();
+            let ob = Outbox::new(
+                ConnId(1),
+                Limits {
+                    max_frames: 1 << 20,
+                    max_bytes: 1 << 30,
+                    policy: SlowConsumer::Close,
+                    direct: true,
+                },
+            );
+            let start = std::sync::Barrier::new(3);
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        start.wait();
+                        let data = Bytes::from_static(b"data");
+                        while ob.push(&data, &m) == Pushed::Queued {}
+                    });
+                }
+                start.wait();
+                ob.close_with(close.clone());
+            });
+            let mut taken = VecDeque::new();
+            ob.take_all(&mut taken);
+            assert_eq!(
+                taken.back(),
+                Some(&close),
+                "a data frame followed the close"
+            );
+        }
+    }
+
+    #[test]
+    fn close_policy_marks_slow_once() {
+        let m = Metrics::default();
+        let ob = outbox(SlowConsumer::Close);
+        let big = Bytes::from(vec![0u8; 101]);
+        assert_eq!(ob.push(&big, &m), Pushed::Closed);
+        assert!(ob.is_slow());
+        assert_eq!(ob.push(&Bytes::from_static(b"x"), &m), Pushed::Closed);
+        assert_eq!(m.snapshot().slow_closed, 1);
+    }
+}
