@@ -12,6 +12,10 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 
 cargo nextest run --workspace --no-fail-fast
+# Every interleaving (within loom's preemption bound) of two publishers and a session on one
+# connection's socket ownership word: whole frames, per-publisher order, close last, nothing
+# stranded. Its own workspace, built with --cfg loom (model/run.sh).
+bash model/run.sh
 # RFC 6455 conformance: Autobahn|Testsuite against `roomcast --echo`, compared with
 # tests/autobahn/expected.json (the runner is installed into .autobahn/ on first use).
 bash scripts/autobahn.sh

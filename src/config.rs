@@ -56,6 +56,10 @@ pub struct Config {
     /// recipient's session to do it. Default on; off queues every frame for the session (the
     /// design before direct writes, kept to compare against).
     pub direct_write: bool,
+    /// `SO_SNDBUF` for every accepted socket, in bytes; `None` (the default) keeps the
+    /// kernel's (auto-tuned) size. A small buffer makes a slow reader's socket fill sooner and
+    /// its frames wait in the outbox, where the slow-consumer bound sees them.
+    pub send_buffer: Option<usize>,
     /// Ping a connection after this long without hearing from it. Default 30 s.
     pub ping_interval: Duration,
     /// Drop a connection that has not answered a ping within this long. Default 10 s.
@@ -105,6 +109,7 @@ impl Default for Config {
             outbox_bytes: 1024 * 1024,
             slow_consumer: SlowConsumer::Close,
             direct_write: true,
+            send_buffer: None,
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
             inbound: InboundLimits::default(),

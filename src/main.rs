@@ -59,6 +59,10 @@ struct Args {
     #[arg(long, env = "ROOMCAST_DIRECT_WRITE", default_value_t = true, action = clap::ArgAction::Set)]
     direct_write: bool,
 
+    /// SO_SNDBUF for accepted sockets, in bytes (default: the kernel's auto-tuned size).
+    #[arg(long, env = "ROOMCAST_SEND_BUFFER")]
+    send_buffer: Option<usize>,
+
     /// HTTP connections not yet upgraded, at once; more are answered 503 and closed.
     #[arg(long, env = "ROOMCAST_MAX_HANDSHAKES", default_value_t = 16_384)]
     max_handshakes: usize,
@@ -299,6 +303,7 @@ impl Args {
             max_rooms: self.max_rooms,
             fanout_slice: self.fanout_slice,
             direct_write: self.direct_write,
+            send_buffer: self.send_buffer,
             max_handshakes: self.max_handshakes,
             addresses: AddressLimits {
                 max_connections_per_ip: self.max_connections_per_ip,

@@ -222,6 +222,9 @@ async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Rece
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                if let Some(size) = shared.config.send_buffer {
+                    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(size);
+                }
                 let conn = Conn {
                     peer,
                     shared: shared.clone(),
