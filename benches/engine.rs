@@ -346,6 +346,108 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
+/// Members with real loopback sockets: the server end attached to each outbox, the client
+/// end read empty (untimed) after every broadcast.
+struct Sockets {
+    room: Arc<Room>,
+    members: Vec<Arc<Outbox>>,
+    clients: Vec<std::net::TcpStream>,
+    direct: bool,
+    /// Keeps the sockets registered; never driven after setup.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Sockets {
+    fn new(n: usize, direct: bool) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let registry = Registry::new(None);
+        let (mut members, mut clients, mut room) = (Vec::new(), Vec::new(), None);
+        for id in 0..n as u64 {
+            let client = std::net::TcpStream::connect(addr).expect("connect");
+            client.set_nonblocking(true).expect("nonblocking");
+            let (server, _) = listener.accept().expect("accept");
+            server.set_nonblocking(true).expect("nonblocking");
+            server.set_nodelay(true).expect("nodelay");
+            let _entered = runtime.enter();
+            let server = tokio::net::TcpStream::from_std(server).expect("register");
+            // tokio's `try_write` needs the reactor to have seen the socket writable once.
+            runtime.block_on(server.writable()).expect("writable");
+            let outbox = Arc::new(Outbox::new(ConnId(id), Limits { direct, ..LIMITS }));
+            assert!(outbox.attach(server).is_ok());
+            room = Some(registry.join(ROOM, &outbox).expect("under the room cap"));
+            members.push(outbox);
+            clients.push(client);
+        }
+        Self {
+            room: room.expect("at least one member"),
+            members,
+            clients,
+            direct,
+            _runtime: runtime,
+        }
+    }
+
+    /// Times `iters` broadcasts. Queued, each is followed by the writing it leaves to the
+    /// sessions, done here on this thread the way the session writer does it, minus the task
+    /// wake-up and the scheduler (which the end-to-end runs in RESULTS.md include).
+    fn timed(&self, iters: u64, frame: &Bytes, metrics: &Metrics) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut taken = VecDeque::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..iters {
+            let start = Instant::now();
+            let served = self.room.broadcast(black_box(frame), None, metrics);
+            if !self.direct {
+                for m in &self.members {
+                    write_queued(m, &mut taken);
+                }
+            }
+            total += start.elapsed();
+            assert_eq!(served, self.members.len());
+            for c in &self.clients {
+                while std::io::Read::read(&mut &*c, &mut buf).is_ok_and(|n| n > 0) {}
+            }
+        }
+        total
+    }
+}
+
+/// The session writer's part for one member: claim, take, write, release.
+fn write_queued(m: &Outbox, taken: &mut VecDeque<Bytes>) {
+    if m.claim() != roomcast::outbox::Claim::Owned {
+        return;
+    }
+    m.take_all(taken);
+    let stream = m.stream().expect("attached");
+    for frame in taken.drain(..) {
+        m.release(&frame);
+        let written = stream.try_write(&frame).expect("the client keeps up");
+        assert_eq!(written, frame.len());
+    }
+    assert!(m.release_socket());
+}
+
+fn sockets(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sockets");
+    let metrics = Metrics::default();
+    let frame = frame::text(MESSAGE);
+    let n = 200;
+    group.throughput(Throughput::Elements(n as u64));
+    for (id, direct) in [("direct", true), ("queued", false)] {
+        let mut audience = None;
+        group.bench_function(BenchmarkId::new(format!("broadcast_64B_{id}"), n), |b| {
+            let audience = audience.get_or_insert_with(|| Sockets::new(n, direct));
+            b.iter_custom(|iters| audience.timed(iters, &frame, &metrics))
+        });
+    }
+    group.finish();
+}
+
 /// What `protocol::decode` does, on a `serde_json::Value` tree: same checks, same `Command`.
 fn serde_command(v: &Value) -> Result<Command<'_>, ClientError> {
     fn optional<'v>(
@@ -557,6 +659,6 @@ fn frames(c: &mut Criterion) {
 criterion_group! {
     name = engine;
     config = Criterion::default().without_plots();
-    targets = registry, fanout, decode, frames
+    targets = registry, fanout, sockets, decode, frames
 }
 criterion_main!(engine);

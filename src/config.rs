@@ -225,6 +225,10 @@ impl Config {
         in_range("max-handshakes", self.max_handshakes, 1..=1_000_000)?;
         in_range("outbox-frames", self.outbox_frames, 1..=MAX_FRAMES)?;
         in_range("outbox-bytes", self.outbox_bytes, 1..=MAX_BYTES)?;
+        if let Some(size) = self.send_buffer {
+            // The kernel doubles the value and clamps it to its own bounds; past 1 GiB is a typo.
+            in_range("send-buffer", size, 1..=1 << 30)?;
+        }
         let largest = self.max_message_bytes as u64 + crate::frame::MAX_HEADER as u64;
         if self.outbox_bytes < largest {
             return Err(ConfigError::OutboxBelowMessage {

@@ -3,13 +3,16 @@
 //! # Architecture map: the path a message takes
 //!
 //! ```text
-//!  socket ──► session ──► backplane ──► room ──► fan-out ──► outbox ──► session writer ──► socket
-//!  (server)   (session)   (backplane)   (room)   (room)      (outbox)   (session)
+//!  socket ──► session ──► backplane ──► room ──► fan-out ──┬──────────────────────────► socket
+//!  (server)   (session)   (backplane)   (room)   (room)    │ idle: the publisher writes
+//!                                                          └► outbox ──► session writer ──► socket
+//!                                                             (outbox)   (session)
 //! ```
 //!
 //! 1. **socket** — `server` accepts TCP, speaks HTTP/1.1 through hyper (`/healthz`,
 //!    `/metrics`) and upgrades `GET /` to WebSocket (handshake by fastwebsockets).
-//! 2. **session** — `session` owns the upgraded `TcpStream` in one task: it parses client
+//! 2. **session** — `session` runs each upgraded connection in one task (its `TcpStream` lives
+//!    in the connection's outbox, where publishers can write to it too): it parses client
 //!    frames in place ([`frame`]), decodes the two JSON dialects ([`protocol`]) and keeps the
 //!    handles of the rooms the connection holds.
 //! 3. **backplane** — `backplane` carries a published message to every node's copy of the
@@ -20,10 +23,15 @@
 //!    they cost the same in any room). A room larger than `--fanout-slice` is served a slice at
 //!    a time, the caller yielding between slices ([`room::Fanout`]).
 //! 5. **fan-out** — the message is framed once into a `Bytes` ([`frame::text`]); every
-//!    recipient's [`outbox`] gets a clone of it (a reference-count bump, never a copy). The
-//!    push is not lock-free: it holds that outbox's own mutex for one `push_back`, a lock no
-//!    other recipient shares.
-//! 6. **writer** — each session drains its outbox in batches, many frames per `writev`.
+//!    recipient gets a clone of it (a reference-count bump, never a copy). A recipient whose
+//!    socket is idle is claimed through its [`outbox`]'s ownership word (one compare-and-swap)
+//!    and written by the publisher itself when its step ends ([`outbox::DeferredWrites`]): one
+//!    `write`, no task woken, and under load each claimed socket gets everything owed to it in
+//!    one `writev`. Otherwise the frame is queued in the outbox, under that outbox's own mutex
+//!    for one `push_back`, a lock no other recipient shares.
+//! 6. **writer** — each session writes what its outbox queued (what arrived while someone else
+//!    wrote, the rest of a write the socket did not take, its own replies) in batches, many
+//!    frames per `writev`.
 //!
 //! [`config`] holds every knob; [`metrics`] counts what `/healthz` and `/metrics` report.
 //!

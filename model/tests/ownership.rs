@@ -7,7 +7,7 @@
 //! Checked in every interleaving: the bytes on the wire parse into whole frames (no frame
 //! torn or interleaved with another), each publisher's frames arrive in its order, the close
 //! frame is the last thing written, and when everyone is done nothing is left queued without
-//! an owner (a stranded frame would sit there forever).
+//! an owner (a stranded frame would sit there forever), nor is the session's own pong.
 #![cfg(loom)]
 
 use std::collections::VecDeque;
@@ -17,8 +17,9 @@ use loom::sync::{Arc, Mutex};
 use loom::thread;
 use roomcast_model::word::{Claim, State, Word};
 
-/// Bytes the socket takes before it would block, and again each time the reader catches up.
-const SOCKET_BUDGET: usize = 5;
+/// Bytes the socket takes before it would block, and again each time the reader catches up:
+/// less than some frames, more than others, so whole, partial and refused writes all happen.
+const SOCKET_BUDGET: usize = 8;
 const CLOSE: u8 = 0xff;
 
 /// A frame is `[tag, seq, len, len bytes of tag ^ seq]`: a torn or interleaved frame fails to
@@ -119,9 +120,9 @@ impl Conn {
         if !self.word.queued() {
             return self.write_direct(first);
         }
-        let mut segs = self.take_all();
+        let (mut segs, _) = self.take_all();
         segs.push_front(first);
-        let cut = write_some(&self.socket, &mut segs);
+        let cut = write_vectored(&self.socket, &mut segs);
         if segs.is_empty() {
             if self.word.finish_direct() {
                 self.signal();
@@ -173,22 +174,29 @@ impl Conn {
         }
     }
 
-    /// `Outbox::take_all` (owner only).
-    fn take_all(&self) -> VecDeque<Vec<u8>> {
+    /// `Outbox::take_all` (owner only); true when the first frame is the rest of a partial
+    /// write.
+    fn take_all(&self) -> (VecDeque<Vec<u8>>, bool) {
         self.word.begin_drain();
         let mut q = self.queue.lock().unwrap();
-        q.partial_front = false;
-        std::mem::take(&mut q.frames)
+        let partial = std::mem::take(&mut q.partial_front);
+        (std::mem::take(&mut q.frames), partial)
     }
 
-    /// The session writer's `flush`: claim, write everything (waiting for the reader when the
-    /// socket is full), give the socket back unless more was queued meanwhile.
-    fn session_flush(&self) {
+    /// The session writer's `flush`: claim, write its pong and everything queued (waiting for
+    /// the reader when the socket is full), give the socket back unless more was queued
+    /// meanwhile.
+    fn session_flush(&self, pong: &mut Option<Vec<u8>>) {
         if self.word.claim() == Claim::Busy {
             return;
         }
         loop {
-            let mut segs = self.take_all();
+            // The session writer's `fill`: the pong first, but never before the rest of a
+            // partial write.
+            let (mut segs, rest_first) = self.take_all();
+            if let Some(pong) = pong.take() {
+                segs.insert(usize::from(rest_first), pong);
+            }
             while !segs.is_empty() {
                 write_some(&self.socket, &mut segs);
                 if !segs.is_empty() {
@@ -203,9 +211,9 @@ impl Conn {
     }
 
     /// The session's wait for a wake-up, then a flush.
-    fn session_wake(&self) {
+    fn session_wake(&self, pong: &mut Option<Vec<u8>>) {
         if self.signaled.swap(false, Ordering::AcqRel) {
-            self.session_flush();
+            self.session_flush(pong);
         }
     }
 }
@@ -226,6 +234,23 @@ fn write_some(socket: &Socket, segs: &mut VecDeque<Vec<u8>>) -> bool {
         }
         None => false,
     }
+}
+
+/// One `writev` of every segment; returns whether a segment was cut short.
+fn write_vectored(socket: &Socket, segs: &mut VecDeque<Vec<u8>>) -> bool {
+    let all: Vec<u8> = segs.iter().flatten().copied().collect();
+    let Some(mut n) = socket.write(&all) else {
+        return false;
+    };
+    while let Some(front) = segs.front_mut() {
+        if n < front.len() {
+            front.drain(..n);
+            return n > 0;
+        }
+        n -= front.len();
+        segs.pop_front();
+    }
+    false
 }
 
 /// Parses the wire into `(tag, seq)` pairs; panics on a torn or interleaved frame.
@@ -250,16 +275,19 @@ fn parse(mut wire: &[u8]) -> Vec<(u8, u8)> {
     out
 }
 
-/// Two publishers and the session; `deferred` makes publisher 2 claim and write at the end of
-/// its step, with its second frame for the same socket queued behind its own claim.
-fn run(deferred: bool, close: bool) {
+/// Publishers (publisher 1 only when `both`) and the session; `deferred` makes publisher 2
+/// claim and write at the end of its step, with its second frame for the same socket queued
+/// behind its own claim.
+fn run(deferred: bool, close: bool, both: bool) {
     let conn = Arc::new(Conn::new());
     let done = Arc::new(AtomicUsize::new(0));
     let p1 = {
         let (conn, done) = (conn.clone(), done.clone());
         thread::spawn(move || {
-            conn.deliver(frame(1, 0, 3));
-            conn.deliver(frame(1, 1, 1));
+            if both {
+                conn.deliver(frame(1, 0, 3));
+                conn.deliver(frame(1, 1, 1));
+            }
             done.fetch_add(1, Ordering::Release);
         })
     };
@@ -279,15 +307,18 @@ fn run(deferred: bool, close: bool) {
             done.fetch_add(1, Ordering::Release);
         })
     };
-    // The session: handles wake-ups while the publishers run, then (maybe) closes.
+    // The session: a ping arrived, so it has a pong of its own to write; it tries at once,
+    // then handles wake-ups while the publishers run, then (maybe) closes.
+    let mut pong = Some(frame(3, 0, 0));
+    conn.session_flush(&mut pong);
     while done.load(Ordering::Acquire) < 2 {
-        conn.session_wake();
+        conn.session_wake(&mut pong);
         thread::yield_now();
     }
     if close {
         conn.close_with();
     }
-    conn.session_wake();
+    conn.session_wake(&mut pong);
     p1.join().unwrap();
     p2.join().unwrap();
 
@@ -305,11 +336,16 @@ fn run(deferred: bool, close: bool) {
         conn.socket.wire.lock().unwrap().0,
     );
     drop(queue);
+    assert!(pong.is_none(), "the session's pong was never written");
     let wire = conn.socket.wire.lock().unwrap().0.clone();
     let frames = parse(&wire);
-    for tag in [1, 2] {
+    for tag in [1, 2, 3] {
         let seqs: Vec<u8> = frames.iter().filter(|f| f.0 == tag).map(|f| f.1).collect();
-        let expected: Vec<u8> = if tag == 1 || deferred {
+        let expected: Vec<u8> = if tag == 3 {
+            vec![0]
+        } else if tag == 1 && !both {
+            vec![]
+        } else if tag == 1 || deferred {
             vec![0, 1]
         } else {
             vec![0]
@@ -331,15 +367,22 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 
 #[test]
 fn direct_publishers_and_a_draining_session() {
-    model(|| run(false, false));
+    model(|| run(false, false, true));
 }
 
 #[test]
 fn direct_publishers_and_a_closing_session() {
-    model(|| run(false, true));
+    model(|| run(false, true, true));
 }
 
 #[test]
 fn a_deferring_publisher_and_a_closing_session() {
-    model(|| run(true, true));
+    model(|| run(true, true, true));
+}
+
+/// The session's pong against one deferring publisher alone: no later frame comes to wake the
+/// session, so the hand-over as the publisher finishes is the only way the pong gets out.
+#[test]
+fn the_sessions_pong_while_a_publisher_holds_the_socket() {
+    model(|| run(true, false, false));
 }

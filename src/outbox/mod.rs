@@ -478,6 +478,12 @@ impl Outbox {
         self.word.claim()
     }
 
+    /// True when frames were queued that no writer has taken yet (the first may be the rest
+    /// of a partial write).
+    pub fn queued(&self) -> bool {
+        self.word.queued()
+    }
+
     /// Session, holding the right to write with nothing left to write: gives it up. False
     /// when something was queued meanwhile: take it and write it first.
     pub fn release_socket(&self) -> bool {
@@ -486,11 +492,12 @@ impl Outbox {
 
     /// Moves everything queued to the back of `into`, in order. The frames still count against
     /// the bound until the writer [`release`](Self::release)s them. Only the holder of the
-    /// right to write may take.
-    pub fn take_all(&self, into: &mut VecDeque<Bytes>) {
+    /// right to write may take. True when the first frame taken is the rest of a frame a
+    /// publisher partly wrote: nothing, not even a pong, may go out before it.
+    pub fn take_all(&self, into: &mut VecDeque<Bytes>) -> bool {
         self.word.begin_drain();
         let mut queue = self.queue();
-        queue.partial_front = false;
+        let partial = std::mem::take(&mut queue.partial_front);
         if into.is_empty() {
             std::mem::swap(into, &mut queue.frames);
         } else {
@@ -500,6 +507,7 @@ impl Outbox {
             // The writer's emptied deque came back in the swap; an idle outbox holds nothing.
             queue.frames = VecDeque::new();
         }
+        partial
     }
 
     /// The writer is done with `frame` (it is in a batch or discarded): it stops counting

@@ -12,6 +12,8 @@
 //!   when it claims the socket to drain the queue.
 //! - `QUEUED`: frames sit in the queue that no writer has taken. Set after the push, so a
 //!   frame is either taken by the owner's next drain or seen by its release.
+//! - `WANTED`: the session has something of its own to write (a pong) and found a publisher
+//!   writing; that publisher hands over as it finishes, even when it took the queue itself.
 //! - two bits of state: open, slow, done or revoked. Anything but open keeps the direct path
 //!   shut for good, which is what keeps the close frame last.
 //!
@@ -32,6 +34,7 @@ const PARKED: u32 = 2;
 const QUEUED: u32 = 4;
 const STATE_SHIFT: u32 = 3;
 const STATE_MASK: u32 = 3 << STATE_SHIFT;
+const WANTED: u32 = 32;
 
 /// Where the connection is in its life, as the outbox sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +110,7 @@ impl Word {
     pub fn finish_direct(&self) -> bool {
         let mut s = self.0.load(Ordering::Acquire);
         loop {
-            if s & (QUEUED | STATE_MASK) != 0 {
+            if s & (QUEUED | WANTED | STATE_MASK) != 0 {
                 self.0.fetch_or(PARKED, Ordering::AcqRel);
                 return true;
             }
@@ -136,7 +139,7 @@ impl Word {
     }
 
     /// Session: takes the right to write, or finds it already its own. When a publisher is
-    /// mid-write this leaves `QUEUED` set, so that publisher hands over as it finishes.
+    /// mid-write this leaves `WANTED` set, so that publisher hands over as it finishes.
     pub fn claim(&self) -> Claim {
         let mut s = self.0.load(Ordering::Acquire);
         loop {
@@ -144,7 +147,7 @@ impl Word {
                 if s & PARKED != 0 {
                     return Claim::Owned;
                 }
-                let prev = self.0.fetch_or(QUEUED, Ordering::AcqRel);
+                let prev = self.0.fetch_or(WANTED, Ordering::AcqRel);
                 if prev & LOCK != 0 {
                     return if prev & PARKED != 0 {
                         Claim::Owned
@@ -153,12 +156,12 @@ impl Word {
                     };
                 }
                 // The publisher let go between the load and the flag: try again.
-                s = prev | QUEUED;
+                s = prev | WANTED;
                 continue;
             }
             match self.0.compare_exchange_weak(
                 s,
-                s | LOCK | PARKED,
+                (s | LOCK | PARKED) & !WANTED,
                 Ordering::Acquire,
                 Ordering::Acquire,
             ) {
@@ -188,7 +191,7 @@ impl Word {
             }
             match self.0.compare_exchange_weak(
                 s,
-                s & !(LOCK | PARKED),
+                s & !(LOCK | PARKED | WANTED),
                 Ordering::Release,
                 Ordering::Acquire,
             ) {
@@ -270,5 +273,20 @@ mod tests {
         w.begin_drain();
         assert!(w.release());
         assert!(w.try_direct());
+    }
+
+    #[test]
+    fn a_publisher_hands_over_when_the_session_wanted_the_socket() {
+        let w = Word::new();
+        assert!(w.try_direct());
+        assert_eq!(w.claim(), Claim::Busy, "the session has a pong to write");
+        w.begin_drain(); // the publisher takes the queue itself: nothing queued is left
+        assert!(
+            w.finish_direct(),
+            "the session's pong would wait for the next wake-up"
+        );
+        assert_eq!(w.claim(), Claim::Owned);
+        assert!(w.release());
+        assert!(w.try_direct(), "WANTED outlived the session's turn");
     }
 }

@@ -1,8 +1,10 @@
 //! One WebSocket connection after the upgrade: reads client frames, runs their commands, holds
-//! the connection's rooms, and writes everything its outbox collects.
+//! the connection's rooms, and writes what its outbox queues.
 //!
-//! A session is a single task that owns its `TcpStream` whole and waits on readiness, not on
-//! buffered reads: while idle it holds no read or write buffer at all. The work is split by
+//! A session is a single task that is the only reader of its `TcpStream` and waits on
+//! readiness, not on buffered reads: while idle it holds no read or write buffer at all. It
+//! shares writing with publishers, who write to the socket themselves while it is idle (the
+//! outbox's ownership word decides who writes). The work is split by
 //! direction: `reader` frames and admits what the client sends (inbound flow control, frame
 //! deadlines), `commands` runs the two dialects against rooms and the backplane, `writer` drains
 //! the outbox in batches. This file holds the task's loop and its clocks.
@@ -136,6 +138,8 @@ pub(crate) struct Session {
     pong: Option<Bytes>,
     /// Frames taken from the outbox in one swap and not yet moved into the batch.
     taken: VecDeque<Bytes>,
+    /// The first of `taken` is the rest of a publisher's partial write: it goes before the pong.
+    rest_first: bool,
     batch: Batch,
     phase: Phase,
     /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
@@ -181,6 +185,7 @@ impl Session {
             fanout: None,
             pong: None,
             taken: VecDeque::new(),
+            rest_first: false,
             batch: Batch::default(),
             phase: Phase::Open,
             last_heard: now,

@@ -112,11 +112,19 @@ impl Session {
     }
 
     /// Writes a small control frame at once when nothing else is half-written; gives it back
-    /// when the socket would block (or a batch is in progress, or a publisher is writing, so
-    /// a frame boundary is not guaranteed). A partial write leaves the rest at the front of
+    /// when the socket would block (or a batch is in progress, frames are queued or a
+    /// publisher is writing, so a frame boundary is not guaranteed). A partial write leaves the rest at the front of
     /// the batch, and the session keeps the socket until it is out.
     pub(super) fn write_now(&mut self, frame: Bytes) -> Option<Bytes> {
-        if !self.batch.is_empty() || self.outbox.claim() == Claim::Busy {
+        if !self.batch.is_empty() || !self.taken.is_empty() || self.outbox.claim() == Claim::Busy {
+            return Some(frame);
+        }
+        if self.outbox.queued() {
+            // Queued frames may start with the rest of a publisher's partial write, which the
+            // pong must not cut into: it waits for the flush, which writes them first.
+            if !self.outbox.release_socket() {
+                self.outbox.signal();
+            }
             return Some(frame);
         }
         let written = self.stream().try_write(&frame);
@@ -141,12 +149,26 @@ impl Session {
     }
 
     /// Moves the pending pong and frames from the outbox into the batch; false when there was
-    /// nothing to move.
+    /// nothing to move. The pong goes first, except after the rest of a publisher's partial
+    /// write, which must be finished before any other frame starts.
     fn fill(&mut self) -> bool {
-        let Some(first) = self.pong.take().or_else(|| self.next_frame()) else {
-            return false;
+        if self.taken.is_empty() {
+            self.rest_first = self.outbox.take_all(&mut self.taken);
+        }
+        let rest = if std::mem::take(&mut self.rest_first) {
+            self.next_frame()
+        } else {
+            None
         };
-        let Some(second) = self.next_frame() else {
+        let (first, second) = match (rest, self.pong.take()) {
+            (Some(rest), Some(pong)) => (rest, Some(pong)),
+            (Some(one), None) | (None, Some(one)) => (one, self.next_frame()),
+            (None, None) => match self.next_frame() {
+                Some(one) => (one, self.next_frame()),
+                None => return false,
+            },
+        };
+        let Some(second) = second else {
             // The common case under light load: one frame, written straight from the shared
             // allocation.
             self.batch.uncounted += 1;
@@ -170,7 +192,9 @@ impl Session {
     /// The next frame to write, taking everything the outbox holds when the last take is used up.
     fn next_frame(&mut self) -> Option<Bytes> {
         if self.taken.is_empty() {
-            self.outbox.take_all(&mut self.taken);
+            // The session has held the socket since `fill`'s take, so no publisher can have
+            // parked the rest of a partial write since: the flag is false here.
+            let _ = self.outbox.take_all(&mut self.taken);
         }
         let frame = self.taken.pop_front()?;
         self.outbox.release(&frame);

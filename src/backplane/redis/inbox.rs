@@ -19,9 +19,9 @@ use crate::backplane::quota::Quota;
 use crate::config::RedisLimits;
 use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbox::ConnId;
+use crate::outbox::{ConnId, DeferredWrites};
 use crate::protocol;
-use crate::room::Registry;
+use crate::room::{Fanout, Registry};
 use crate::users::Users;
 
 /// The bounded queue between the two stages.
@@ -111,34 +111,62 @@ pub(super) async fn listen(
     }
 }
 
+/// Messages fanned out in one batch of direct writes (see `outbox::DeferredWrites`) when
+/// several are waiting: each socket they reach is written once for all of them. 64 messages
+/// to a room of 1,000 is 64,000 queue pushes, about 2 ms, before the writes.
+const BATCH_MESSAGES: usize = 64;
+
 /// Stage two: fans every queued message out to its local room, for as long as any listener
-/// can still queue.
+/// can still queue. What is waiting is taken in batches, so a burst from Redis coalesces into
+/// one write per socket instead of one write per delivery.
 pub(super) async fn deliver(
     mut queue: mpsc::Receiver<redis::Msg>,
     inbox: Arc<Inbox>,
     ctx: Delivery,
 ) {
-    while let Some(msg) = queue.recv().await {
-        let mut payload = msg.get_payload_bytes().to_vec();
-        inbox.quota.give_back(payload.len() as u64);
-        let channel = msg.get_channel_name();
-        let Some(room) = channel
-            .strip_prefix(&*ctx.prefix)
-            .and_then(|name| ctx.registry.get(name))
-        else {
-            continue;
-        };
-        let Some(relay) = protocol::decode_relay(&mut payload) else {
-            tracing::debug!(channel, "ignoring a payload without a string `message`");
-            continue;
-        };
-        let skip = match (relay.origin, relay.conn) {
-            (Some(origin), Some(conn)) if origin == &*ctx.node => Some(ConnId(conn)),
-            _ => None,
-        };
-        // Sliced, so a message to a room of 100,000 does not hold this worker for its whole
-        // fan-out; the next message waits until this one is served, so the order holds.
-        let fanout = room.fanout(frame::text(relay.message), skip);
-        fanout.finish(&ctx.metrics).await;
+    while let Some(first) = queue.recv().await {
+        let batch = DeferredWrites::begin();
+        let mut next = Some(first);
+        let mut rest = None;
+        for taken in 1.. {
+            let Some(msg) = next.take() else { break };
+            if let Some(mut fanout) = fanout_of(&msg, &inbox, &ctx) {
+                if !fanout.step(&ctx.metrics) {
+                    // A large room: served a slice at a time below, yielding between slices.
+                    rest = Some(fanout);
+                    break;
+                }
+            }
+            if taken < BATCH_MESSAGES {
+                next = queue.try_recv().ok();
+            }
+        }
+        batch.finish(&ctx.metrics);
+        // The next message waits until this one is served, so the order holds.
+        if let Some(fanout) = rest {
+            ctx.metrics.add_fanout_yield();
+            tokio::task::yield_now().await;
+            fanout.finish(&ctx.metrics).await;
+        }
     }
+}
+
+/// The local broadcast a message from Redis asks for, if its room has members here and its
+/// payload holds a message.
+fn fanout_of(msg: &redis::Msg, inbox: &Inbox, ctx: &Delivery) -> Option<Fanout> {
+    let mut payload = msg.get_payload_bytes().to_vec();
+    inbox.quota.give_back(payload.len() as u64);
+    let channel = msg.get_channel_name();
+    let room = channel
+        .strip_prefix(&*ctx.prefix)
+        .and_then(|name| ctx.registry.get(name))?;
+    let Some(relay) = protocol::decode_relay(&mut payload) else {
+        tracing::debug!(channel, "ignoring a payload without a string `message`");
+        return None;
+    };
+    let skip = match (relay.origin, relay.conn) {
+        (Some(origin), Some(conn)) if origin == &*ctx.node => Some(ConnId(conn)),
+        _ => None,
+    };
+    Some(room.fanout(frame::text(relay.message), skip))
 }
