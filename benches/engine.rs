@@ -1,5 +1,5 @@
 //! Criterion benchmarks for the engine's hot paths: everything a message touches between two
-//! sockets that can be measured without a socket.
+//! sockets that can be measured without a socket, and fan-out to real loopback sockets.
 //!
 //! * `registry` — membership. `join_then_leave/*` is one `Registry::join` + `Registry::leave`
 //!   of a newcomer at the end of the member list (`room_of_0` also creates and removes the
@@ -21,6 +21,10 @@
 //!   writer does it, outside the timed region, after every broadcast: the bounded rings never
 //!   fill, so no push takes the refusal path (asserted), and every push pays the wake-up of an
 //!   idle writer, as at chat rates.
+//! * `sockets` — `Room::broadcast` to 200 members with real loopback sockets, per recipient:
+//!   `direct` claims each idle socket and writes it as the step ends; `queued` pushes, then does
+//!   the session writer's part (claim, take, write, release) on the same thread, which leaves
+//!   out the task wake-up direct writes save.
 //! * `decode` — a client message through `protocol::decode` (simd-json tape, strings borrowed
 //!   from the buffer) next to serde_json on the same bytes producing the same `Command`. Decoding
 //!   parses in place, so every iteration of every variant first copies the input into a reused
