@@ -237,6 +237,12 @@ impl Session {
                     if waiting.and_then(|old| self.write_now(old)).is_some() {
                         self.shared.metrics.add_pong_replaced();
                     }
+                    // The pong goes before anything this session sends after the ping (RFC
+                    // 6455 lets a pong cut in, Autobahn 5.6 expects it first): hold the socket,
+                    // so replies and deliveries queue behind it, and owe ourselves the flush
+                    // that writes it first.
+                    let _ = self.outbox.claim();
+                    self.outbox.signal();
                 }
             }
             OpCode::Pong => {}
