@@ -4,6 +4,7 @@
 #
 #   bash scripts/ab.sh /tmp/roomcast-old target/release/roomcast
 #   RUNS=5 RATE=5 bash scripts/ab.sh A_BIN B_BIN -- --dialect join   # extra loadgen flags after --
+#   SERVER_ARGS="--inbound-frames-per-sec 0 --inbound-fanout-per-sec 0" RATE=160 bash scripts/ab.sh A B
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -28,7 +29,7 @@ for run in $(seq 1 "$RUNS"); do
     for side in A B; do
         bin=$A
         [ "$side" = B ] && bin=$B
-        taskset -c "$SERVER_CPU" "$bin" --listen "127.0.0.1:$PORT" --log warn &
+        taskset -c "$SERVER_CPU" "$bin" --listen "127.0.0.1:$PORT" --log warn ${SERVER_ARGS:-} &
         pid=$!
         wait_for_port 127.0.0.1 "$PORT" 10
         taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" \
