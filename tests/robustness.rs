@@ -299,3 +299,36 @@ async fn still_serves_after_one_leaves(node: Node, a: Ws) {
     send(&mut c, &subscribe("z")).await;
     sync(&mut c, "z").await;
 }
+
+/// A pong answers its ping before anything the session sends after that ping, even when a
+/// delivery to this connection is already waiting (direct writes made the reverse order
+/// possible: the echo of a message that followed the ping went straight to the socket, or the
+/// earlier pong was put behind it). Everything in one write, so one read holds it all.
+#[tokio::test]
+async fn pongs_keep_their_place_among_the_sessions_own_frames() {
+    let node = Node::start().await;
+    let mut raw = raw_upgrade(node.addr, "/").await;
+    let mut burst = client_frame(0x81, subscribe("pp").as_bytes());
+    burst.extend(client_frame(0x89, b"a"));
+    burst.extend(client_frame(0x81, send_message("pp", "m").as_bytes()));
+    burst.extend(client_frame(0x89, b"b"));
+    raw.write_all(&burst).await.expect("write");
+    let mut got = Vec::new();
+    let mut frames = Vec::new();
+    while frames.len() < 3 {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(PATIENCE, raw.read(&mut buf))
+            .await
+            .expect("frames in time")
+            .expect("read");
+        assert!(n > 0, "closed after {frames:?}");
+        got.extend_from_slice(&buf[..n]);
+        frames = server_frames(&got);
+    }
+    let expected = [
+        (0x8A, b"a".to_vec()),
+        (0x81, b"m".to_vec()),
+        (0x8A, b"b".to_vec()),
+    ];
+    assert_eq!(frames, expected);
+}

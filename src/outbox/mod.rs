@@ -118,7 +118,8 @@ pub enum Pushed {
     /// The publisher wrote this many bytes of the frame to the socket itself; when short of
     /// the frame's length, the rest is queued in front of everything else.
     Written(usize),
-    /// The frame was queued and will be written by the session.
+    /// The frame will be written: queued for the session, or noted for the writes at the end
+    /// of the publisher's [`DeferredWrites`] batch.
     Queued,
     /// The outbox was full and the policy is `Drop`: this frame is lost for this recipient.
     Dropped,

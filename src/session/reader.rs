@@ -233,10 +233,11 @@ impl Session {
                     // The pong already waiting goes out now if the socket takes it (a client
                     // that reads gets a pong per ping, as Autobahn 2.10 expects); only when the
                     // socket is full is it replaced, so a client that never reads holds one.
-                    let waiting = self.pong.replace(pong);
+                    let waiting = self.pong.take();
                     if waiting.and_then(|old| self.write_now(old)).is_some() {
                         self.shared.metrics.add_pong_replaced();
                     }
+                    self.pong = Some(pong);
                     // The pong goes before anything this session sends after the ping (RFC
                     // 6455 lets a pong cut in, Autobahn 5.6 expects it first): hold the socket,
                     // so replies and deliveries queue behind it, and owe ourselves the flush

@@ -112,20 +112,27 @@ impl Session {
     }
 
     /// Writes a small control frame at once when nothing else is half-written; gives it back
-    /// when the socket would block (or a batch is in progress, frames are queued or a
-    /// publisher is writing, so a frame boundary is not guaranteed). A partial write leaves the rest at the front of
-    /// the batch, and the session keeps the socket until it is out.
+    /// when it cannot (a batch is in progress, which means the socket is full or a turn ran
+    /// out; a publisher is writing; or the socket would block). When frames are queued it goes
+    /// into the batch ahead of them, or right after the rest of a publisher's partial write if
+    /// that is first (nothing may cut into it), for the flush that follows. A partial write leaves the
+    /// rest at the front of the batch; with a batch left, the session keeps the socket.
     pub(super) fn write_now(&mut self, frame: Bytes) -> Option<Bytes> {
         if !self.batch.is_empty() || !self.taken.is_empty() || self.outbox.claim() == Claim::Busy {
             return Some(frame);
         }
         if self.outbox.queued() {
-            // Queued frames may start with the rest of a publisher's partial write, which the
-            // pong must not cut into: it waits for the flush, which writes them first.
-            if !self.outbox.release_socket() {
+            if self.pong.is_some() {
+                // The ping handler empties the slot first; never cut into queued frames.
                 self.outbox.signal();
+                return Some(frame);
             }
-            return Some(frame);
+            // `fill` places it as it places the pong: first, or right after such a rest.
+            self.pong = Some(frame);
+            self.fill();
+            // Owed: the flush that writes the batch (the socket stays ours until then).
+            self.outbox.signal();
+            return None;
         }
         let written = self.stream().try_write(&frame);
         let rest = match written {
