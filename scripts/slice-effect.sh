@@ -2,7 +2,7 @@
 # What a big room's broadcasts cost the other rooms: one room of BIG members (one sender at
 # BIG_RATE msg/s, loadgen rooms `big-0`) beside SMALL clients in SMALL_ROOMS rooms (2 senders
 # per room at 5 msg/s, rooms `small-*`), on one server with `--fanout-slice` SLICE (the default
-# 2,048: broadcasts yield every 2,048 members) and 0 (never yields), interleaved, a fresh server
+# 256: broadcasts yield every 256 members) and 0 (never yields), interleaved, a fresh server
 # per run. Prints the small rooms' latency and loss as their loadgen measured it.
 #
 #   bash scripts/slice-effect.sh                      # RUNS=3, server --threads 1 on cpu0
@@ -17,7 +17,7 @@ BIG_RATE=${BIG_RATE:-2}
 SMALL=${SMALL:-2000}
 SMALL_ROOMS=${SMALL_ROOMS:-20}
 THREADS=${THREADS:-1}
-SLICES=${SLICES:-2048 0}
+SLICES=${SLICES:-256 0}
 SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18800}

@@ -51,7 +51,7 @@ struct Args {
     max_rooms: usize,
 
     /// Members one broadcast serves before it lets other tasks run (0: never yields).
-    #[arg(long, env = "ROOMCAST_FANOUT_SLICE", default_value_t = 2048)]
+    #[arg(long, env = "ROOMCAST_FANOUT_SLICE", default_value_t = 256)]
     fanout_slice: usize,
 
     /// Whether a publisher writes to an idle recipient's socket itself (false: every frame
