@@ -35,23 +35,13 @@ async fn a_ping_flood_holds_one_pong_not_one_per_ping() {
     });
     // Read only once every ping is written: until then nothing drains the server's writes.
     let _tx = writer.await.expect("writer");
-    let mut bytes = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let pongs = loop {
-        let n = tokio::time::timeout(PATIENCE, rx.read(&mut buf))
-            .await
-            .expect("frames in time")
-            .expect("read");
-        assert!(n > 0, "closed before the sync message");
-        bytes.extend_from_slice(&buf[..n]);
-        let frames = server_frames(&bytes);
-        if frames
+    let frames = read_frames_until(&mut rx, |frames| {
+        frames
             .iter()
             .any(|(first, p)| *first == 0x81 && p == b"sync")
-        {
-            break frames.iter().filter(|(first, _)| *first == 0x8A).count();
-        }
-    };
+    })
+    .await;
+    let pongs = frames.iter().filter(|(first, _)| *first == 0x8A).count();
     assert!(
         pongs < PINGS / 2,
         "{pongs} pongs for {PINGS} pings: pongs were queued per ping"

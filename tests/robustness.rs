@@ -313,18 +313,7 @@ async fn pongs_keep_their_place_among_the_sessions_own_frames() {
     burst.extend(client_frame(0x81, send_message("pp", "m").as_bytes()));
     burst.extend(client_frame(0x89, b"b"));
     raw.write_all(&burst).await.expect("write");
-    let mut got = Vec::new();
-    let mut frames = Vec::new();
-    while frames.len() < 3 {
-        let mut buf = [0u8; 256];
-        let n = tokio::time::timeout(PATIENCE, raw.read(&mut buf))
-            .await
-            .expect("frames in time")
-            .expect("read");
-        assert!(n > 0, "closed after {frames:?}");
-        got.extend_from_slice(&buf[..n]);
-        frames = server_frames(&got);
-    }
+    let frames = read_frames_until(&mut raw, |frames| frames.len() >= 3).await;
     let expected = [
         (0x8A, b"a".to_vec()),
         (0x81, b"m".to_vec()),

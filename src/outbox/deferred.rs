@@ -28,9 +28,9 @@ use crate::metrics::Metrics;
 
 /// Sockets claimed during the current batch on this thread, each with the first frame owed.
 #[derive(Default)]
-pub(super) struct Claims {
+struct Claims {
     depth: u32,
-    pub(super) owed: Vec<(Arc<Outbox>, Bytes)>,
+    owed: Vec<(Arc<Outbox>, Bytes)>,
     /// Reused by every flush: frames taken from a claimed socket's queue.
     scratch: VecDeque<Bytes>,
 }
@@ -40,7 +40,7 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's claims.
-pub(super) fn with_claims<R>(f: impl FnOnce(&mut Claims) -> R) -> R {
+fn with_claims<R>(f: impl FnOnce(&mut Claims) -> R) -> R {
     CLAIMS.with_borrow_mut(f)
 }
 

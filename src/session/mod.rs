@@ -138,8 +138,6 @@ pub(crate) struct Session {
     pong: Option<Bytes>,
     /// Frames taken from the outbox in one swap and not yet moved into the batch.
     taken: VecDeque<Bytes>,
-    /// The first of `taken` is the rest of a publisher's partial write: it goes before the pong.
-    rest_first: bool,
     batch: Batch,
     phase: Phase,
     /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
@@ -185,7 +183,6 @@ impl Session {
             fanout: None,
             pong: None,
             taken: VecDeque::new(),
-            rest_first: false,
             batch: Batch::default(),
             phase: Phase::Open,
             last_heard: now,

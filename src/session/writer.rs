@@ -159,14 +159,9 @@ impl Session {
     /// nothing to move. The pong goes first, except after the rest of a publisher's partial
     /// write, which must be finished before any other frame starts.
     fn fill(&mut self) -> bool {
-        if self.taken.is_empty() {
-            self.rest_first = self.outbox.take_all(&mut self.taken);
-        }
-        let rest = if std::mem::take(&mut self.rest_first) {
-            self.next_frame()
-        } else {
-            None
-        };
+        // Only a fresh take can lead with such a rest (see `next_frame`).
+        let rest_first = self.taken.is_empty() && self.outbox.take_all(&mut self.taken);
+        let rest = if rest_first { self.next_frame() } else { None };
         let (first, second) = match (rest, self.pong.take()) {
             (Some(rest), Some(pong)) => (rest, Some(pong)),
             (Some(one), None) | (None, Some(one)) => (one, self.next_frame()),

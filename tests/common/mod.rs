@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use roomcast::{Config, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -289,6 +289,28 @@ pub fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
         bytes = &bytes[at + len..];
     }
     frames
+}
+
+/// Reads server frames from a raw connection until `done` holds for what has arrived (checked
+/// after every read); returns them. Panics on EOF or silence.
+pub async fn read_frames_until(
+    stream: &mut (impl AsyncRead + Unpin),
+    done: impl Fn(&[(u8, Vec<u8>)]) -> bool,
+) -> Vec<(u8, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("frames in time")
+            .expect("read");
+        assert!(n > 0, "closed after {:?}", server_frames(&bytes));
+        bytes.extend_from_slice(&buf[..n]);
+        let frames = server_frames(&bytes);
+        if done(&frames) {
+            return frames;
+        }
+    }
 }
 
 /// The close code and reason of the close frame among `frames`, if there is one.
