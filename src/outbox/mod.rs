@@ -22,11 +22,10 @@ mod deferred;
 mod word;
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -457,20 +456,17 @@ impl Outbox {
 
     /// Resolves when there may be something to write or the outbox was closed as slow. Only
     /// the session task may wait here.
-    pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // A signal sent before the registration found no waker to wake: look again.
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+    pub fn poll_notified(&self, cx: &Context<'_>) -> Poll<()> {
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A signal sent before the registration found no waker to wake: look again.
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Session: takes the right to write to the socket (see [`word`]). `Busy` means a

@@ -23,6 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{AddressSlot, Admission, Handshake};
 use crate::auth::{AuthError, AuthMode, Verifier};
@@ -172,17 +173,19 @@ impl Server {
     /// with 1001 within the drain timeout, while new arrivals are told 503.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stopping = CancellationToken::new();
         tokio::select! {
-            _ = accept_loop(&self.listener, &self.shared, &stop_rx) => {}
+            _ = accept_loop(&self.listener, &self.shared, &stop_rx, &stopping) => {}
             _ = shutdown => {}
         }
         drop(stop_rx);
         tracing::info!("shutting down: draining sessions");
         let _ = stop_tx.send(true);
+        stopping.cancel();
         let (_draining_tx, draining) = watch::channel(true);
         let grace = self.shared.config.drain_timeout + Duration::from_secs(1);
         tokio::select! {
-            _ = accept_loop(&self.listener, &self.shared, &draining) => {}
+            _ = accept_loop(&self.listener, &self.shared, &draining, &stopping) => {}
             drained = tokio::time::timeout(grace, stop_tx.closed()) => {
                 if drained.is_err() {
                     tracing::warn!("drain timeout passed with sessions still open");
@@ -211,7 +214,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
     Content-Length: 0\r\nConnection: close\r\n\r\n";
 
-async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: &TcpListener,
+    shared: &Shared,
+    stop: &watch::Receiver<bool>,
+    stopping: &CancellationToken,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -229,6 +237,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Rece
                     peer,
                     shared: shared.clone(),
                     stop: stop.clone(),
+                    stopping: stopping.clone(),
                 };
                 tokio::spawn(serve_http(stream, conn, handshake));
             }
@@ -247,6 +256,8 @@ struct Conn {
     peer: SocketAddr,
     shared: Shared,
     stop: watch::Receiver<bool>,
+    /// Cancelled with `stop`: what sessions wait on (see [`crate::session::Stop`]).
+    stopping: CancellationToken,
 }
 
 /// Serves one HTTP connection. `_handshake` counts it against the handshake cap until it ends,

@@ -31,7 +31,7 @@ use crate::admission::client_address;
 use crate::auth::{handshake_token, AuthMode, Identity};
 use crate::metrics::Refusal;
 use crate::outbox::{ConnId, Outbox};
-use crate::session::{Access, Grant, Mode, Session};
+use crate::session::{Access, Grant, Mode, Session, Stop};
 
 type Reply = Response<Full<Bytes>>;
 
@@ -352,7 +352,16 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
             return text(StatusCode::BAD_REQUEST, "text/plain", body);
         }
     };
-    let Conn { shared, stop, .. } = conn;
+    let Conn {
+        shared,
+        stop,
+        stopping,
+        ..
+    } = conn;
+    let stop = Stop {
+        token: stopping,
+        drain: stop,
+    };
     // `then` keeps the task in one of two states, the upgrade (with what the session will
     // need) or the session, never both: an `async` block would keep a slot for every captured
     // value for the task's whole life, even once moved into the session, and this task's size

@@ -17,18 +17,20 @@ mod writer;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub(crate) use self::access::{Access, Grant};
 use self::reader::Partial;
-use self::writer::Batch;
-use crate::config::Config;
+use self::writer::{Batch, Flushed};
 use crate::frame::{self, close_code, OpCode};
 use crate::inbound::Inbound;
 use crate::outbox::{DeferredWrites, Outbox};
@@ -153,8 +155,51 @@ enum Wake {
     Writable(io::Result<()>),
     Readable(io::Result<()>),
     Timer,
-    /// The next slice of a broadcast to a large room, after the other branches had their turn.
-    Fanout,
+}
+
+/// How the node tells its sessions to stop, and learns that they have.
+#[derive(Clone)]
+pub(crate) struct Stop {
+    /// Cancelled when the node stops. A token rather than the `watch` below because its
+    /// wait is an owned future the session can keep for its whole life, registered once.
+    pub(crate) token: CancellationToken,
+    /// Held by every session until it ends: the node's drain waits for the sender to see
+    /// no receivers left.
+    pub(crate) drain: watch::Receiver<bool>,
+}
+
+pin_project_lite::pin_project! {
+    /// A session's task: a future written by hand over the socket's readiness, the outbox's
+    /// wake-up, the timer and the stop signal. Its size is what every idle connection pays for
+    /// its task: the same loop as an `async fn` over `select!` kept every branch's future in
+    /// it (1,728 bytes against this one's N), and made them afresh on every wake-up.
+    struct Task {
+        session: Session,
+        // The one timer for every clock the session keeps (`Session::next_wake`).
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        stop: WaitForCancellationFutureOwned,
+        _drain: watch::Receiver<bool>,
+    }
+}
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        match this.session.poll_turn(cx, this.timer, this.stop) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(end) => {
+                if let Err(end) = end {
+                    tracing::debug!(conn = this.session.outbox.id().0, "session ended: {end}");
+                }
+                // The task drops the session now: it leaves its rooms and gives its slots back.
+                Poll::Ready(())
+            }
+        }
+    }
 }
 
 impl Session {
@@ -191,106 +236,148 @@ impl Session {
         }
     }
 
-    /// The future that runs a session on an upgraded `stream` to its end. `early` holds bytes
+    /// The task that runs a session on an upgraded `stream` to its end. `early` holds bytes
     /// the HTTP layer read past the upgrade request; `admitted` is what the handshake decided
     /// (the connection's outbox, its access, its places under the caps, given back when the
-    /// session drops); `shutdown` turns true when the node stops. A plain function, so what is
-    /// only needed to start is not stored in the future.
+    /// session drops); `stop` is cancelled when the node stops, and `drain` is held until the
+    /// session ends, so the node knows when every session has drained. Must be called inside
+    /// the runtime (the task's first poll is).
     pub fn run(
         stream: TcpStream,
         early: Bytes,
         shared: Shared,
         admitted: Admitted,
         mode: Mode,
-        shutdown: watch::Receiver<bool>,
+        stop: Stop,
     ) -> impl Future<Output = ()> {
-        // `early` is usually an empty slice of the HTTP layer's 8 KiB read buffer, and even an
-        // empty `Bytes` keeps that whole allocation alive: copy what it holds and let the
-        // buffer go now, not at the end of the session.
-        let early = (!early.is_empty()).then(|| early.to_vec());
-        Self::new(stream, shared, admitted, mode).run_to_end(early, shutdown)
-    }
-
-    async fn run_to_end(mut self, early: Option<Vec<u8>>, mut shutdown: watch::Receiver<bool>) {
-        if let Err(end) = self.serve(early, &mut shutdown).await {
-            tracing::debug!(conn = self.outbox.id().0, "session ended: {end}");
+        let mut session = Self::new(stream, shared, admitted, mode);
+        if !early.is_empty() {
+            // Copied: even an empty slice of the HTTP layer's 8 KiB read buffer would keep the
+            // whole of it alive for the life of the session.
+            session.batched(|s| s.ingest(&mut early.to_vec(), Instant::now()));
         }
-        // Dropping `self` leaves the rooms and gives the slots back.
+        let first_wake = session.next_wake();
+        Task {
+            session,
+            timer: tokio::time::sleep_until(first_wake),
+            stop: stop.token.cancelled_owned(),
+            _drain: stop.drain,
+        }
     }
 
-    async fn serve(
+    /// Handles what is ready, until nothing is: the body of [`Task::poll`]. Returns
+    /// `Ready` only when the session is over.
+    fn poll_turn(
         &mut self,
-        early: Option<Vec<u8>>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), End> {
-        if let Some(mut early) = early {
-            self.ingest(&mut early, Instant::now());
-        }
-        let config = Arc::clone(&self.shared.config);
-        let timer = tokio::time::sleep_until(self.next_wake(&config));
-        tokio::pin!(timer);
-        let mut stopping = *shutdown.borrow();
-        // One future for the whole loop: a fresh `changed()` per round would register with and
-        // unregister from the channel's waiter list (a lock each) on every wake-up.
-        let stop_signal = shutdown.changed();
-        tokio::pin!(stop_signal);
-        if stopping {
-            self.shutting_down(&config);
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+        mut stop: Pin<&mut WaitForCancellationFutureOwned>,
+    ) -> Poll<Result<(), End>> {
+        if self.fanout.is_some() {
+            // One slice per poll: the task was woken for it (below), or for something else
+            // that is handled after it; either way other tasks on this worker ran in between.
+            self.batched(Self::continue_fanout);
+            if self.flush()? == Flushed::Yield {
+                return self.yield_turn(cx);
+            }
         }
         loop {
-            let writing = !self.batch.is_empty();
-            let reading = self.reads_socket() && self.throttle.is_none() && self.fanout.is_none();
-            let wake = tokio::select! {
-                biased;
-                _ = &mut stop_signal, if !stopping => Wake::Shutdown,
-                // Polled even while blocked on a full socket: a slow-consumer verdict must be
-                // seen then most of all.
-                _ = self.outbox.notified() => Wake::Outbox,
-                r = self.stream().writable(), if writing => Wake::Writable(r),
-                r = self.stream().readable(), if reading => Wake::Readable(r),
-                _ = &mut timer => Wake::Timer,
-                // Ready on its second poll: other tasks on this worker run between two slices.
-                () = tokio::task::yield_now(), if self.fanout.is_some() => Wake::Fanout,
+            let wake = match self.poll_wake(cx, timer.as_mut(), stop.as_mut()) {
+                Poll::Ready(wake) => wake,
+                Poll::Pending => {
+                    if self.fanout.is_some() {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
             };
-            match wake {
-                Wake::Shutdown => {
-                    stopping = true;
-                    self.shutting_down(&config);
-                }
-                Wake::Outbox => {
-                    if self.outbox.is_slow() && !self.closing() {
-                        self.close_slow_consumer();
-                    }
-                    if self.outbox.is_revoked() && !self.closing() {
-                        self.refuse_input(close_code::REVOKED, "revoked");
-                    }
-                    if !writing {
-                        self.flush().await?;
-                    }
-                }
-                Wake::Writable(Ok(())) => self.flush().await?,
-                Wake::Writable(Err(e)) | Wake::Readable(Err(e)) => return Err(End::Io(e)),
-                Wake::Readable(Ok(())) => {
-                    self.batched(Self::read)?;
-                    // Commands may have queued replies to this very connection.
-                    self.flush().await?;
-                }
-                Wake::Timer => {
-                    self.batched(|s| s.on_timer(&config))?;
-                    self.flush().await?;
-                }
-                Wake::Fanout => {
-                    self.continue_fanout();
-                    self.flush().await?;
-                }
+            if self.handle(wake)? == Flushed::Yield {
+                return self.yield_turn(cx);
             }
             // The timer is armed lazily (it may fire early and re-arm), but never late: any
             // event may have brought the next deadline forward.
-            let next = self.next_wake(&config);
+            let next = self.next_wake();
             if next != timer.deadline() {
                 timer.as_mut().reset(next);
             }
         }
+    }
+
+    /// The first source that is ready, in priority order: the node stopping, the outbox, the
+    /// socket's write then read readiness, the clocks. Readiness is polled in place: no future
+    /// is made per wake-up, and the socket's wakers live in its registration.
+    fn poll_wake(
+        &mut self,
+        cx: &mut Context<'_>,
+        timer: Pin<&mut Sleep>,
+        stop: Pin<&mut WaitForCancellationFutureOwned>,
+    ) -> Poll<Wake> {
+        // Only while open: a closing connection is already on its way out, and a finished
+        // `stop` must not be polled again.
+        if self.phase == Phase::Open && stop.poll(cx).is_ready() {
+            return Poll::Ready(Wake::Shutdown);
+        }
+        // Polled even while blocked on a full socket: a slow-consumer verdict must be seen
+        // then most of all.
+        if self.outbox.poll_notified(cx).is_ready() {
+            return Poll::Ready(Wake::Outbox);
+        }
+        if !self.batch.is_empty() {
+            if let Poll::Ready(r) = self.stream().poll_write_ready(cx) {
+                return Poll::Ready(Wake::Writable(r));
+            }
+        }
+        if self.reads_socket() && self.throttle.is_none() && self.fanout.is_none() {
+            if let Poll::Ready(r) = self.stream().poll_read_ready(cx) {
+                return Poll::Ready(Wake::Readable(r));
+            }
+        }
+        timer.poll(cx).map(|()| Wake::Timer)
+    }
+
+    fn handle(&mut self, wake: Wake) -> Result<Flushed, End> {
+        match wake {
+            Wake::Shutdown => {
+                self.shutting_down();
+                self.flush()
+            }
+            Wake::Outbox => {
+                if self.outbox.is_slow() && !self.closing() {
+                    self.close_slow_consumer();
+                }
+                if self.outbox.is_revoked() && !self.closing() {
+                    self.refuse_input(close_code::REVOKED, "revoked");
+                }
+                if self.batch.is_empty() {
+                    self.flush()
+                } else {
+                    // Waiting for the socket to take the batch: the write readiness decides.
+                    Ok(Flushed::Done)
+                }
+            }
+            Wake::Writable(Ok(())) => self.flush(),
+            Wake::Writable(Err(e)) | Wake::Readable(Err(e)) => Err(End::Io(e)),
+            Wake::Readable(Ok(())) => {
+                self.batched(Self::read)?;
+                // Commands may have queued replies to this very connection.
+                self.flush()
+            }
+            Wake::Timer => {
+                self.batched(Self::on_timer)?;
+                self.flush()
+            }
+        }
+    }
+
+    /// A flush used its turn with more to write: let the other tasks on this worker run, and
+    /// come back (through the write readiness when a batch is waiting, else the outbox).
+    fn yield_turn(&self, cx: &Context<'_>) -> Poll<Result<(), End>> {
+        if self.batch.is_empty() {
+            self.outbox.signal();
+        } else {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 
     /// Runs `step` (which may publish) as one batch of direct writes: the sockets it claims
@@ -303,11 +390,12 @@ impl Session {
         result
     }
 
-    fn shutting_down(&mut self, config: &Config) {
+    fn shutting_down(&mut self) {
+        let grace = self.shared.config.drain_timeout;
         self.begin_close(
             close_code::GOING_AWAY,
             "server shutting down",
-            config.drain_timeout,
+            grace,
             Input::Frames,
         );
     }
@@ -315,7 +403,7 @@ impl Session {
     /// The earliest instant at which something is due: the close deadline while closing; the
     /// end of a throttle (the other clocks are stopped); else the ping schedule or the frame
     /// deadline.
-    fn next_wake(&self, config: &Config) -> Instant {
+    fn next_wake(&self) -> Instant {
         if let Phase::Closing { deadline, .. } = self.phase {
             return deadline;
         }
@@ -324,29 +412,30 @@ impl Session {
         if let Some(throttle) = self.throttle {
             return earliest(throttle.until);
         }
+        let config = &*self.shared.config;
         let ping = match self.ping_sent {
             Some(sent) => sent + config.ping_timeout,
             None => self.last_heard + config.ping_interval,
         };
-        match self.frame_deadline(config) {
+        match self.frame_deadline() {
             Some(frame) => earliest(frame.min(ping)),
             None => earliest(ping),
         }
     }
 
     /// When the frame or fragmented message in progress must be complete.
-    fn frame_deadline(&self, config: &Config) -> Option<Instant> {
+    fn frame_deadline(&self) -> Option<Instant> {
         let tail = self.tail_since;
         let message = self.partial.as_ref().map(|p| p.started());
         let first = match (tail, message) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
         };
-        Some(first + config.frame_timeout)
+        Some(first + self.shared.config.frame_timeout)
     }
 
     /// The timer fired: does whatever is due at this instant.
-    fn on_timer(&mut self, config: &Config) -> Result<(), End> {
+    fn on_timer(&mut self) -> Result<(), End> {
         let now = Instant::now();
         if let Phase::Closing { deadline, .. } = self.phase {
             return if now >= deadline {
@@ -365,11 +454,12 @@ impl Session {
             }
             return Ok(());
         }
-        if self.frame_deadline(config).is_some_and(|due| now >= due) {
+        if self.frame_deadline().is_some_and(|due| now >= due) {
             self.shared.metrics.add_incomplete_closed();
             self.refuse_input(close_code::POLICY, "incomplete frame");
             return Ok(());
         }
+        let config = &*self.shared.config;
         match self.ping_sent {
             Some(sent) if now >= sent + config.ping_timeout => Err(End::Unresponsive),
             None if now >= self.last_heard + config.ping_interval => {
@@ -518,10 +608,26 @@ impl Drop for Session {
 mod tests {
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
+    use crate::config::Config;
     use tokio::net::TcpListener;
 
     use super::*;
     use crate::outbox::ConnId;
+
+    fn admitted(shared: &Shared, addr: std::net::SocketAddr) -> Admitted {
+        let slots = Slots::new(
+            shared.metrics.try_connection_slot(10).expect("a free slot"),
+            shared
+                .admission
+                .try_admit(addr.ip(), Instant::now())
+                .expect("no address caps"),
+        );
+        Admitted {
+            slots,
+            outbox: Arc::new(Outbox::new(ConnId(1), shared.outbox_limits())),
+            access: Access::Open,
+        }
+    }
 
     /// Cleanup lives in `Drop`, so a bug that panics mid-session cannot leak the rooms it holds
     /// (they would keep their Redis subscriptions) or its connection slot.
@@ -532,18 +638,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let slots = Slots::new(
-            shared.metrics.try_connection_slot(10).expect("a free slot"),
-            shared
-                .admission
-                .try_admit(addr.ip(), Instant::now())
-                .expect("no address caps"),
-        );
-        let admitted = Admitted {
-            slots,
-            outbox: Arc::new(Outbox::new(ConnId(1), shared.outbox_limits())),
-            access: Access::Open,
-        };
+        let admitted = admitted(&shared, addr);
         let mut session = Session::new(stream, shared.clone(), admitted, Mode::Rooms);
         session.join("a").expect("join a");
         session.join("b").expect("join b");
@@ -556,5 +651,29 @@ mod tests {
         assert!(outcome.is_err());
         assert_eq!(shared.registry.room_count(), 0, "rooms leaked");
         assert_eq!(shared.metrics.snapshot().connections, 0, "slot leaked");
+    }
+
+    /// The task is the largest thing an idle connection holds (RSS per idle connection is a
+    /// goal of #13), and fields added to the session land in it: this says when it grows.
+    #[tokio::test]
+    async fn an_idle_sessions_task_stays_within_its_budget() {
+        const BUDGET: usize = 672;
+        let shared = Shared::new(Config::default()).expect("shared state");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let admitted = admitted(&shared, addr);
+        let (_drain_tx, drain) = watch::channel(false);
+        let stop = Stop {
+            token: CancellationToken::new(),
+            drain,
+        };
+        let task = Session::run(stream, Bytes::new(), shared, admitted, Mode::Rooms, stop);
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size <= BUDGET,
+            "the session task is {size} bytes, over {BUDGET}"
+        );
     }
 }

@@ -26,16 +26,17 @@ const MAX_IOV: usize = 64;
 const WRITES_PER_TURN: usize = 16;
 
 impl Session {
-    /// Writes until the outbox is empty or the socket is full. Returns `Err(Closed)` once our
-    /// close frame is out and the peer has no more to say.
+    /// Writes until the outbox is empty, the socket is full or the turn's writes are used.
+    /// Returns `Err(Closed)` once our close frame is out and the peer has no more to say.
     ///
     /// What must stay true on return: the session holds the socket only with a batch waiting
-    /// for the socket to take it, or with a wake-up owed to itself; otherwise a frame a
-    /// publisher queued behind it would wait for nobody.
-    pub(super) async fn flush(&mut self) -> Result<(), End> {
+    /// for the socket to take it, or with a wake-up owed to itself (`Yield` owes one: see
+    /// `Session::yield_turn`); otherwise a frame a publisher queued behind it would wait for
+    /// nobody.
+    pub(super) fn flush(&mut self) -> Result<Flushed, End> {
         if self.batch.is_empty() && self.outbox.claim() == Claim::Busy {
             // A publisher is mid-write; it hands the socket over, with a wake-up, as it ends.
-            return Ok(());
+            return Ok(Flushed::Done);
         }
         let pong = self.pong.as_ref().map_or(0, Bytes::len) as u64;
         self.shared
@@ -52,9 +53,9 @@ impl Session {
                 self.batch.segs = VecDeque::new();
                 self.taken = VecDeque::new();
                 if self.closing() && self.outbox.pending().0 == 0 {
-                    self.after_close_flushed().await?;
+                    self.after_close_flushed()?;
                 }
-                return Ok(());
+                return Ok(Flushed::Done);
             }
             let written = {
                 let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -79,20 +80,15 @@ impl Session {
                         .add_write(std::mem::take(&mut self.batch.uncounted), n as u64);
                     self.batch.advance(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Done),
                 Err(e) => return Err(End::Io(e)),
             }
         }
-        // Still more to write: let other sessions on this worker run, then come back. With the
-        // batch empty the loop waits on the outbox, so owe ourselves a wake-up.
-        tokio::task::yield_now().await;
-        if self.batch.segs.is_empty() {
-            self.outbox.signal();
-        }
-        Ok(())
+        // Still more to write: let other sessions on this worker run, then come back.
+        Ok(Flushed::Yield)
     }
 
-    async fn after_close_flushed(&mut self) -> Result<(), End> {
+    fn after_close_flushed(&mut self) -> Result<(), End> {
         let Phase::Closing {
             input, half_closed, ..
         } = &mut self.phase
@@ -202,6 +198,16 @@ impl Session {
         self.outbox.release(&frame);
         Some(frame)
     }
+}
+
+/// How a flush ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flushed {
+    /// Nothing is left to write, or the socket is full (its write readiness wakes the
+    /// session), or a publisher is writing (it hands over with a wake-up).
+    Done,
+    /// The turn's writes were used up with more to write: the session yields, then goes on.
+    Yield,
 }
 
 /// Frames taken from the outbox and not yet fully written.
