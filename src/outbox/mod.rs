@@ -105,6 +105,9 @@ pub struct Outbox {
     word: Word,
     /// A wake-up was sent and the session has not seen it yet (a permit, like `Notify`'s).
     signaled: AtomicBool,
+    /// The node is stopping: the session closes with 1001 once it has written what is queued.
+    /// A flag beside the word, not a state in it: unlike a revocation it closes nothing here.
+    stopping: AtomicBool,
     /// The session task's waker. Exactly one task waits, so one slot replaces `Notify`'s
     /// locked waiter list, which cost a lock on every register and drop.
     waker: AtomicWaker,
@@ -210,6 +213,7 @@ impl Outbox {
             pending: AtomicU64::new(0),
             word: Word::new(),
             signaled: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             limits,
         }
@@ -530,6 +534,17 @@ impl Outbox {
         if self.word.close(State::Revoked) {
             self.signal();
         }
+    }
+
+    /// The node is stopping: tells the session, which begins its close when it next wakes.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.signal();
+    }
+
+    /// True once [`stop`](Self::stop) was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// True once [`revoke`](Self::revoke) took effect.

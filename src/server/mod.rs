@@ -9,6 +9,7 @@
 //! cannot hold the drain open.
 
 mod api;
+mod live;
 mod routes;
 
 use std::convert::Infallible;
@@ -23,8 +24,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
+use self::live::Live;
 use crate::admission::{AddressSlot, Admission, Handshake};
 use crate::auth::{AuthError, AuthMode, Verifier};
 use crate::backplane::{Backplane, RedisError};
@@ -80,6 +81,8 @@ pub(crate) struct NodeState {
     /// Checks tokens; `None` when auth is off.
     pub verifier: Option<Arc<Verifier>>,
     pub users: Arc<Users>,
+    /// Every session, for stopping and draining.
+    pub live: Live,
     next_id: AtomicU64,
 }
 
@@ -128,6 +131,7 @@ impl Shared {
             admission: Arc::new(admission),
             verifier,
             users,
+            live: Live::new(),
             next_id: AtomicU64::new(1),
         })))
     }
@@ -173,20 +177,23 @@ impl Server {
     /// with 1001 within the drain timeout, while new arrivals are told 503.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let stopping = CancellationToken::new();
         tokio::select! {
-            _ = accept_loop(&self.listener, &self.shared, &stop_rx, &stopping) => {}
+            _ = accept_loop(&self.listener, &self.shared, &stop_rx) => {}
             _ = shutdown => {}
         }
         drop(stop_rx);
         tracing::info!("shutting down: draining sessions");
         let _ = stop_tx.send(true);
-        stopping.cancel();
+        self.shared.live.stop_all();
         let (_draining_tx, draining) = watch::channel(true);
         let grace = self.shared.config.drain_timeout + Duration::from_secs(1);
         tokio::select! {
-            _ = accept_loop(&self.listener, &self.shared, &draining, &stopping) => {}
-            drained = tokio::time::timeout(grace, stop_tx.closed()) => {
+            _ = accept_loop(&self.listener, &self.shared, &draining) => {}
+            drained = tokio::time::timeout(grace, async {
+                // HTTP connections (and upgrades not yet sessions) hold a receiver each.
+                stop_tx.closed().await;
+                self.shared.live.drained().await;
+            }) => {
                 if drained.is_err() {
                     tracing::warn!("drain timeout passed with sessions still open");
                 }
@@ -214,12 +221,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
     Content-Length: 0\r\nConnection: close\r\n\r\n";
 
-async fn accept_loop(
-    listener: &TcpListener,
-    shared: &Shared,
-    stop: &watch::Receiver<bool>,
-    stopping: &CancellationToken,
-) {
+async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Receiver<bool>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -237,7 +239,6 @@ async fn accept_loop(
                     peer,
                     shared: shared.clone(),
                     stop: stop.clone(),
-                    stopping: stopping.clone(),
                 };
                 tokio::spawn(serve_http(stream, conn, handshake));
             }
@@ -256,8 +257,6 @@ struct Conn {
     peer: SocketAddr,
     shared: Shared,
     stop: watch::Receiver<bool>,
-    /// Cancelled with `stop`: what sessions wait on (see [`crate::session::Stop`]).
-    stopping: CancellationToken,
 }
 
 /// Serves one HTTP connection. `_handshake` counts it against the handshake cap until it ends,

@@ -31,7 +31,7 @@ use crate::admission::client_address;
 use crate::auth::{handshake_token, AuthMode, Identity};
 use crate::metrics::Refusal;
 use crate::outbox::{ConnId, Outbox};
-use crate::session::{Access, Grant, Mode, Session, Stop};
+use crate::session::{Access, Grant, Mode, Session};
 
 type Reply = Response<Full<Bytes>>;
 
@@ -352,16 +352,7 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
             return text(StatusCode::BAD_REQUEST, "text/plain", body);
         }
     };
-    let Conn {
-        shared,
-        stop,
-        stopping,
-        ..
-    } = conn;
-    let stop = Stop {
-        token: stopping,
-        drain: stop,
-    };
+    let Conn { shared, stop, .. } = conn;
     // `then` keeps the task in one of two states, the upgrade (with what the session will
     // need) or the session, never both: an `async` block would keep a slot for every captured
     // value for the task's whole life, even once moved into the session, and this task's size
@@ -378,7 +369,11 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
         // drops, however it ends; on a failed upgrade they drop here.
         match stream {
             Some((stream, early)) => {
-                Either::Left(Session::run(stream, early, shared, admitted, mode, stop))
+                let session = Session::run(stream, early, shared, admitted, mode);
+                // Held until the session is among the node's live ones, so a drain that
+                // began meanwhile waits for it.
+                drop(stop);
+                Either::Left(session)
             }
             None => Either::Right(std::future::ready(())),
         }

@@ -3,8 +3,8 @@
 //! deadline.
 //!
 //! Reads land in a stack buffer and are parsed in place; only a frame split across two reads
-//! (or frames left unread while throttled) is copied into `rbuf`, and only as many bytes as
-//! have arrived: a header that declares 64 KiB reserves nothing.
+//! (or frames left unread while throttled) is copied into a [`Tail`], and only as many bytes
+//! as have arrived: a header that declares 64 KiB reserves nothing.
 
 use std::io;
 use std::time::Duration;
@@ -18,6 +18,15 @@ use crate::protocol::ClientError;
 
 /// Bytes read per `read` syscall; lives on the stack only while a read is being parsed.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// The unparsed end of the last read: a frame not yet complete, or (while throttled) frames
+/// not yet admitted.
+pub(super) struct Tail {
+    /// Never reserved beyond what has arrived.
+    pub(super) bytes: Vec<u8>,
+    /// When the first byte of the frame at its head arrived (the frame deadline runs from it).
+    pub(super) since: Instant,
+}
 
 /// A fragmented message being reassembled.
 pub(super) struct Partial {
@@ -68,30 +77,30 @@ impl Session {
     /// Parses `data` (fresh bytes from the socket, or none after a throttle) behind any kept
     /// tail, and keeps what is left unparsed.
     pub(super) fn ingest(&mut self, data: &mut [u8], now: Instant) {
-        let (used, left) = if self.rbuf.is_empty() {
-            let used = self.parse(data, now);
-            if used < data.len() && self.framing() {
-                self.rbuf.extend_from_slice(&data[used..]);
-            }
-            (used, data.len() - used)
-        } else {
-            let mut buf = std::mem::take(&mut self.rbuf);
-            buf.extend_from_slice(data);
-            let used = self.parse(&mut buf, now);
-            let left = buf.len() - used;
-            if left > 0 && self.framing() {
-                buf.drain(..used);
-                self.rbuf = buf;
-            }
-            (used, left)
-        };
+        // Kept only while framing: once a close stops it, what is left is never parsed.
         // The frame deadline runs from the first byte of the frame now at the head of the
         // tail: a new one started in this read if any frame completed, else the old one goes on.
-        if left == 0 || self.rbuf.is_empty() {
-            // Fully parsed, or no longer reading.
-            self.tail_since = None;
-        } else if used > 0 || self.tail_since.is_none() {
-            self.tail_since = Some(now);
+        match self.tail.take() {
+            None => {
+                let used = self.parse(data, now);
+                if used < data.len() && self.framing() {
+                    self.tail = Some(Box::new(Tail {
+                        bytes: data[used..].to_vec(),
+                        since: now,
+                    }));
+                }
+            }
+            Some(mut tail) => {
+                tail.bytes.extend_from_slice(data);
+                let used = self.parse(&mut tail.bytes, now);
+                if used < tail.bytes.len() && self.framing() {
+                    tail.bytes.drain(..used);
+                    if used > 0 {
+                        tail.since = now;
+                    }
+                    self.tail = Some(tail);
+                }
+            }
         }
     }
 
@@ -144,7 +153,7 @@ impl Session {
             Admit::Yes => Verdict::Handle,
             Admit::WaitUntil(until) => {
                 self.shared.metrics.add_throttled();
-                self.throttle = Some(Throttle { since: now, until });
+                self.throttle = Some(Box::new(Throttle { since: now, until }));
                 Verdict::Stop
             }
             Admit::Refuse => Verdict::Skip,
@@ -163,7 +172,7 @@ impl Session {
         let limits = &self.shared.config.inbound;
         if let Some(until) = self.inbound.charge_fanout(limits, deliveries, now) {
             self.shared.metrics.add_throttled();
-            self.throttle = Some(Throttle { since: now, until });
+            self.throttle = Some(Box::new(Throttle { since: now, until }));
         }
     }
 
@@ -233,11 +242,11 @@ impl Session {
                     // The pong already waiting goes out now if the socket takes it (a client
                     // that reads gets a pong per ping, as Autobahn 2.10 expects); only when the
                     // socket is full is it replaced, so a client that never reads holds one.
-                    let waiting = self.pong.take();
+                    let waiting = self.take_pong();
                     if waiting.and_then(|old| self.write_now(old)).is_some() {
                         self.shared.metrics.add_pong_replaced();
                     }
-                    self.pong = Some(pong);
+                    self.out.get_or_insert_with(Box::default).pong = Some(pong);
                     // The pong goes before anything this session sends after the ping (RFC
                     // 6455 lets a pong cut in, Autobahn 5.6 expects it first): hold the socket,
                     // so replies and deliveries queue behind it, and owe ourselves the flush

@@ -14,7 +14,7 @@ use std::io::{self, IoSlice};
 use bytes::{Bytes, BytesMut};
 
 use super::{End, Input, Phase, Session};
-use crate::outbox::Claim;
+use crate::outbox::{Claim, Outbox};
 
 /// Frames up to this size are copied into the batch buffer; larger ones are written in place.
 const COALESCE_MAX: usize = 1024;
@@ -34,33 +34,36 @@ impl Session {
     /// `Session::yield_turn`); otherwise a frame a publisher queued behind it would wait for
     /// nobody.
     pub(super) fn flush(&mut self) -> Result<Flushed, End> {
-        if self.batch.is_empty() && self.outbox.claim() == Claim::Busy {
+        if !self.writing() && self.outbox.claim() == Claim::Busy {
             // A publisher is mid-write; it hands the socket over, with a wake-up, as it ends.
             return Ok(Flushed::Done);
         }
-        let pong = self.pong.as_ref().map_or(0, Bytes::len) as u64;
+        let pong = self.out.as_ref().and_then(|out| out.pong.as_ref());
+        let pong = pong.map_or(0, Bytes::len) as u64;
         self.shared
             .metrics
             .observe_outbox_bytes(self.outbox.pending().1 + pong);
         for _ in 0..WRITES_PER_TURN {
-            if self.batch.segs.is_empty() && !self.fill() {
+            if !self.writing() && !self.fill() {
                 if !self.outbox.release_socket() {
                     // Queued since the last take: write that first.
                     continue;
                 }
-                // Nothing left to write: keep no buffer while idle.
-                self.batch.small = BytesMut::new();
-                self.batch.segs = VecDeque::new();
-                self.taken = VecDeque::new();
+                // Nothing left to write: keep no buffer while idle (`fill` left no pong and
+                // nothing taken).
+                self.out = None;
                 if self.closing() && self.outbox.pending().0 == 0 {
                     self.after_close_flushed()?;
                 }
                 return Ok(Flushed::Done);
             }
+            let Some(out) = self.out.as_deref() else {
+                continue;
+            };
             let written = {
                 let mut iov = [IoSlice::new(&[]); MAX_IOV];
                 let mut count = 0;
-                for (slot, seg) in iov.iter_mut().zip(self.batch.segs.iter()) {
+                for (slot, seg) in iov.iter_mut().zip(out.batch.segs.iter()) {
                     *slot = IoSlice::new(seg);
                     count += 1;
                 }
@@ -75,10 +78,11 @@ impl Session {
             match written {
                 Ok(0) => return Err(End::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
-                    self.shared
-                        .metrics
-                        .add_write(std::mem::take(&mut self.batch.uncounted), n as u64);
-                    self.batch.advance(n);
+                    if let Some(out) = self.out.as_deref_mut() {
+                        let frames = std::mem::take(&mut out.batch.uncounted);
+                        self.shared.metrics.add_write(frames, n as u64);
+                        out.batch.advance(n);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Done),
                 Err(e) => return Err(End::Io(e)),
@@ -86,6 +90,21 @@ impl Session {
         }
         // Still more to write: let other sessions on this worker run, then come back.
         Ok(Flushed::Yield)
+    }
+
+    /// Takes the pong not yet written, dropping `out` when that was all it held.
+    pub(super) fn take_pong(&mut self) -> Option<Bytes> {
+        let out = self.out.as_deref_mut()?;
+        let pong = out.pong.take();
+        if out.taken.is_empty() && out.batch.is_empty() {
+            self.out = None;
+        }
+        pong
+    }
+
+    /// True while a batch waits for the socket to take it.
+    pub(super) fn writing(&self) -> bool {
+        self.out.as_ref().is_some_and(|out| !out.batch.is_empty())
     }
 
     fn after_close_flushed(&mut self) -> Result<(), End> {
@@ -111,20 +130,20 @@ impl Session {
     /// when it cannot (a batch is in progress, which means the socket is full or a turn ran
     /// out; a publisher is writing; or the socket would block). When frames are queued it goes
     /// into the batch ahead of them, or right after the rest of a publisher's partial write if
-    /// that is first (nothing may cut into it), for the flush that follows. A partial write leaves the
-    /// rest at the front of the batch; with a batch left, the session keeps the socket.
+    /// that is first (nothing may cut into it), for the flush that follows. A partial write
+    /// leaves the rest at the front of the batch; with a batch left, the session keeps the
+    /// socket.
     pub(super) fn write_now(&mut self, frame: Bytes) -> Option<Bytes> {
-        if !self.batch.is_empty() || !self.taken.is_empty() || self.outbox.claim() == Claim::Busy {
+        if self.out.is_some() || self.outbox.claim() == Claim::Busy {
+            // `out` holds a batch, frames taken or a pong: all go before this frame.
             return Some(frame);
         }
         if self.outbox.queued() {
-            if self.pong.is_some() {
-                // The ping handler empties the slot first; never cut into queued frames.
-                self.outbox.signal();
-                return Some(frame);
-            }
             // `fill` places it as it places the pong: first, or right after such a rest.
-            self.pong = Some(frame);
+            self.out = Some(Box::new(Out {
+                pong: Some(frame),
+                ..Out::default()
+            }));
             self.fill();
             // Owed: the flush that writes the batch (the socket stays ours until then).
             self.outbox.signal();
@@ -137,14 +156,16 @@ impl Session {
                     .metrics
                     .add_write(u64::from(n == frame.len()), n as u64);
                 if n < frame.len() {
-                    self.batch.segs.push_back(frame.slice(n..));
-                    self.batch.uncounted += 1;
+                    let mut out = Box::<Out>::default();
+                    out.batch.segs.push_back(frame.slice(n..));
+                    out.batch.uncounted += 1;
+                    self.out = Some(out);
                 }
                 None
             }
             Err(_) => Some(frame),
         };
-        if self.batch.is_empty() && !self.outbox.release_socket() {
+        if !self.writing() && !self.outbox.release_socket() {
             // Something was queued while we held the socket: come back for it.
             self.outbox.signal();
         }
@@ -152,17 +173,59 @@ impl Session {
     }
 
     /// Moves the pending pong and frames from the outbox into the batch; false when there was
-    /// nothing to move. The pong goes first, except after the rest of a publisher's partial
-    /// write, which must be finished before any other frame starts.
+    /// nothing to move. `out` is made only when there is something to hold.
     fn fill(&mut self) -> bool {
+        let out = match self.out.as_deref_mut() {
+            Some(out) => out,
+            None => {
+                let mut taken = VecDeque::new();
+                let rest_first = self.outbox.take_all(&mut taken);
+                if taken.is_empty() {
+                    return false;
+                }
+                self.out.insert(Box::new(Out {
+                    taken,
+                    rest_first,
+                    ..Out::default()
+                }))
+            }
+        };
+        out.fill(&self.outbox)
+    }
+}
+
+/// What the session is in the middle of writing. Boxed in `Session::out` and dropped when
+/// nothing is left: an idle connection holds none of it (136 bytes inline).
+#[derive(Default)]
+pub(super) struct Out {
+    /// The answer to the latest ping not yet written; a newer ping replaces it, so a ping
+    /// flood holds one pong, not one per ping.
+    pub(super) pong: Option<Bytes>,
+    /// Frames taken from the outbox in one swap and not yet moved into the batch.
+    pub(super) taken: VecDeque<Bytes>,
+    /// The first frame in `taken` is the rest of a publisher's partial write (see `fill`).
+    rest_first: bool,
+    batch: Batch,
+}
+
+impl Out {
+    /// Moves the pong and frames into the batch; false when there was nothing to move. The
+    /// pong goes first, except after the rest of a publisher's partial write, which must be
+    /// finished before any other frame starts.
+    fn fill(&mut self, outbox: &Outbox) -> bool {
         // Only a fresh take can lead with such a rest (see `next_frame`).
-        let rest_first = self.taken.is_empty() && self.outbox.take_all(&mut self.taken);
-        let rest = if rest_first { self.next_frame() } else { None };
+        let rest_first = std::mem::take(&mut self.rest_first)
+            || (self.taken.is_empty() && outbox.take_all(&mut self.taken));
+        let rest = if rest_first {
+            self.next_frame(outbox)
+        } else {
+            None
+        };
         let (first, second) = match (rest, self.pong.take()) {
             (Some(rest), Some(pong)) => (rest, Some(pong)),
-            (Some(one), None) | (None, Some(one)) => (one, self.next_frame()),
-            (None, None) => match self.next_frame() {
-                Some(one) => (one, self.next_frame()),
+            (Some(one), None) | (None, Some(one)) => (one, self.next_frame(outbox)),
+            (None, None) => match self.next_frame(outbox) {
+                Some(one) => (one, self.next_frame(outbox)),
                 None => return false,
             },
         };
@@ -177,7 +240,7 @@ impl Session {
         self.batch.add(first);
         self.batch.add(second);
         while taken < BATCH_BYTES && self.batch.segs.len() < MAX_IOV - 1 {
-            let Some(frame) = self.next_frame() else {
+            let Some(frame) = self.next_frame(outbox) else {
                 break;
             };
             taken += frame.len();
@@ -187,15 +250,16 @@ impl Session {
         true
     }
 
-    /// The next frame to write, taking everything the outbox holds when the last take is used up.
-    fn next_frame(&mut self) -> Option<Bytes> {
+    /// The next frame to write, taking everything the outbox holds when the last take is used
+    /// up.
+    fn next_frame(&mut self, outbox: &Outbox) -> Option<Bytes> {
         if self.taken.is_empty() {
             // The session has held the socket since `fill`'s take, so no publisher can have
             // parked the rest of a partial write since: the flag is false here.
-            let _ = self.outbox.take_all(&mut self.taken);
+            let _ = outbox.take_all(&mut self.taken);
         }
         let frame = self.taken.pop_front()?;
-        self.outbox.release(&frame);
+        outbox.release(&frame);
         Some(frame)
     }
 }
