@@ -54,7 +54,7 @@ use criterion::{
 use roomcast::frame;
 use roomcast::metrics::Metrics;
 use roomcast::outbox::{ConnId, Limits, Outbox, SlowConsumer};
-use roomcast::protocol::{self, ClientError, Command};
+use roomcast::protocol::{self, ClientError, Command, Id};
 use roomcast::room::{Registry, Room};
 use serde_json::Value;
 
@@ -500,6 +500,7 @@ fn serde_command(v: &Value) -> Result<Command<'_>, ClientError> {
             Command::Chat {
                 message: message(payload, "message", "payload.message")?,
                 room: optional(payload, "roomId", "payload.roomId")?,
+                id: Id::Absent,
             }
         }
         "leave" => Command::Leave {
@@ -514,6 +515,7 @@ fn serde_command(v: &Value) -> Result<Command<'_>, ClientError> {
         "sendMessage" => Command::SendMessage {
             room: required(Some(v), "roomId", "roomId")?,
             message: message(Some(v), "message", "message")?,
+            id: Id::Absent,
         },
         other => return Err(ClientError::UnknownType(other.to_owned())),
     })
@@ -534,6 +536,7 @@ fn serde_flat_send_message(buf: &[u8]) -> Result<Command<'_>, ClientError> {
                 .get("message")
                 .copied()
                 .ok_or(ClientError::BadField("message"))?,
+            id: Id::Absent,
         }),
         _ => Err(ClientError::BadField("type")),
     }
@@ -552,6 +555,7 @@ fn decode(c: &mut Criterion) {
             Command::SendMessage {
                 room: ROOM,
                 message: MESSAGE,
+                id: Id::Absent,
             },
         ),
         (
@@ -560,6 +564,7 @@ fn decode(c: &mut Criterion) {
             Command::Chat {
                 message: MESSAGE,
                 room: None,
+                id: Id::Absent,
             },
         ),
     ];

@@ -171,6 +171,22 @@ pub fn text(text: &str) -> Bytes {
     encode(OpCode::Text, text.as_bytes())
 }
 
+/// The text a final, unmasked text frame built by [`text`] carries; `None` for any other
+/// frame. Lets fan-out build a message's second delivery format from its first.
+pub fn text_payload(frame: &[u8]) -> Option<&str> {
+    let (&first, rest) = frame.split_first()?;
+    let (&len7, rest) = rest.split_first()?;
+    if first != 0x80 | OpCode::Text.bits() || len7 & 0x80 != 0 {
+        return None;
+    }
+    let skip = match len7 {
+        0..=125 => 0,
+        126 => 2,
+        _ => 8,
+    };
+    std::str::from_utf8(rest.get(skip..)?).ok()
+}
+
 /// A close frame; `reason` is cut on a character boundary to fit the 125-byte control limit.
 pub fn close(code: u16, reason: &str) -> Bytes {
     let mut end = reason.len().min(123);
@@ -308,6 +324,17 @@ pub fn parse_close(payload: &[u8]) -> Result<u16, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_of_a_server_text_frame_is_found_in_every_length_class() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            assert_eq!(text_payload(&super::text(&text)), Some(text.as_str()));
+        }
+        assert_eq!(text_payload(&encode(OpCode::Binary, b"x")), None);
+        assert_eq!(text_payload(&encode_client(0x81, b"x", [1, 2, 3, 4])), None);
+        assert_eq!(text_payload(b"\x81"), None);
+    }
 
     #[test]
     fn round_trips_every_length_class() {

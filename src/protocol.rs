@@ -28,6 +28,9 @@ pub enum Command<'a> {
         message: &'a str,
         /// The held room to speak in (extension); the chat room when absent.
         room: Option<&'a str>,
+        /// Version 2: the client's name for this send, answered with an `ack` in envelope
+        /// mode (top level, or in `payload`).
+        id: Id<'a>,
     },
     /// Dialect 1 extension: drop a membership.
     Leave {
@@ -50,12 +53,37 @@ pub enum Command<'a> {
         room: &'a str,
         /// The text every recipient receives, exactly as sent.
         message: &'a str,
+        /// Version 2: the client's name for this send, answered with an `ack` in envelope
+        /// mode.
+        id: Id<'a>,
     },
     /// Version 2: proves who the connection is (first message), or refreshes the token.
     Auth {
         /// The JWT.
         token: &'a str,
     },
+}
+
+impl<'a> Command<'a> {
+    /// The `id` the client gave this command (only sends carry one).
+    pub fn id(&self) -> Id<'a> {
+        match *self {
+            Self::Chat { id, .. } | Self::SendMessage { id, .. } => id,
+            _ => Id::Absent,
+        }
+    }
+}
+
+/// A send's `id`. Only envelope mode reads it: a version 1 client may send an `id` of any
+/// shape for its own reasons and must see nothing change, so a bad one is not an error here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Id<'a> {
+    /// No `id` field.
+    Absent,
+    /// A string of 1 to [`MAX_ID_BYTES`] bytes.
+    Given(&'a str),
+    /// Present but not such a string.
+    Invalid,
 }
 
 /// Everything a client can get wrong; each becomes an error reply and the session stays open.
@@ -122,14 +150,69 @@ impl ClientError {
 
     /// The complete text frame of the error reply.
     pub fn to_frame(&self) -> Bytes {
+        self.to_frame_for(None)
+    }
+
+    /// The error reply to the send the client named `id` (envelope mode), which carries it.
+    pub fn to_frame_for(&self, id: Option<&str>) -> Bytes {
         let mut json = String::with_capacity(96);
         json.push_str(r#"{"type":"error","code":""#);
         json.push_str(self.code());
         json.push_str(r#"","message":"#);
         push_json_string(&mut json, &self.to_string());
+        if let Some(id) = id {
+            json.push_str(r#","id":"#);
+            push_json_string(&mut json, id);
+        }
         json.push('}');
         frame::text(&json)
     }
+}
+
+/// The subprotocol a client offers to get envelope mode (`Sec-WebSocket-Protocol`).
+pub const ENVELOPE_PROTOCOL: &str = "roomcast.v2";
+
+/// How a connection receives what is published to its rooms, chosen at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// The message string alone, as in version 1.
+    #[default]
+    Bare,
+    /// Version 2's envelope (the `roomcast.v2` subprotocol): every delivery is
+    /// `{"type":"message","room":R,"message":M}`, and joins and sends are answered.
+    Envelope,
+}
+
+/// The envelope-mode delivery of `message` to `room`, framed.
+pub fn envelope(room: &str, message: &str) -> Bytes {
+    let mut json = String::with_capacity(40 + room.len() + message.len());
+    json.push_str(r#"{"type":"message","room":"#);
+    push_json_string(&mut json, room);
+    json.push_str(r#","message":"#);
+    push_json_string(&mut json, message);
+    json.push('}');
+    frame::text(&json)
+}
+
+/// An envelope-mode answer about a room: `{"type":KIND,"room":R}` (`subscribed`,
+/// `unsubscribed`).
+pub fn room_reply(kind: &str, room: &str) -> Bytes {
+    let mut json = String::with_capacity(32 + room.len());
+    json.push_str(r#"{"type":""#);
+    json.push_str(kind);
+    json.push_str(r#"","room":"#);
+    push_json_string(&mut json, room);
+    json.push('}');
+    frame::text(&json)
+}
+
+/// The envelope-mode answer to a send that carried an `id`: it was accepted.
+pub fn ack(id: &str) -> Bytes {
+    let mut json = String::with_capacity(24 + id.len());
+    json.push_str(r#"{"type":"ack","id":"#);
+    push_json_string(&mut json, id);
+    json.push('}');
+    frame::text(&json)
 }
 
 /// Room names starting with this are refused: every channel the server uses itself (its
@@ -264,6 +347,10 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
             Command::Chat {
                 message: message(payload, "message", "payload.message")?,
                 room: optional(payload, "roomId", "payload.roomId")?,
+                id: match request_id(Some(v)) {
+                    Id::Absent => request_id(payload),
+                    id => id,
+                },
             }
         }
         "leave" => Command::Leave {
@@ -278,6 +365,7 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
         "sendMessage" => Command::SendMessage {
             room: required(Some(v), "roomId", "roomId")?,
             message: message(Some(v), "message", "message")?,
+            id: request_id(Some(v)),
         },
         "auth" => Command::Auth {
             token: message(Some(v), "token", "token")?,
@@ -311,6 +399,20 @@ fn optional<'i>(
     }
 }
 
+/// Longest `id` a send may carry: it is echoed back in the `ack`.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// A send's `id` field, read leniently (see [`Id`]).
+fn request_id<'i>(obj: Option<Value<'_, 'i>>) -> Id<'i> {
+    match obj.and_then(|o| o.get("id")) {
+        None => Id::Absent,
+        Some(v) => match v.into_string() {
+            Some(s) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Id::Given(s),
+            _ => Id::Invalid,
+        },
+    }
+}
+
 /// A message body: any string, the empty one included.
 fn message<'i>(
     obj: Option<Value<'_, 'i>>,
@@ -339,7 +441,7 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"type":"chat","payload":{"message":"h\"i"}}"#).unwrap(),
-            r#"Chat { message: "h\"i", room: None }"#
+            r#"Chat { message: "h\"i", room: None, id: Absent }"#
         );
         assert_eq!(
             parse(r#"{"type":"SUBSCRIBE","room":"r1"}"#).unwrap(),
@@ -347,7 +449,7 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"type":"sendMessage","roomId":"r1","message":"\u00e9"}"#).unwrap(),
-            r#"SendMessage { room: "r1", message: "é" }"#
+            r#"SendMessage { room: "r1", message: "é", id: Absent }"#
         );
     }
 
@@ -396,6 +498,61 @@ mod tests {
         );
         assert_eq!(decode_relay(&mut b"garbage".to_vec()), None);
         assert_eq!(decode_relay(&mut br#"{"message":5}"#.to_vec()), None);
+    }
+
+    #[test]
+    fn a_sends_id_is_read_leniently() {
+        let id = |s: &str| {
+            let mut buf = s.as_bytes().to_vec();
+            decode(&mut buf).map(|c| format!("{:?}", c.id()))
+        };
+        assert_eq!(
+            id(r#"{"type":"sendMessage","roomId":"r","message":"m","id":"a"}"#).unwrap(),
+            r#"Given("a")"#
+        );
+        assert_eq!(
+            id(r#"{"type":"sendMessage","roomId":"r","message":"m","id":1}"#).unwrap(),
+            "Invalid"
+        );
+        assert_eq!(
+            id(r#"{"type":"sendMessage","roomId":"r","message":"m","id":""}"#).unwrap(),
+            "Invalid"
+        );
+        assert_eq!(
+            id(r#"{"type":"chat","payload":{"message":"m","id":"p"}}"#).unwrap(),
+            r#"Given("p")"#
+        );
+        assert_eq!(
+            id(r#"{"type":"chat","payload":{"message":"m","id":"p"},"id":"t"}"#).unwrap(),
+            r#"Given("t")"#
+        );
+        assert_eq!(
+            id(r#"{"type":"SUBSCRIBE","room":"r","id":"x"}"#).unwrap(),
+            "Absent"
+        );
+        let longest = format!(
+            r#"{{"type":"sendMessage","roomId":"r","message":"m","id":"{}"}}"#,
+            "i".repeat(MAX_ID_BYTES)
+        );
+        assert!(id(&longest).unwrap().starts_with("Given"));
+    }
+
+    #[test]
+    fn envelope_mode_frames_are_valid_json() {
+        let json = |f: Bytes| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap();
+        let v = json(envelope("r\"1", "a\u{1}\n"));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message","room":"r\"1","message":"a\u{1}\n"})
+        );
+        let v = json(room_reply("subscribed", "x\\"));
+        assert_eq!(v, serde_json::json!({"type":"subscribed","room":"x\\"}));
+        assert_eq!(
+            json(ack("q\"")),
+            serde_json::json!({"type":"ack","id":"q\""})
+        );
+        let v = json(ClientError::BadField("id").to_frame_for(Some("z")));
+        assert_eq!(v["id"], "z");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! alone catches a seed that panics.
 
 use roomcast::frame::{self, FrameError};
-use roomcast::protocol::{self, ClientError, Command, Relay};
+use roomcast::protocol::{self, ClientError, Command, Id, Relay};
 
 /// fuzz target `client_message`, crash-50f3677696f39c0d73970dec096acd25c7370985: a valid JSON
 /// object holding an integer literal outside i64/u64 is refused as `bad_json`. simd-json (built
@@ -24,7 +24,8 @@ fn integer_literal_beyond_u64_is_valid_json() {
         protocol::decode(&mut chat),
         Ok(Command::Chat {
             message: "x",
-            room: None
+            room: None,
+            id: Id::Absent,
         })
     );
 
@@ -34,7 +35,8 @@ fn integer_literal_beyond_u64_is_valid_json() {
         protocol::decode(&mut send),
         Ok(Command::SendMessage {
             room: "r",
-            message: "m"
+            message: "m",
+            id: Id::Absent,
         })
     );
 

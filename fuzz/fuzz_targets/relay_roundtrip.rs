@@ -40,6 +40,7 @@ fuzz_target!(|input: Input| {
         Ok(Command::SendMessage {
             room: &input.room,
             message: &input.message,
+            id: protocol::Id::Absent,
         })
     };
     assert_eq!(protocol::decode(&mut buf), expected);

@@ -32,6 +32,7 @@ use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
+use crate::protocol::Format;
 pub(crate) use deferred::with_owed;
 pub use deferred::DeferredWrites;
 pub use word::Claim;
@@ -105,6 +106,9 @@ pub struct Outbox {
     word: Word,
     /// A wake-up was sent and the session has not seen it yet (a permit, like `Notify`'s).
     signaled: AtomicBool,
+    /// What the connection's deliveries look like; set before the outbox is shared, then
+    /// only read (fan-out reads it beside the word it touches anyway).
+    format: Format,
     /// The node is stopping: the session closes with 1001 once it has written what is queued.
     /// A flag beside the word, not a state in it: unlike a revocation it closes nothing here.
     stopping: AtomicBool,
@@ -214,9 +218,22 @@ impl Outbox {
             word: Word::new(),
             signaled: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            format: Format::Bare,
             waker: AtomicWaker::new(),
             limits,
         }
+    }
+
+    /// The same outbox, delivering in `format` (envelope mode is chosen at the handshake).
+    #[must_use]
+    pub fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// What this connection's deliveries look like.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// The connection this outbox belongs to.

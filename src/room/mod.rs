@@ -23,8 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
+use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::{self, ConnId, DeferredWrites, Outbox};
+use crate::protocol::{self, Format};
 use roster::Roster;
 
 /// A room's name as clients spell it; cheap to clone.
@@ -122,7 +124,9 @@ impl Room {
     pub fn fanout(&self, frame: Bytes, skip: Option<ConnId>) -> Fanout {
         Fanout {
             members: self.members.load_full(),
+            room: self.id.clone(),
             frame,
+            envelope: None,
             skip,
             slice: self.slice,
             next: 0,
@@ -141,7 +145,13 @@ impl Room {
 /// their order for every member.
 pub struct Fanout {
     members: Arc<Roster>,
+    room: RoomId,
+    /// The message as version 1 delivers it: the bare string.
     frame: Bytes,
+    /// The same message in envelope mode, built at the first envelope-mode member and kept
+    /// for the rest: one framed `Bytes` per message per format, never one per recipient, and
+    /// nothing at all in a room without such members.
+    envelope: Option<Bytes>,
     skip: Option<ConnId>,
     slice: usize,
     /// The index of the next member to serve, always at the start of a leaf.
@@ -153,7 +163,8 @@ impl Fanout {
     /// Queues the frame for about one slice more members (whole leaves of the roster); returns
     /// true when every member has been served.
     pub fn step(&mut self, metrics: &Metrics) -> bool {
-        let (skip, frame) = (self.skip, &self.frame);
+        let (skip, frame, room) = (self.skip, &self.frame, &self.room);
+        let envelope = &mut self.envelope;
         let mut budget = self.slice.max(1);
         let mut queued = 0;
         // Idle sockets are claimed and written when the batch ends (the session's, when it
@@ -162,11 +173,19 @@ impl Fanout {
         self.next = outbox::with_owed(|owed| {
             self.members.leaves_from(self.next, &mut |leaf| {
                 for member in leaf {
-                    if Some(member.id) != skip
-                        && member
-                            .outbox
-                            .deliver_later(frame, metrics, owed)
-                            .delivered()
+                    if Some(member.id) == skip {
+                        continue;
+                    }
+                    let frame = match member.outbox.format() {
+                        Format::Bare => frame,
+                        Format::Envelope => {
+                            envelope.get_or_insert_with(|| envelope_of(room, frame))
+                        }
+                    };
+                    if member
+                        .outbox
+                        .deliver_later(frame, metrics, owed)
+                        .delivered()
                     {
                         queued += 1;
                     }
@@ -205,6 +224,15 @@ impl Fanout {
             tokio::task::yield_now().await;
         }
         self.queued
+    }
+}
+
+/// The envelope-mode delivery of the message `bare` carries to `room`. A frame that is not
+/// one of [`frame::text`]'s (only tests broadcast such) goes out as it is.
+fn envelope_of(room: &RoomId, bare: &Bytes) -> Bytes {
+    match frame::text_payload(bare) {
+        Some(message) => protocol::envelope(room.as_str(), message),
+        None => bare.clone(),
     }
 }
 

@@ -19,7 +19,7 @@ use futures_util::future::Either;
 use futures_util::FutureExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL};
 use hyper::upgrade::Upgraded;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -31,6 +31,7 @@ use crate::admission::client_address;
 use crate::auth::{handshake_token, AuthMode, Identity};
 use crate::metrics::Refusal;
 use crate::outbox::{ConnId, Outbox};
+use crate::protocol::{Format, ENVELOPE_PROTOCOL};
 use crate::session::{Access, Grant, Mode, Session};
 
 type Reply = Response<Full<Bytes>>;
@@ -258,13 +259,31 @@ fn admit(req: &Request<Incoming>, conn: &Conn) -> Result<Admitted, Refusal> {
         .try_connection_slot(max)
         .ok_or(Refusal::MaxConnections)?;
     let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
-    let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()));
+    let format = requested_format(req.headers());
+    let outbox = Arc::new(Outbox::new(id, shared.outbox_limits()).with_format(format));
     let access = access(identity, &outbox, shared)?;
     Ok(Admitted {
         slots: Slots::new(connection, address),
         outbox,
         access,
     })
+}
+
+/// Envelope mode when the client offers the `roomcast.v2` subprotocol among its
+/// `Sec-WebSocket-Protocol` values (one header or several, comma-separated); otherwise the
+/// version 1 format, whatever else it offers (no subprotocol is then selected).
+fn requested_format(headers: &HeaderMap) -> Format {
+    let offered = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim() == ENVELOPE_PROTOCOL);
+    if offered {
+        Format::Envelope
+    } else {
+        Format::Bare
+    }
 }
 
 /// A browser's `Origin` must be on the allow-list when there is one; a handshake without
@@ -345,13 +364,19 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
         Ok(admitted) => admitted,
         Err(why) => return refuse(&conn.shared, why),
     };
-    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
             let body = format!("bad WebSocket upgrade: {e}\n");
             return text(StatusCode::BAD_REQUEST, "text/plain", body);
         }
     };
+    if admitted.outbox.format() == Format::Envelope {
+        response.headers_mut().insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(ENVELOPE_PROTOCOL),
+        );
+    }
     let Conn { shared, stop, .. } = conn;
     // `then` keeps the task in one of two states, the upgrade (with what the session will
     // need) or the session, never both: an `async` block would keep a slot for every captured

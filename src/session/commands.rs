@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::{Mode, Session};
 use crate::auth::Op;
 use crate::backplane::{BackplaneError, Publish, Published};
 use crate::frame::{self, FrameError, OpCode};
-use crate::protocol::{self, ClientError, Command};
+use crate::protocol::{self, ClientError, Command, Format, Id};
 use crate::room::Room;
 
 impl Session {
@@ -24,15 +26,51 @@ impl Session {
             return Ok(());
         }
         self.shared.metrics.add_message_in();
+        let mut id = Id::Absent;
         let outcome = if opcode == OpCode::Binary {
             Err(ClientError::UnsupportedFrame)
         } else {
-            protocol::decode(payload).and_then(|cmd| self.on_command(cmd))
+            protocol::decode(payload).and_then(|cmd| {
+                id = cmd.id();
+                self.on_command(cmd)
+            })
         };
         if let Err(e) = outcome {
-            self.outbox.push(&e.to_frame(), &self.shared.metrics);
+            let id = match id {
+                Id::Given(id) if self.envelope() => Some(id),
+                _ => None,
+            };
+            self.outbox.push(&e.to_frame_for(id), &self.shared.metrics);
         }
         Ok(())
+    }
+
+    /// Whether this connection chose envelope mode at its handshake.
+    fn envelope(&self) -> bool {
+        self.outbox.format() == Format::Envelope
+    }
+
+    /// Queues an envelope-mode answer (never sent to version 1 clients).
+    fn answer(&self, frame: impl FnOnce() -> Bytes) {
+        if self.envelope() {
+            self.outbox.push(&frame(), &self.shared.metrics);
+        }
+    }
+
+    /// In envelope mode, a send's `id` must be well formed before anything is sent, so an
+    /// `ack` can always name it; elsewhere it is not read at all.
+    fn check_id(&self, id: Id<'_>) -> Result<(), ClientError> {
+        if id == Id::Invalid && self.envelope() {
+            return Err(ClientError::BadField("id"));
+        }
+        Ok(())
+    }
+
+    /// Answers an accepted send that carried an `id`, in envelope mode.
+    fn acknowledge(&self, id: Id<'_>) {
+        if let Id::Given(id) = id {
+            self.answer(|| protocol::ack(id));
+        }
     }
 
     fn on_command(&mut self, cmd: Command<'_>) -> Result<(), ClientError> {
@@ -44,18 +82,24 @@ impl Session {
         match cmd {
             Command::Join { room } | Command::Subscribe { room } => {
                 self.check(room, Op::Subscribe)?;
-                self.join(room)
+                self.join(room)?;
+                self.answer(|| protocol::room_reply("subscribed", room));
+                Ok(())
             }
             Command::Leave { room } | Command::Unsubscribe { room } => {
                 self.leave(room);
+                self.answer(|| protocol::room_reply("unsubscribed", room));
                 Ok(())
             }
-            Command::Chat { message, room } => {
+            Command::Chat { message, room, id } => {
+                self.check_id(id)?;
                 let published = self.chat(message, room)?;
                 self.published(published);
+                self.acknowledge(id);
                 Ok(())
             }
-            Command::SendMessage { room, message } => {
+            Command::SendMessage { room, message, id } => {
+                self.check_id(id)?;
                 self.check_room_name(room)?;
                 self.check(room, Op::Publish)?;
                 let published = self.publish(Publish {
@@ -66,6 +110,7 @@ impl Session {
                     from: Some(&self.outbox),
                 })?;
                 self.published(published);
+                self.acknowledge(id);
                 Ok(())
             }
             Command::Auth { token } => self.authenticate(token),

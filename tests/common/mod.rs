@@ -58,6 +58,25 @@ impl Node {
         ws
     }
 
+    /// A client in envelope mode: it offers `protocols` (comma-separated) and returns the
+    /// subprotocol the server selected, if any.
+    pub async fn client_offering(&self, protocols: &str) -> (Ws, Option<String>) {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self.url().into_client_request().expect("request");
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            protocols.parse().expect("header value"),
+        );
+        let (ws, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket connect");
+        let selected = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        (ws, selected)
+    }
+
     /// Signals shutdown (as SIGTERM would); the node task then drains and returns.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
