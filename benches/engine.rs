@@ -494,6 +494,7 @@ fn serde_command(v: &Value) -> Result<Command<'_>, ClientError> {
     Ok(match kind {
         "join" => Command::Join {
             room: required(v.get("payload"), "roomId", "payload.roomId")?,
+            since: None,
         },
         "chat" => {
             let payload = v.get("payload");
@@ -508,6 +509,7 @@ fn serde_command(v: &Value) -> Result<Command<'_>, ClientError> {
         },
         "SUBSCRIBE" => Command::Subscribe {
             room: required(Some(v), "room", "room")?,
+            since: None,
         },
         "UNSUBSCRIBE" => Command::Unsubscribe {
             room: required(Some(v), "room", "room")?,

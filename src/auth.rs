@@ -387,9 +387,14 @@ pub fn handshake_token<'a>(
     if let Some(bearer) = authorization.and_then(|h| h.strip_prefix("Bearer ")) {
         return Some(bearer.trim().to_owned());
     }
-    query?
+    query_param(query?, "token")
+}
+
+/// The value of `name` in a URL query string, decoded.
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
+    query
         .split('&')
-        .find_map(|pair| pair.strip_prefix("token="))
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
         .map(percent_decode)
 }
 

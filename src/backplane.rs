@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::frame;
+use crate::history::{History, Stamp};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::room::{Bounds, Fanout, Registry, Room, RoomWatcher};
@@ -45,6 +46,8 @@ pub struct Publish<'a> {
 /// What a publish did on this node.
 #[derive(Default)]
 pub struct Published {
+    /// The message's place in the room's history, when history is on.
+    pub stamp: Option<Stamp>,
     /// Deliveries on this node: exact in-process when `rest` is `None`, else the room's local
     /// members (what the sender's fan-out budget is charged).
     pub deliveries: usize,
@@ -70,6 +73,9 @@ pub struct Backplane {
     metrics: Arc<Metrics>,
     users: Arc<Users>,
     redis: Option<redis::Bus>,
+    /// Room history (in-process only, `--history-size`): it also orders each room's
+    /// publishes.
+    history: Option<Arc<History>>,
 }
 
 impl Backplane {
@@ -81,11 +87,16 @@ impl Backplane {
     ) -> Result<(Registry, Self), RedisError> {
         let Some(url) = &config.redis else {
             let registry = Registry::bounded(None, bounds(config));
+            let history = History::new(config.history).map(Arc::new);
+            if let Some(history) = &history {
+                tokio::spawn(expire_every_second(Arc::downgrade(history)));
+            }
             let bus = Self {
                 registry: registry.clone(),
                 metrics,
                 users,
                 redis: None,
+                history,
             };
             return Ok((registry, bus));
         };
@@ -106,8 +117,14 @@ impl Backplane {
                 metrics,
                 users,
                 redis: Some(bus),
+                history: None,
             },
         ))
+    }
+
+    /// The node's room history, when it keeps one.
+    pub fn history(&self) -> Option<&Arc<History>> {
+        self.history.as_ref()
     }
 
     /// True while messages can flow; `/healthz` reports "degraded" otherwise.
@@ -151,6 +168,24 @@ impl Backplane {
             let deliveries = local().map_or(0, |room| room.len());
             return Ok(Published {
                 deliveries,
+                ..Published::default()
+            });
+        }
+        if let Some(history) = &self.history {
+            // Offset and fan-out under the room's log: served whole, never sliced, so the
+            // next message of the room cannot overtake this one at any member.
+            let frame = frame::text(msg.message);
+            let (stamp, deliveries) = history.publish(msg.room, &frame, |stamp| {
+                local().map_or(0, |room| {
+                    let mut fanout = room.fanout(frame.clone(), msg.skip);
+                    fanout.stamp(stamp.clone());
+                    fanout.finish_now(&self.metrics);
+                    fanout.queued()
+                })
+            });
+            return Ok(Published {
+                stamp: Some(stamp),
+                deliveries,
                 rest: None,
             });
         }
@@ -161,12 +196,26 @@ impl Backplane {
         if fanout.step(&self.metrics) {
             return Ok(Published {
                 deliveries: fanout.queued(),
-                rest: None,
+                ..Published::default()
             });
         }
         Ok(Published {
             deliveries: room.len(),
             rest: Some(Box::new(fanout)),
+            stamp: None,
         })
+    }
+}
+
+/// Drops expired history every second, for as long as the node's history exists.
+async fn expire_every_second(history: std::sync::Weak<History>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(history) = history.upgrade() else {
+            return;
+        };
+        history.expire();
     }
 }

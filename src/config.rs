@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::admission::AddressLimits;
 use crate::auth::{AuthConfig, AuthMode, OriginPattern};
+use crate::history::HistoryConfig;
 use crate::inbound::InboundLimits;
 use crate::outbox::{SlowConsumer, MAX_BYTES, MAX_FRAMES};
 
@@ -92,6 +93,8 @@ pub struct Config {
     pub api_keys: Vec<String>,
     /// Serve an echo WebSocket on `/echo` (for conformance suites). Default off.
     pub echo: bool,
+    /// Room history for envelope-mode offsets and resume; see [`HistoryConfig`]. Default off.
+    pub history: HistoryConfig,
 }
 
 impl Default for Config {
@@ -124,6 +127,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             api_keys: Vec::new(),
             echo: false,
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -187,6 +191,10 @@ pub enum ConfigError {
     /// Tokens are required or optional, but no key was given to check them with.
     #[error("--auth {0} needs --auth-secret or --auth-public-key")]
     AuthWithoutKeys(&'static str),
+    /// History is kept by one node's memory; across nodes it needs offsets decided in Redis,
+    /// which this version does not have yet.
+    #[error("--history-size needs the in-process bus: it cannot be combined with --redis yet")]
+    HistoryWithRedis,
     /// A largest frame could never be paid for, so its sender would wait forever.
     #[error(
         "--inbound-bytes-burst ({burst}) is below one largest client frame \
@@ -238,6 +246,7 @@ impl Config {
             });
         }
         self.validate_inbound()?;
+        self.validate_history()?;
         let mode = match self.auth.mode {
             AuthMode::Off => None,
             AuthMode::Optional => Some("optional"),
@@ -269,6 +278,19 @@ impl Config {
 }
 
 impl Config {
+    fn validate_history(&self) -> Result<(), ConfigError> {
+        let history = &self.history;
+        if history.size == 0 {
+            return Ok(());
+        }
+        in_range("history-size", history.size, 0..=1_000_000)?;
+        in_range("history-max-bytes", history.max_bytes, 1 << 20..=1 << 36)?;
+        if self.redis.is_some() {
+            return Err(ConfigError::HistoryWithRedis);
+        }
+        Ok(())
+    }
+
     fn validate_inbound(&self) -> Result<(), ConfigError> {
         let inbound = &self.inbound;
         if inbound.frames_per_sec > 0 {
@@ -336,5 +358,15 @@ mod tests {
         assert!(e.starts_with("--inbound-bytes-burst (65536)"), "{e}");
         let e = refused(|c| c.inbound.frames_burst = 0);
         assert!(e.starts_with("--inbound-frames-burst is 0"), "{e}");
+        let e = refused(|c| {
+            c.history.size = 100;
+            c.redis = Some("redis://127.0.0.1:6379".into());
+        });
+        assert!(e.starts_with("--history-size needs the in-process bus"), "{e}");
+        let e = refused(|c| {
+            c.history.size = 100;
+            c.history.max_bytes = 1000;
+        });
+        assert!(e.starts_with("--history-max-bytes is 1000"), "{e}");
     }
 }

@@ -51,6 +51,7 @@ pub mod auth;
 pub(crate) mod backplane;
 pub mod config;
 pub mod frame;
+pub mod history;
 pub mod inbound;
 pub mod metrics;
 pub mod outbox;

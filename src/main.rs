@@ -10,6 +10,7 @@ use clap::Parser;
 use roomcast::admission::{AddressLimits, Cidr};
 use roomcast::auth::{AuthConfig, AuthMode, Grants, Key, OriginPattern};
 use roomcast::config::RedisLimits;
+use roomcast::history::HistoryConfig;
 use roomcast::inbound::{InboundLimits, RatePolicy};
 use roomcast::outbox::SlowConsumer;
 use roomcast::{Config, Server};
@@ -150,6 +151,21 @@ struct Args {
     /// On shutdown, how long sessions get to flush and close before they are dropped.
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     drain_timeout: Duration,
+
+    /// Messages of history kept per room, for offsets and resume in envelope mode; 0 keeps
+    /// none (the default).
+    #[arg(long, env = "ROOMCAST_HISTORY_SIZE", default_value_t = 0)]
+    history_size: usize,
+
+    /// A message of history older than this is dropped; 0 keeps it until --history-size or
+    /// --history-max-bytes push it out.
+    #[arg(long, env = "ROOMCAST_HISTORY_TTL", value_parser = parse_duration, default_value = "10m")]
+    history_ttl: Duration,
+
+    /// Bytes all rooms' history may hold on this node; past it the rooms whose last message is
+    /// oldest lose their history first.
+    #[arg(long, env = "ROOMCAST_HISTORY_MAX_BYTES", default_value_t = 64 << 20)]
+    history_max_bytes: u64,
 
     /// How long a client may take to send its HTTP request headers.
     #[arg(long, env = "ROOMCAST_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
@@ -350,6 +366,11 @@ impl Args {
                 .collect(),
             api_keys: self.api_key.clone(),
             echo: self.echo,
+            history: HistoryConfig {
+                size: self.history_size,
+                ttl: self.history_ttl,
+                max_bytes: self.history_max_bytes,
+            },
         })
     }
 }

@@ -30,6 +30,8 @@ pub struct Metrics {
     backplane_dropped: AtomicU64,
     backplane_connects: AtomicU64,
     fanout_yields: AtomicU64,
+    resumes_recovered: AtomicU64,
+    resumes_lost: AtomicU64,
 }
 
 /// Why a connection was refused before it became a session.
@@ -130,6 +132,10 @@ pub struct Snapshot {
     pub backplane_connects: u64,
     /// Times a broadcast to a large room let other tasks run between two slices.
     pub fanout_yields: u64,
+    /// Resumes that replayed everything the member missed.
+    pub resumes_recovered: u64,
+    /// Resumes answered `recovered: false` (history gone, or another epoch).
+    pub resumes_lost: u64,
 }
 
 impl Metrics {
@@ -153,6 +159,15 @@ impl Metrics {
     /// A broadcast to a large room let other tasks run between two slices.
     pub fn add_fanout_yield(&self) {
         self.fanout_yields.fetch_add(1, Relaxed);
+    }
+    /// A resume finished, replaying everything (`recovered`) or nothing.
+    pub fn add_resume(&self, recovered: bool) {
+        let counter = if recovered {
+            &self.resumes_recovered
+        } else {
+            &self.resumes_lost
+        };
+        counter.fetch_add(1, Relaxed);
     }
     /// `n` frames dropped for slow consumers.
     pub fn add_dropped(&self, n: u64) {
@@ -246,6 +261,8 @@ impl Metrics {
             backplane_dropped: self.backplane_dropped.load(Relaxed),
             backplane_connects: self.backplane_connects.load(Relaxed),
             fanout_yields: self.fanout_yields.load(Relaxed),
+            resumes_recovered: self.resumes_recovered.load(Relaxed),
+            resumes_lost: self.resumes_lost.load(Relaxed),
         }
     }
 }
@@ -372,8 +389,18 @@ impl Snapshot {
         ]
     }
 
-    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 5] {
+    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 7] {
         [
+            (
+                "roomcast_resumes_recovered_total",
+                "resumes that replayed everything missed",
+                self.resumes_recovered,
+            ),
+            (
+                "roomcast_resumes_lost_total",
+                "resumes answered recovered false",
+                self.resumes_lost,
+            ),
             (
                 "roomcast_backplane_refused_total",
                 "publishes refused: queue to Redis full",

@@ -13,6 +13,7 @@ use simd_json::tape::{Tape, Value};
 use simd_json::Buffers;
 
 use crate::frame;
+use crate::history::Stamp;
 
 /// One client request, with every string borrowed from the frame it came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub enum Command<'a> {
     Join {
         /// The room's name as the client spelled it.
         room: &'a str,
+        /// Version 2: resume from this position (in `payload`).
+        since: Option<Since<'a>>,
     },
     /// Dialect 1: say `message` to every other member of the chat room (or of `room`).
     Chat {
@@ -41,6 +44,8 @@ pub enum Command<'a> {
     Subscribe {
         /// The room's name as the client spelled it.
         room: &'a str,
+        /// Version 2: resume from this position.
+        since: Option<Since<'a>>,
     },
     /// Dialect 2 extension: drop a room.
     Unsubscribe {
@@ -62,6 +67,16 @@ pub enum Command<'a> {
         /// The JWT.
         token: &'a str,
     },
+}
+
+/// Version 2: the last message a resuming client received in a room, as its envelope said:
+/// `"since":{"offset":N,"epoch":E}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since<'a> {
+    /// The offset of that message (0: none yet).
+    pub offset: u64,
+    /// The epoch it came with.
+    pub epoch: &'a str,
 }
 
 impl<'a> Command<'a> {
@@ -183,36 +198,66 @@ pub enum Format {
     Envelope,
 }
 
-/// The envelope-mode delivery of `message` to `room`, framed.
-pub fn envelope(room: &str, message: &str) -> Bytes {
-    let mut json = String::with_capacity(40 + room.len() + message.len());
+/// The envelope-mode delivery of `message` to `room`, framed; with the message's place in
+/// the room's history when the room has one.
+pub fn envelope(room: &str, message: &str, stamp: Option<&Stamp>) -> Bytes {
+    let mut json = String::with_capacity(64 + room.len() + message.len());
     json.push_str(r#"{"type":"message","room":"#);
     push_json_string(&mut json, room);
     json.push_str(r#","message":"#);
     push_json_string(&mut json, message);
+    push_stamp(&mut json, stamp);
     json.push('}');
     frame::text(&json)
 }
 
 /// An envelope-mode answer about a room: `{"type":KIND,"room":R}` (`subscribed`,
-/// `unsubscribed`).
-pub fn room_reply(kind: &str, room: &str) -> Bytes {
-    let mut json = String::with_capacity(32 + room.len());
+/// `unsubscribed`), with the room's latest offset and epoch when it has history, and for a
+/// resume whether everything missed was replayed.
+pub fn room_reply(
+    kind: &str,
+    room: &str,
+    latest: Option<&Stamp>,
+    recovered: Option<bool>,
+) -> Bytes {
+    let mut json = String::with_capacity(64 + room.len());
     json.push_str(r#"{"type":""#);
     json.push_str(kind);
     json.push_str(r#"","room":"#);
     push_json_string(&mut json, room);
+    push_stamp(&mut json, latest);
+    if let Some(recovered) = recovered {
+        json.push_str(if recovered {
+            r#","recovered":true"#
+        } else {
+            r#","recovered":false"#
+        });
+    }
     json.push('}');
     frame::text(&json)
 }
 
-/// The envelope-mode answer to a send that carried an `id`: it was accepted.
-pub fn ack(id: &str) -> Bytes {
-    let mut json = String::with_capacity(24 + id.len());
+/// The envelope-mode answer to a send that carried an `id`: it was accepted, and with history
+/// it holds this offset.
+pub fn ack(id: &str, offset: Option<u64>) -> Bytes {
+    let mut json = String::with_capacity(48 + id.len());
     json.push_str(r#"{"type":"ack","id":"#);
     push_json_string(&mut json, id);
+    if let Some(offset) = offset {
+        json.push_str(r#","offset":"#);
+        json.push_str(&offset.to_string());
+    }
     json.push('}');
     frame::text(&json)
+}
+
+fn push_stamp(json: &mut String, stamp: Option<&Stamp>) {
+    if let Some(stamp) = stamp {
+        json.push_str(r#","offset":"#);
+        json.push_str(&stamp.offset.to_string());
+        json.push_str(r#","epoch":"#);
+        push_json_string(json, &stamp.epoch);
+    }
 }
 
 /// Room names starting with this are refused: every channel the server uses itself (its
@@ -341,6 +386,7 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
     Ok(match kind {
         "join" => Command::Join {
             room: required(v.get("payload"), "roomId", "payload.roomId")?,
+            since: since(v.get("payload"), "payload.since")?,
         },
         "chat" => {
             let payload = v.get("payload");
@@ -358,6 +404,7 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
         },
         "SUBSCRIBE" => Command::Subscribe {
             room: required(Some(v), "room", "room")?,
+            since: since(Some(v), "since")?,
         },
         "UNSUBSCRIBE" => Command::Unsubscribe {
             room: required(Some(v), "room", "room")?,
@@ -399,6 +446,22 @@ fn optional<'i>(
     }
 }
 
+/// A resume position: absent, or an object with an integer `offset` and a string `epoch`.
+fn since<'i>(
+    obj: Option<Value<'_, 'i>>,
+    name: &'static str,
+) -> Result<Option<Since<'i>>, ClientError> {
+    let Some(v) = obj.and_then(|o| o.get("since")) else {
+        return Ok(None);
+    };
+    let offset = v.get("offset").and_then(|o| o.as_u64());
+    let epoch = v.get("epoch").and_then(|e| e.into_string());
+    match (offset, epoch) {
+        (Some(offset), Some(epoch)) => Ok(Some(Since { offset, epoch })),
+        _ => Err(ClientError::BadField(name)),
+    }
+}
+
 /// Longest `id` a send may carry: it is echoed back in the `ack`.
 pub const MAX_ID_BYTES: usize = 128;
 
@@ -437,7 +500,7 @@ mod tests {
     fn both_dialects() {
         assert_eq!(
             parse(r#"{"type":"join","payload":{"roomId":"red"}}"#).unwrap(),
-            r#"Join { room: "red" }"#
+            r#"Join { room: "red", since: None }"#
         );
         assert_eq!(
             parse(r#"{"type":"chat","payload":{"message":"h\"i"}}"#).unwrap(),
@@ -445,7 +508,7 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"type":"SUBSCRIBE","room":"r1"}"#).unwrap(),
-            r#"Subscribe { room: "r1" }"#
+            r#"Subscribe { room: "r1", since: None }"#
         );
         assert_eq!(
             parse(r#"{"type":"sendMessage","roomId":"r1","message":"\u00e9"}"#).unwrap(),
@@ -540,17 +603,32 @@ mod tests {
     #[test]
     fn envelope_mode_frames_are_valid_json() {
         let json = |f: Bytes| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap();
-        let v = json(envelope("r\"1", "a\u{1}\n"));
+        let v = json(envelope("r\"1", "a\u{1}\n", None));
         assert_eq!(
             v,
             serde_json::json!({"type":"message","room":"r\"1","message":"a\u{1}\n"})
         );
-        let v = json(room_reply("subscribed", "x\\"));
-        assert_eq!(v, serde_json::json!({"type":"subscribed","room":"x\\"}));
+        let stamp = Stamp {
+            offset: 7,
+            epoch: "e\"".into(),
+        };
+        let v = json(envelope("r", "m", Some(&stamp)));
         assert_eq!(
-            json(ack("q\"")),
+            v,
+            serde_json::json!({"type":"message","room":"r","message":"m","offset":7,"epoch":"e\""})
+        );
+        let v = json(room_reply("subscribed", "x\\", None, None));
+        assert_eq!(v, serde_json::json!({"type":"subscribed","room":"x\\"}));
+        let v = json(room_reply("subscribed", "x", Some(&stamp), Some(false)));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"subscribed","room":"x","offset":7,"epoch":"e\"","recovered":false})
+        );
+        assert_eq!(
+            json(ack("q\"", None)),
             serde_json::json!({"type":"ack","id":"q\""})
         );
+        assert_eq!(json(ack("q", Some(3)))["offset"], 3);
         let v = json(ClientError::BadField("id").to_frame_for(Some("z")));
         assert_eq!(v["id"], "z");
     }

@@ -10,12 +10,6 @@ fn parsed(frame: &str) -> Value {
     serde_json::from_str(frame).unwrap_or_else(|e| panic!("not JSON ({e}): {frame}"))
 }
 
-async fn envelope_client(node: &Node) -> Ws {
-    let (ws, selected) = node.client_offering("roomcast.v2").await;
-    assert_eq!(selected.as_deref(), Some("roomcast.v2"));
-    ws
-}
-
 #[tokio::test]
 async fn the_subprotocol_is_selected_only_when_offered() {
     let node = Node::start().await;
@@ -34,7 +28,7 @@ async fn the_subprotocol_is_selected_only_when_offered() {
 #[tokio::test]
 async fn envelope_clients_get_replies_and_envelopes_and_v1_clients_see_no_change() {
     let node = Node::start().await;
-    let mut env = envelope_client(&node).await;
+    let mut env = node.envelope_client().await;
     let (mut d1, mut d2) = (node.client().await, node.client().await);
 
     // The name needs escaping both ways: JSON-escaped in what clients send.
@@ -104,7 +98,7 @@ async fn envelope_clients_get_replies_and_envelopes_and_v1_clients_see_no_change
 #[tokio::test]
 async fn envelope_errors_name_the_send_and_a_bad_id_sends_nothing() {
     let node = Node::start().await;
-    let mut env = envelope_client(&node).await;
+    let mut env = node.envelope_client().await;
     let mut v1 = node.client().await;
     send(&mut env, &subscribe("r")).await;
     assert_eq!(parsed(&recv(&mut env).await)["type"], "subscribed");

@@ -39,9 +39,9 @@ fn check_error_reply(e: &ClientError) {
 
 fn check_command(cmd: &Command<'_>) {
     match *cmd {
-        Command::Join { room }
+        Command::Join { room, .. }
         | Command::Leave { room }
-        | Command::Subscribe { room }
+        | Command::Subscribe { room, .. }
         | Command::Unsubscribe { room }
         | Command::SendMessage { room, .. } => {
             assert!(!room.is_empty());

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::frame;
+use crate::history::Stamp;
 use crate::metrics::Metrics;
 use crate::outbox::{self, ConnId, DeferredWrites, Outbox};
 use crate::protocol::{self, Format};
@@ -127,6 +128,7 @@ impl Room {
             room: self.id.clone(),
             frame,
             envelope: None,
+            stamp: None,
             skip,
             slice: self.slice,
             next: 0,
@@ -152,6 +154,8 @@ pub struct Fanout {
     /// for the rest: one framed `Bytes` per message per format, never one per recipient, and
     /// nothing at all in a room without such members.
     envelope: Option<Bytes>,
+    /// The message's place in the room's history, carried by its envelope.
+    stamp: Option<Stamp>,
     skip: Option<ConnId>,
     slice: usize,
     /// The index of the next member to serve, always at the start of a leaf.
@@ -163,7 +167,7 @@ impl Fanout {
     /// Queues the frame for about one slice more members (whole leaves of the roster); returns
     /// true when every member has been served.
     pub fn step(&mut self, metrics: &Metrics) -> bool {
-        let (skip, frame, room) = (self.skip, &self.frame, &self.room);
+        let (skip, frame, room, stamp) = (self.skip, &self.frame, &self.room, &self.stamp);
         let envelope = &mut self.envelope;
         let mut budget = self.slice.max(1);
         let mut queued = 0;
@@ -179,7 +183,7 @@ impl Fanout {
                     let frame = match member.outbox.format() {
                         Format::Bare => frame,
                         Format::Envelope => {
-                            envelope.get_or_insert_with(|| envelope_of(room, frame))
+                            envelope.get_or_insert_with(|| envelope_of(room, frame, stamp.as_ref()))
                         }
                     };
                     if member
@@ -199,6 +203,12 @@ impl Fanout {
         metrics.add_deliveries(queued as u64);
         self.queued += queued;
         self.is_done()
+    }
+
+    /// Puts the message's place in the room's history into its envelope; before the first
+    /// step.
+    pub fn stamp(&mut self, stamp: Stamp) {
+        self.stamp = Some(stamp);
     }
 
     /// True once every member has been served.
@@ -229,9 +239,9 @@ impl Fanout {
 
 /// The envelope-mode delivery of the message `bare` carries to `room`. A frame that is not
 /// one of [`frame::text`]'s (only tests broadcast such) goes out as it is.
-fn envelope_of(room: &RoomId, bare: &Bytes) -> Bytes {
+fn envelope_of(room: &RoomId, bare: &Bytes, stamp: Option<&Stamp>) -> Bytes {
     match frame::text_payload(bare) {
-        Some(message) => protocol::envelope(room.as_str(), message),
+        Some(message) => protocol::envelope(room.as_str(), message, stamp),
         None => bare.clone(),
     }
 }

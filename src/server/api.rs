@@ -5,10 +5,13 @@
 //! |---|---|
 //! | `POST /api/publish` `{"room":R,"message":M}` or `{"publications":[{"room":R,"message":M},...]}` (at most 1,000) | 200 `{"accepted":N}`: queued exactly like a `sendMessage`, in order |
 //! | `POST /api/disconnect` `{"user":SUB}` | 200 `{"closed_here":N}`: that user's connections on every node close with 4003 |
+//! | `GET /api/history?room=R&since=N&limit=L` | 200 `{"room":R,"epoch":E,"offset":LATEST,"messages":[{"offset":N,"message":M},...]}`: the room's kept messages after offset `since` (default 0), at most `limit` (default 100, at most 1,000), oldest first; `epoch` is null for a room with no history |
 //!
 //! Errors are JSON `{"error":CODE,"message":TEXT}`: 401 `unauthorized` (key missing or wrong),
 //! 400 `bad_json` / `bad_field`, 413 `too_large`, 503 `backplane_unavailable` (with `accepted`,
-//! the publications queued before the one refused). With no `--api-key` the API is 404.
+//! the publications queued before the one refused). With no `--api-key` the API is 404, except
+//! `GET /api/history` on a node without tokens (`--auth off`), which then needs no key: it
+//! tells nothing a client could not learn by joining the room. It is 404 while history is off.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -18,7 +21,9 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
 use super::Shared;
+use crate::auth::{query_param, AuthMode};
 use crate::backplane::Publish;
+use crate::frame;
 use crate::protocol::{self, RESERVED_PREFIX};
 
 type Reply = Response<Full<Bytes>>;
@@ -78,7 +83,11 @@ fn same_key(given: &[u8], key: &[u8]) -> bool {
 
 /// Handles `POST /api/...`.
 pub(super) async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
+    let history = req.uri().path() == "/api/history";
     if shared.config.api_keys.is_empty() {
+        if history && shared.config.auth.mode == AuthMode::Off {
+            return read_history(req.uri().query().unwrap_or_default(), shared);
+        }
         return error(StatusCode::NOT_FOUND, "not_found", "the server API is off");
     }
     let given = req
@@ -98,6 +107,9 @@ pub(super) async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
             "unauthorized",
             "missing or wrong X-API-Key",
         );
+    }
+    if history {
+        return read_history(req.uri().query().unwrap_or_default(), shared);
     }
     let path = req.uri().path().to_owned();
     let body = match read_body(req, shared).await {
@@ -190,6 +202,56 @@ async fn publish(body: &[u8], shared: &Shared) -> Reply {
     json(
         StatusCode::OK,
         serde_json::json!({"accepted": publications.len()}),
+    )
+}
+
+/// Most messages one history request returns.
+const MAX_HISTORY_LIMIT: usize = 1000;
+
+fn read_history(query: &str, shared: &Shared) -> Reply {
+    let Some(history) = shared.backplane.history() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "history is off (--history-size 0)",
+        );
+    };
+    let Some(room) = query_param(query, "room").filter(|r| !r.is_empty()) else {
+        return error(StatusCode::BAD_REQUEST, "bad_field", "room is required");
+    };
+    let number = |name: &str, default: u64| match query_param(query, name) {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<u64>()
+            .map_err(|_| format!("{name} must be a whole number")),
+    };
+    let (since, limit) = match (number("since", 0), number("limit", 100)) {
+        (Ok(since), Ok(limit)) => (since, (limit as usize).min(MAX_HISTORY_LIMIT)),
+        (Err(text), _) | (_, Err(text)) => {
+            return error(StatusCode::BAD_REQUEST, "bad_field", &text);
+        }
+    };
+    let Some((latest, kept)) = history.read(&room, since, limit) else {
+        return json(
+            StatusCode::OK,
+            serde_json::json!({"room": room, "epoch": null, "offset": 0, "messages": []}),
+        );
+    };
+    let messages: Vec<serde_json::Value> = kept
+        .iter()
+        .map(|kept| {
+            let message = frame::text_payload(&kept.frame).unwrap_or_default();
+            serde_json::json!({"offset": kept.offset, "message": message})
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "room": room,
+            "epoch": &*latest.epoch,
+            "offset": latest.offset,
+            "messages": messages,
+        }),
     )
 }
 

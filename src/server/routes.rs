@@ -9,6 +9,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /api/...` | the trusted server API (`api`) |
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,7 +38,12 @@ use crate::session::{Access, Grant, Mode, Session};
 type Reply = Response<Full<Bytes>>;
 
 pub(super) async fn route(req: Request<Incoming>, conn: Conn) -> Reply {
-    if req.method() == Method::POST && req.uri().path().starts_with("/api/") {
+    let api = match *req.method() {
+        Method::POST => req.uri().path().starts_with("/api/"),
+        Method::GET => req.uri().path() == "/api/history",
+        _ => false,
+    };
+    if api {
         return super::api::handle(req, &conn.shared).await;
     }
     let wants_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
@@ -128,12 +134,45 @@ fn metrics(shared: &Shared) -> Reply {
             queues.incoming.1,
         ),
     ];
-    let body = shared.metrics.snapshot().prometheus(&gauges);
+    let mut body = shared.metrics.snapshot().prometheus(&gauges);
+    if let Some(history) = shared.backplane.history() {
+        let stats = history.stats();
+        for (name, kind, help, value) in [
+            (
+                "roomcast_history_bytes",
+                "gauge",
+                "bytes of room history held",
+                stats.bytes,
+            ),
+            (
+                "roomcast_history_rooms",
+                "gauge",
+                "rooms with history",
+                stats.rooms,
+            ),
+            (
+                "roomcast_history_evicted_rooms_total",
+                "counter",
+                "rooms whose history was evicted to stay under --history-max-bytes",
+                stats.evicted,
+            ),
+        ] {
+            let _ = writeln!(
+                body,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
     text(StatusCode::OK, "text/plain; version=0.0.4", body)
 }
 
 fn healthz(shared: &Shared) -> Reply {
     let m = shared.metrics.snapshot();
+    let history = shared
+        .backplane
+        .history()
+        .map(|h| h.stats())
+        .unwrap_or_default();
     let healthy = shared.backplane.is_healthy();
     let body = format!(
         concat!(
@@ -142,7 +181,8 @@ fn healthz(shared: &Shared) -> Reply {
             r#""throttled":{},"rate_limited":{},"rate_limit_closed":{},"incomplete_closed":{},"#,
             r#""pongs_replaced":{},"outbox_peak_bytes":{},"refused":{},"#,
             r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{},"#,
-            r#""backplane_connects":{},"fanout_yields":{}}}"#
+            r#""backplane_connects":{},"fanout_yields":{},"resumes_recovered":{},"#,
+            r#""resumes_lost":{},"history_bytes":{},"history_rooms":{},"history_evicted_rooms":{}}}"#
         ),
         if healthy { "ok" } else { "degraded" },
         m.connections,
@@ -164,6 +204,11 @@ fn healthz(shared: &Shared) -> Reply {
         m.backplane_dropped,
         m.backplane_connects,
         m.fanout_yields,
+        m.resumes_recovered,
+        m.resumes_lost,
+        history.bytes,
+        history.rooms,
+        history.evicted,
     );
     let status = if healthy {
         StatusCode::OK

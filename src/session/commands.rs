@@ -46,12 +46,12 @@ impl Session {
     }
 
     /// Whether this connection chose envelope mode at its handshake.
-    fn envelope(&self) -> bool {
+    pub(super) fn envelope(&self) -> bool {
         self.outbox.format() == Format::Envelope
     }
 
     /// Queues an envelope-mode answer (never sent to version 1 clients).
-    fn answer(&self, frame: impl FnOnce() -> Bytes) {
+    pub(super) fn answer(&self, frame: impl FnOnce() -> Bytes) {
         if self.envelope() {
             self.outbox.push(&frame(), &self.shared.metrics);
         }
@@ -66,10 +66,11 @@ impl Session {
         Ok(())
     }
 
-    /// Answers an accepted send that carried an `id`, in envelope mode.
-    fn acknowledge(&self, id: Id<'_>) {
+    /// Answers an accepted send that carried an `id`, in envelope mode, with the message's
+    /// offset when the room has history.
+    fn acknowledge(&self, id: Id<'_>, offset: Option<u64>) {
         if let Id::Given(id) = id {
-            self.answer(|| protocol::ack(id));
+            self.answer(|| protocol::ack(id, offset));
         }
     }
 
@@ -80,22 +81,22 @@ impl Session {
             return Ok(());
         }
         match cmd {
-            Command::Join { room } | Command::Subscribe { room } => {
+            Command::Join { room, since } | Command::Subscribe { room, since } => {
                 self.check(room, Op::Subscribe)?;
-                self.join(room)?;
-                self.answer(|| protocol::room_reply("subscribed", room));
-                Ok(())
+                self.subscribe(room, since)
             }
             Command::Leave { room } | Command::Unsubscribe { room } => {
                 self.leave(room);
-                self.answer(|| protocol::room_reply("unsubscribed", room));
+                self.cancel_resume(room);
+                self.answer(|| protocol::room_reply("unsubscribed", room, None, None));
                 Ok(())
             }
             Command::Chat { message, room, id } => {
                 self.check_id(id)?;
                 let published = self.chat(message, room)?;
+                let offset = published.stamp.as_ref().map(|s| s.offset);
                 self.published(published);
-                self.acknowledge(id);
+                self.acknowledge(id, offset);
                 Ok(())
             }
             Command::SendMessage { room, message, id } => {
@@ -109,8 +110,9 @@ impl Session {
                     skip: None,
                     from: Some(&self.outbox),
                 })?;
+                let offset = published.stamp.as_ref().map(|s| s.offset);
                 self.published(published);
-                self.acknowledge(id);
+                self.acknowledge(id, offset);
                 Ok(())
             }
             Command::Auth { token } => self.authenticate(token),
@@ -169,7 +171,7 @@ impl Session {
         self.fanout = published.rest;
     }
 
-    fn held(&self, name: &str) -> Option<&Arc<Room>> {
+    pub(super) fn held(&self, name: &str) -> Option<&Arc<Room>> {
         self.rooms.iter().find(|r| r.id().as_str() == name)
     }
 
@@ -183,17 +185,32 @@ impl Session {
         Ok(())
     }
 
+    /// Joins `name` at once, without history (tests reach the registry through this).
+    #[cfg(test)]
     pub(super) fn join(&mut self, name: &str) -> Result<(), ClientError> {
         if self.held(name).is_some() {
             return Ok(());
         }
+        self.check_join(name)?;
+        self.join_now(name)
+    }
+
+    /// What a join must pass before it starts: the name's length and the connection's room
+    /// cap (rooms being resumed count).
+    pub(super) fn check_join(&self, name: &str) -> Result<(), ClientError> {
         self.check_room_name(name)?;
         let max = self.shared.config.max_rooms_per_connection;
-        if self.rooms.len() >= max {
+        let resuming = self.resumes.as_ref().map_or(0, |q| q.len());
+        if self.rooms.len() + resuming >= max {
             return Err(ClientError::Limit(format!(
                 "a connection may hold at most {max} rooms"
             )));
         }
+        Ok(())
+    }
+
+    /// Adds this connection to the room's members.
+    pub(super) fn join_now(&mut self, name: &str) -> Result<(), ClientError> {
         let room = self
             .shared
             .registry

@@ -10,6 +10,7 @@
 //! the outbox in batches. This file holds the task's loop and its clocks.
 
 mod access;
+mod attach;
 mod commands;
 mod reader;
 mod writer;
@@ -26,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 pub(crate) use self::access::{Access, Grant};
+use self::attach::Resumes;
 use self::reader::{Partial, Tail};
 use self::writer::{Flushed, Out};
 use crate::frame::{self, close_code, OpCode};
@@ -134,6 +136,8 @@ pub(crate) struct Session {
     /// What the session is in the middle of writing (a pong, frames taken, a batch), when
     /// anything.
     out: Option<Box<Out>>,
+    /// Resumes in progress (rare, and paid by every idle connection: boxed).
+    resumes: Option<Box<Resumes>>,
     phase: Phase,
     /// When the last complete frame arrived (a trickle of bytes is not a sign of life).
     last_heard: Instant,
@@ -206,6 +210,7 @@ impl Session {
             throttle: None,
             fanout: None,
             out: None,
+            resumes: None,
             phase: Phase::Open,
             last_heard: now,
             ping_sent: None,
@@ -268,6 +273,10 @@ impl Session {
             };
             if self.handle(wake)? == Flushed::Yield {
                 return self.yield_turn(cx);
+            }
+            if self.resumes.is_some() && self.outbox.pending().0 == 0 {
+                // The outbox has drained: the next chunk of a replay.
+                self.continue_resumes();
             }
             // The timer is armed lazily (it may fire early and re-arm), but never late: any
             // event may have brought the next deadline forward.

@@ -77,6 +77,13 @@ impl Node {
         (ws, selected)
     }
 
+    /// A client that asked for envelope mode and got it.
+    pub async fn envelope_client(&self) -> Ws {
+        let (ws, selected) = self.client_offering("roomcast.v2").await;
+        assert_eq!(selected.as_deref(), Some("roomcast.v2"));
+        ws
+    }
+
     /// Signals shutdown (as SIGTERM would); the node task then drains and returns.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
@@ -209,6 +216,12 @@ pub fn unsubscribe(room: &str) -> String {
 }
 pub fn send_message(room: &str, message: &str) -> String {
     format!(r#"{{"type":"sendMessage","roomId":"{room}","message":"{message}"}}"#)
+}
+
+/// The next frame as JSON.
+pub async fn recv_json(ws: &mut Ws) -> serde_json::Value {
+    let text = recv(ws).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// Makes sure every command `ws` sent before has been processed: a sendMessage to a private

@@ -1,0 +1,183 @@
+//! Joining a room with history: the join answered with where the room is, and a resume
+//! (`since`) replayed a chunk at a time, paced by the outbox, before the member goes live.
+//!
+//! The order a resuming member sees, and why it has no gap and no duplicate: every chunk but
+//! the last is queued while the member is not in the room, so nothing live can come between
+//! them; the last chunk, the `subscribed` answer and the join itself happen under the room's
+//! history log ([`History::attach`]), the same lock every publish to the room takes to get its
+//! offset and queue its fan-out. So each message is either in the replay or live, and the
+//! replay comes first. A chunk is only taken when the outbox is empty and holds at most half
+//! its bound, so a replay alone never makes a member a slow consumer.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::Session;
+use crate::frame;
+use crate::history::{Attach, Budget, History, Joining, Kept, Position, Stamp};
+use crate::protocol::{self, ClientError, Since};
+
+/// Most messages in one chunk of a replay.
+const CHUNK_FRAMES: usize = 64;
+
+/// A resume not finished: the room, and the last offset the member has.
+pub(super) struct Resume {
+    room: String,
+    from: Position,
+}
+
+impl Session {
+    /// Joins `room` (the caller checked the grant), through its history when the node keeps
+    /// one. With `since`, the member first gets what it missed (see the module doc).
+    pub(super) fn subscribe(
+        &mut self,
+        room: &str,
+        since: Option<Since<'_>>,
+    ) -> Result<(), ClientError> {
+        let history = self.shared.backplane.history().cloned();
+        if self.held(room).is_some() || self.resuming(room) {
+            // Joining twice is a no-op; a member already in the room has had everything since
+            // it joined, not necessarily since `since`.
+            let latest = history.map(|h| h.latest(room));
+            self.answer(|| {
+                protocol::room_reply("subscribed", room, latest.as_ref(), since.map(|_| false))
+            });
+            return Ok(());
+        }
+        self.check_join(room)?;
+        let Some(history) = history else {
+            self.join_now(room)?;
+            self.answer(|| protocol::room_reply("subscribed", room, None, since.map(|_| false)));
+            return Ok(());
+        };
+        let Some(since) = since else {
+            return match history.attach(room, None, self.replay_budget(), |joining| {
+                self.joined(room, &joining)
+            }) {
+                Attach::Joined(result) => result,
+                Attach::More(_) => Ok(()),
+            };
+        };
+        let resume = Resume {
+            room: room.to_owned(),
+            from: Position {
+                epoch: Arc::from(since.epoch),
+                offset: since.offset,
+            },
+        };
+        self.resumes
+            .get_or_insert_with(Box::default)
+            .push_back(resume);
+        self.continue_resumes();
+        Ok(())
+    }
+
+    /// Serves the resumes in progress, a chunk at a time while the outbox is empty: called
+    /// after a resume starts and whenever a flush has emptied the outbox.
+    pub(super) fn continue_resumes(&mut self) {
+        let Some(history) = self.shared.backplane.history().cloned() else {
+            return;
+        };
+        while self.outbox.pending().0 == 0 {
+            let Some(mut resume) = self.resumes.as_mut().and_then(|q| q.pop_front()) else {
+                break;
+            };
+            match self.resume_step(&history, &mut resume) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.resumes
+                        .get_or_insert_with(Box::default)
+                        .push_front(resume);
+                    // Come back when what was queued is written (a direct write leaves the
+                    // outbox empty, and the loop goes on at once).
+                    self.outbox.signal();
+                }
+                Err(e) => {
+                    self.outbox.push(&e.to_frame(), &self.shared.metrics);
+                }
+            }
+        }
+        if self.resumes.as_ref().is_some_and(|q| q.is_empty()) {
+            self.resumes = None;
+        }
+    }
+
+    /// Whether a resume of `room` is in progress.
+    pub(super) fn resuming(&self, room: &str) -> bool {
+        self.resumes
+            .as_ref()
+            .is_some_and(|q| q.iter().any(|r| r.room == room))
+    }
+
+    /// Drops a resume in progress (the client left the room before it finished).
+    pub(super) fn cancel_resume(&mut self, room: &str) {
+        if let Some(queue) = self.resumes.as_mut() {
+            queue.retain(|r| r.room != room);
+        }
+    }
+
+    /// One chunk of a resume; true once the member is in the room.
+    fn resume_step(&mut self, history: &History, resume: &mut Resume) -> Result<bool, ClientError> {
+        let step = history.attach(
+            &resume.room,
+            Some(&resume.from),
+            self.replay_budget(),
+            |joining| self.joined(&resume.room, &joining),
+        );
+        match step {
+            Attach::Joined(result) => result.map(|()| true),
+            Attach::More(chunk) => {
+                let epoch = Arc::clone(&resume.from.epoch);
+                self.replay(&resume.room, &chunk, &epoch);
+                if let Some(last) = chunk.last() {
+                    resume.from.offset = last.offset;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Under the room's log: joins, queues the rest of the replay and the answer.
+    fn joined(&mut self, room: &str, joining: &Joining) -> Result<(), ClientError> {
+        self.join_now(room)?;
+        self.replay(room, &joining.replay, &joining.latest.epoch);
+        if let Some(recovered) = joining.recovered {
+            self.shared.metrics.add_resume(recovered);
+        }
+        self.answer(|| {
+            protocol::room_reply("subscribed", room, Some(&joining.latest), joining.recovered)
+        });
+        Ok(())
+    }
+
+    /// Queues kept messages for this member, in its format.
+    fn replay(&self, room: &str, kept: &[Kept], epoch: &Arc<str>) {
+        let envelope = self.envelope();
+        for kept in kept {
+            let frame = if envelope {
+                let message = frame::text_payload(&kept.frame).unwrap_or_default();
+                let stamp = Stamp {
+                    offset: kept.offset,
+                    epoch: Arc::clone(epoch),
+                };
+                protocol::envelope(room, message, Some(&stamp))
+            } else {
+                kept.frame.clone()
+            };
+            self.outbox.push(&frame, &self.shared.metrics);
+        }
+    }
+
+    /// A chunk fills at most half the outbox bound, so with the outbox empty before it the
+    /// replay alone never trips the slow-consumer verdict.
+    fn replay_budget(&self) -> Budget {
+        let config = &self.shared.config;
+        Budget {
+            frames: CHUNK_FRAMES.min((config.outbox_frames / 2) as usize).max(1),
+            bytes: (config.outbox_bytes / 2) as usize,
+        }
+    }
+}
+
+/// The resumes a session has in progress, oldest first.
+pub(super) type Resumes = VecDeque<Resume>;
