@@ -157,12 +157,14 @@ impl Session {
         }
     }
 
-    /// After new grants: leaves every held room they no longer allow subscribing to.
+    /// After new grants: leaves every held room they no longer allow subscribing to, and
+    /// drops such rooms' resumes in progress.
     fn leave_ungranted(&mut self) {
         let Access::Granted(grant) = &self.access else {
             return;
         };
         let grants = Arc::clone(&grant.grants);
+        self.retain_resumes(|room| grants.allows(room, Op::Subscribe));
         let id = self.outbox.id();
         let registry = self.shared.registry.clone();
         self.rooms.retain(|room| {

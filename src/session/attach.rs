@@ -35,9 +35,13 @@ impl Session {
         since: Option<Since<'_>>,
     ) -> Result<(), ClientError> {
         let history = self.shared.backplane.history().cloned();
-        if self.held(room).is_some() || self.resuming(room) {
-            // Joining twice is a no-op; a member already in the room has had everything since
-            // it joined, not necessarily since `since`.
+        if self.resuming(room) {
+            // Joining twice is a no-op: the resume in progress answers when it is done.
+            return Ok(());
+        }
+        if self.held(room).is_some() {
+            // A member already in the room has had everything since it joined, not
+            // necessarily since `since`.
             let latest = history.map(|h| h.latest(room));
             self.answer(|| {
                 protocol::room_reply("subscribed", room, latest.as_ref(), since.map(|_| false))
@@ -111,8 +115,13 @@ impl Session {
 
     /// Drops a resume in progress (the client left the room before it finished).
     pub(super) fn cancel_resume(&mut self, room: &str) {
+        self.retain_resumes(|name| name != room);
+    }
+
+    /// Keeps only the resumes in progress whose room passes `keep`.
+    pub(super) fn retain_resumes(&mut self, keep: impl Fn(&str) -> bool) {
         if let Some(queue) = self.resumes.as_mut() {
-            queue.retain(|r| r.room != room);
+            queue.retain(|r| keep(&r.room));
         }
     }
 
