@@ -362,7 +362,10 @@ mod tests {
             c.history.size = 100;
             c.redis = Some("redis://127.0.0.1:6379".into());
         });
-        assert!(e.starts_with("--history-size needs the in-process bus"), "{e}");
+        assert!(
+            e.starts_with("--history-size needs the in-process bus"),
+            "{e}"
+        );
         let e = refused(|c| {
             c.history.size = 100;
             c.history.max_bytes = 1000;

@@ -8,10 +8,11 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use crate::client::{new_hist, ClientResult, Outcome, Role};
+use crate::envelope::OffsetCounts;
 use crate::report::{
-    per_delivery_us, ConfigEcho, ConnectReport, Counts, Curves, Lag, Latency, ReconnectReport,
-    Report, RolesReport, RssSample, RssTrend, ServerProc, ServerReport, StallReport, StepReport,
-    SUSTAINABLE_P99_US,
+    per_delivery_us, ConfigEcho, ConnectReport, Counts, Curves, EnvelopeReport, Lag, Latency,
+    ReconnectReport, Report, ResumeReport, RolesReport, RssSample, RssTrend, ServerProc,
+    ServerReport, StallReport, StepReport, SUSTAINABLE_P99_US,
 };
 use crate::{sys, Config};
 
@@ -86,8 +87,10 @@ pub struct Measurements {
     /// Sender slots in the schedule (rooms x senders per room, at most the clients).
     pub senders: usize,
     pub connect: ConnectPhase,
-    /// Per room: deliveries one message should cause at the checked clients.
+    /// Per room: deliveries one message should cause at the healthy clients.
     pub recipients: Vec<u32>,
+    /// Per room: and at the resuming clients (all 0 without --resume).
+    pub resume_recipients: Vec<u32>,
     pub results: Vec<ClientResult>,
     pub unstopped: u64,
     /// Per phase (0 is the warm-up): delivery latency and sender lag, in µs.
@@ -120,6 +123,42 @@ struct Tally {
     healthy: usize,
     stall: StallReport,
     recon: ReconnectReport,
+    /// With --resume: the resuming clients, all phases together.
+    resume: Option<ResumeTally>,
+    /// Everyone else's offsets.
+    offsets: OffsetCounts,
+}
+
+#[derive(Default)]
+struct ResumeTally {
+    clients: usize,
+    reconnects: u64,
+    /// `sent` stays 0: resuming clients never send.
+    counts: Counts,
+    offsets: OffsetCounts,
+}
+
+impl ResumeTally {
+    fn report(mut self) -> ResumeReport {
+        self.counts.finish();
+        let (c, o) = (&self.counts, &self.offsets);
+        ResumeReport {
+            clients: self.clients,
+            reconnects: self.reconnects,
+            expected: c.expected,
+            deliveries: c.received,
+            lost: c.lost,
+            loss_pct: c.loss_pct,
+            duplicates: c.duplicates,
+            reordered: c.order_violations,
+            misrouted: c.misrouted,
+            recovered: o.recovered,
+            recovered_false: o.recovered_false,
+            replayed: o.replayed,
+            offset_gaps: o.gaps,
+            offset_repeats: o.repeats,
+        }
+    }
 }
 
 impl Tally {
@@ -137,19 +176,39 @@ impl Tally {
                 every_s: cfg.reconnect_every.as_secs_f64(),
                 ..ReconnectReport::default()
             },
+            resume: cfg.resume.then(ResumeTally::default),
+            offsets: OffsetCounts::default(),
         }
     }
 
-    fn add(&mut self, r: &ClientResult, recipients: u64) {
+    /// Adds one client; a message it sent is owed to `recipients` healthy and `resuming`
+    /// resuming members of its room.
+    fn add(&mut self, r: &ClientResult, (recipients, resuming): (u64, u64)) {
         self.add_role(r);
+        let resumes = matches!(r.role, Role::Reconnecting { .. });
+        let resume = self.resume.as_mut().filter(|_| resumes);
+        let offsets = match resume {
+            Some(t) => {
+                t.clients += usize::from(r.connected);
+                t.reconnects += r.reconnects;
+                r.phases.iter().for_each(|pc| add_checks(&mut t.counts, pc));
+                &mut t.offsets
+            }
+            None => {
+                for (c, pc) in self.counts.iter_mut().zip(&r.phases) {
+                    add_checks(c, pc);
+                }
+                &mut self.offsets
+            }
+        };
+        offsets.add(&r.offsets);
         for (p, pc) in r.phases.iter().enumerate() {
             let c = &mut self.counts[p];
             c.sent += pc.sent;
             c.expected += pc.sent * recipients;
-            c.received += pc.received;
-            c.duplicates += pc.duplicates;
-            c.order_violations += pc.order_violations;
-            c.misrouted += pc.misrouted;
+            if let Some(t) = self.resume.as_mut() {
+                t.counts.expected += pc.sent * resuming;
+            }
             self.arrived[p] += pc.arrived;
         }
         self.errors += r.errors;
@@ -186,6 +245,14 @@ impl Tally {
             *self.recon.failures.entry(f.clone()).or_insert(0) += 1;
         }
     }
+}
+
+/// What a checked client saw of the messages of one phase.
+fn add_checks(c: &mut Counts, pc: &crate::client::PhaseCounters) {
+    c.received += pc.received;
+    c.duplicates += pc.duplicates;
+    c.order_violations += pc.order_violations;
+    c.misrouted += pc.misrouted;
 }
 
 /// One measured stretch (a step, or all steps together) before it becomes a StepReport.
@@ -242,7 +309,9 @@ impl Report {
         let rooms = cfg.rooms as u32;
         let mut t = Tally::new(m.latency.len(), cfg);
         for r in &m.results {
-            t.add(r, u64::from(m.recipients[(r.id % rooms) as usize]));
+            let room = (r.id % rooms) as usize;
+            let owed = |v: &[u32]| u64::from(v.get(room).copied().unwrap_or(0));
+            t.add(r, (owed(&m.recipients), owed(&m.resume_recipients)));
         }
         t.counts.iter_mut().for_each(Counts::finish);
         let active_senders = m
@@ -275,6 +344,11 @@ impl Report {
                 reconnecting: t.recon.clone(),
             });
         let server = server_report(cfg, &m, measured.deliveries_in_window);
+        let envelope = cfg.envelope.then_some(EnvelopeReport {
+            stamped_deliveries: t.offsets.stamped,
+            offset_gaps: t.offsets.gaps,
+            offset_repeats: t.offsets.repeats,
+        });
         Report {
             config: config_echo(cfg, m.threads, m.senders),
             connect: connect_report(&m.connect, cfg.clients),
@@ -291,6 +365,8 @@ impl Report {
             disconnects: t.disconnects,
             unstopped_clients: m.unstopped,
             roles,
+            envelope,
+            resume: t.resume.map(ResumeTally::report),
             loadgen_cpu_total_s: m.loadgen_cpu_total_s,
             drained: m.drained,
             hostile: None,
@@ -443,6 +519,8 @@ fn config_echo(cfg: &Config, threads: usize, senders: usize) -> ConfigEcho {
         senders_per_room: cfg.senders_per_room,
         senders,
         dialect: cfg.dialect.name().to_string(),
+        envelope: cfg.envelope,
+        resume: cfg.resume,
         rates: cfg.rates(),
         duration_s: cfg.duration.as_secs_f64(),
         warmup_s: cfg.warmup.as_secs_f64(),
@@ -479,6 +557,7 @@ mod tests {
             disconnect: None,
             role: Role::Healthy,
             side_received: 0,
+            offsets: OffsetCounts::default(),
             reconnects: 0,
             reconnect_failures: Vec::new(),
         }
@@ -523,6 +602,7 @@ mod tests {
             senders: 2,
             connect,
             recipients: vec![2, 2],
+            resume_recipients: vec![0, 0],
             results,
             unstopped: 0,
             latency: (0..n_phases).map(|_| hist(1_000..=2_000)).collect(),
@@ -666,6 +746,86 @@ mod tests {
         );
         assert_eq!(r.totals.lost, 0);
         assert!(!r.clean(), "a failed reconnect is a fault");
+    }
+
+    /// Clients 2 and 3 resume (one per room): every message of their room is owed to them
+    /// too, warm-up included, and what they miss or get twice spoils the verdict.
+    #[test]
+    fn resuming_clients_are_checked_apart() {
+        let cfg = Config {
+            reconnect_fraction: 1.0,
+            envelope: true,
+            resume: true,
+            ..config()
+        };
+        let sender = |id| {
+            let mut c = client(id, vec![counters(10, 10), counters(20, 20)]);
+            c.offsets.stamped = 30;
+            c
+        };
+        let resuming = |id, received: [u64; 2]| {
+            let mut c = client(id, vec![counters(0, received[0]), counters(0, received[1])]);
+            c.role = Role::Reconnecting { slot: id - 2 };
+            c.reconnects = 4;
+            c.offsets = OffsetCounts {
+                stamped: received[0] + received[1],
+                recovered: 4,
+                ..OffsetCounts::default()
+            };
+            c
+        };
+        let mut m = measurements(
+            &cfg,
+            vec![
+                sender(0),
+                sender(1),
+                resuming(2, [10, 20]),
+                resuming(3, [10, 20]),
+            ],
+            vec![cpu(0.0, &[]), cpu(0.1, &[])],
+        );
+        // Each room: its sender hears itself (healthy), the resuming member is owed it too.
+        m.recipients = vec![1, 1];
+        m.resume_recipients = vec![1, 1];
+        let clean = Report::assemble(&cfg, m);
+        let r = clean.resume.as_ref().expect("resume reported");
+        assert_eq!((r.clients, r.reconnects, r.recovered), (2, 8, 8));
+        assert_eq!((r.expected, r.deliveries, r.lost), (60, 60, 0));
+        // The healthy figures are the senders' alone.
+        assert_eq!((clean.totals.expected, clean.totals.received), (60, 60));
+        let e = clean.envelope.as_ref().expect("envelope reported");
+        assert_eq!((e.stamped_deliveries, e.offset_gaps), (60, 0));
+        assert!(clean.clean(), "{}", clean.to_text());
+        assert!(clean
+            .to_text()
+            .contains("they resume: checked apart, below"));
+
+        // One resuming client missed a warm-up message and got a measured one twice; one
+        // resume was not recovered.
+        let mut short = resuming(3, [9, 20]);
+        short.phases[1].duplicates = 1;
+        short.offsets.recovered_false = 1;
+        let mut m = measurements(
+            &cfg,
+            vec![sender(0), sender(1), resuming(2, [10, 20]), short],
+            vec![cpu(0.0, &[]), cpu(0.1, &[])],
+        );
+        m.recipients = vec![1, 1];
+        m.resume_recipients = vec![1, 1];
+        let faulty = Report::assemble(&cfg, m);
+        let r = faulty.resume.as_ref().unwrap();
+        assert_eq!((r.lost, r.duplicates, r.recovered_false), (1, 1, 1));
+        assert_eq!(
+            faulty.totals.faults(),
+            0,
+            "the healthy clients saw everything"
+        );
+        assert!(!faulty.clean(), "resume loss is a fault like healthy loss");
+        let v = serde_json::to_value(&faulty).unwrap();
+        assert_eq!(v["resume"]["lost"], 1);
+        assert_eq!(v["resume"]["recovered_false"], 1);
+        assert_eq!(v["envelope"]["offset_gaps"], 0);
+        assert_eq!(v["config"]["resume"], true);
     }
 
     #[test]

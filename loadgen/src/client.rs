@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
+use crate::envelope::{self, OffsetCounts, RoomPosition};
 use crate::ws::{self, HandshakeError, ProtocolError, Walk};
 use crate::Dialect;
 
@@ -100,8 +101,10 @@ pub struct Plan {
     pub prober: Vec<u32>,
     /// Per room: how many members must see a probe before the room counts as ready.
     pub required: Vec<u32>,
-    /// Per room: deliveries one message to that room should cause.
+    /// Per room: deliveries one message to that room should cause at the healthy members.
     pub recipients: Vec<u32>,
+    /// Per room: and at the resuming members (`--resume`), checked apart.
+    pub resume_recipients: Vec<u32>,
 }
 
 /// What the coordinator tells every client, through one watch channel.
@@ -120,8 +123,9 @@ pub enum Role {
     Healthy,
     /// Stops reading its socket after the readiness probe; nothing is expected of it.
     Stalled,
-    /// Closes cleanly and reconnects on a timer, staggered by `slot`; what it receives is only
-    /// counted.
+    /// Closes cleanly and reconnects on a timer, staggered by `slot`. What it receives is only
+    /// counted, unless it resumes (`--resume`): then it is checked for loss, duplicates,
+    /// order and routing across its connections, apart from the healthy clients.
     Reconnecting { slot: u32 },
 }
 
@@ -200,6 +204,10 @@ pub struct Shared {
     pub rooms: u32,
     pub senders_per_room: u32,
     pub dialect: Dialect,
+    /// `--envelope`: offer `roomcast.v2` and read deliveries as envelopes.
+    pub envelope: bool,
+    /// `--resume`: reconnecting clients resume from their last offset and are checked.
+    pub resume: bool,
     /// Room names are this plus the room's number.
     pub room_prefix: String,
     /// `--split-rooms`: latency of rooms `0..split_rooms` is also recorded apart.
@@ -267,9 +275,11 @@ pub struct ClientResult {
     /// how the server ended it (`None`: still open at the end).
     pub disconnect: Option<String>,
     pub role: Role,
-    /// Stalled and reconnecting clients: distinct deliveries of their room's messages, which
-    /// no loss or order figure includes.
+    /// Stalled and reconnecting clients (not resuming): distinct deliveries of their room's
+    /// messages, which no loss or order figure includes.
     pub side_received: u64,
+    /// `--envelope`: how the offsets of the client's room ran (and its resumes' answers).
+    pub offsets: OffsetCounts,
     /// Reconnecting clients: reconnects that succeeded, and why the others failed.
     pub reconnects: u64,
     pub reconnect_failures: Vec<String>,
@@ -363,6 +373,10 @@ pub enum Msg {
         sched: u64,
     },
 }
+
+/// The room a delivery counts as when its envelope named another room than the client's (no
+/// client is in it, so the delivery is misrouted whatever its message says).
+const MISLABELLED: u32 = u32::MAX;
 
 /// Parses `lg-<room>|<sender>|<seq>|<sched ns>|xxx...` or the probe `lg-<room>|P|<round>|`.
 pub fn parse_msg(b: &[u8]) -> Option<Msg> {
@@ -524,7 +538,17 @@ struct ClientState {
     schedule: Option<Arc<Schedule>>,
     unique_in_batch: u64,
     role: Role,
+    /// Deliveries are checked: a healthy client, or a resuming one.
+    checked: bool,
+    /// Reconnects resume from `position`.
+    resume: bool,
     side_received: u64,
+    /// `--envelope`: every text frame is an envelope.
+    envelope: bool,
+    /// Whether the offsets of the room must run on by one for this client: all but a sender
+    /// in the join dialect, which never hears its own messages.
+    track_offsets: bool,
+    position: RoomPosition,
 }
 
 enum Flow {
@@ -546,6 +570,7 @@ impl ClientState {
             disconnect,
             role: self.role,
             side_received: self.side_received,
+            offsets: self.position.counts,
             reconnects: 0,
             reconnect_failures: Vec::new(),
         }
@@ -610,13 +635,67 @@ impl ClientState {
         sh: &'a Shared,
         hists: &mut Option<MutexGuard<'a, Hists>>,
     ) {
-        if msg.first() == Some(&b'{') {
+        if self.envelope {
+            self.on_envelope(msg, now, sh, hists);
+        } else if msg.first() == Some(&b'{') {
             self.on_json(msg, sh);
-            return;
+        } else {
+            self.on_message(msg, true, now, sh, hists);
         }
+    }
+
+    /// One envelope-mode frame: a delivery is checked like a bare one, and its offset (in
+    /// our room) against the last; the join's answer says where the room is.
+    fn on_envelope<'a>(
+        &mut self,
+        msg: &[u8],
+        now: u64,
+        sh: &'a Shared,
+        hists: &mut Option<MutexGuard<'a, Hists>>,
+    ) {
+        let ours = |room: &str| envelope::room_number(room, &sh.room_prefix) == Some(self.room);
+        match envelope::parse(msg) {
+            envelope::Frame::Delivery {
+                room,
+                message,
+                stamp,
+            } => {
+                let ours = ours(&room);
+                if let (true, true, Some(s)) = (ours, self.track_offsets, &stamp) {
+                    self.position.delivery(s.offset, &s.epoch);
+                }
+                self.on_message(message.as_bytes(), ours, now, sh, hists);
+            }
+            envelope::Frame::Subscribed {
+                room,
+                stamp,
+                recovered,
+            } => {
+                if ours(&room) && self.track_offsets {
+                    let latest = stamp.as_ref().map(|s| (s.offset, &*s.epoch));
+                    self.position.subscribed(latest, recovered);
+                }
+            }
+            envelope::Frame::Reply => {}
+            envelope::Frame::Error(code) => self.count_error(code, sh),
+            envelope::Frame::Other => self.other_frames += 1,
+            envelope::Frame::Invalid => self.unparseable += 1,
+        }
+    }
+
+    /// A loadgen message (bare, or an envelope's); `labelled_ours`: the envelope named our
+    /// room (always true for a bare one), else the delivery counts as misrouted.
+    fn on_message<'a>(
+        &mut self,
+        msg: &[u8],
+        labelled_ours: bool,
+        now: u64,
+        sh: &'a Shared,
+        hists: &mut Option<MutexGuard<'a, Hists>>,
+    ) {
         match parse_msg(msg) {
             Some(Msg::Probe { room }) => {
-                if room == self.room && !self.ready {
+                if labelled_ours && room == self.room && !self.ready {
                     self.ready = true;
                     sh.room_ready[room as usize].fetch_add(1, Ordering::Relaxed);
                 }
@@ -626,7 +705,10 @@ impl ClientState {
                 sender,
                 seq,
                 sched,
-            }) => self.on_data(room, sender, seq, sched, now, sh, hists),
+            }) => {
+                let room = if labelled_ours { room } else { MISLABELLED };
+                self.on_data(room, sender, seq, sched, now, sh, hists);
+            }
             None => self.unparseable += 1,
         }
     }
@@ -653,9 +735,8 @@ impl ClientState {
         if let Some(arrival) = schedule.phase_of(now) {
             self.phases[arrival].arrived += 1;
         }
-        let healthy = self.role == Role::Healthy;
         if room != self.room {
-            if healthy {
+            if self.checked {
                 self.phases[p].misrouted += 1;
             }
             return;
@@ -666,9 +747,9 @@ impl ClientState {
             self.unparseable += 1;
             return;
         }
-        if !healthy {
-            // Only counted: a reconnecting client misses what is sent while it is away, and
-            // the healthy clients are the ones checked.
+        if !self.checked {
+            // Only counted: a reconnecting client that does not resume misses what is sent
+            // while it is away, and the healthy clients are the ones checked.
             if self.trackers[rank as usize].observe(seq) != Seen::Duplicate {
                 self.side_received += 1;
             }
@@ -687,8 +768,9 @@ impl ClientState {
                 }
                 self.phases[p].received += 1;
                 self.unique_in_batch += 1;
-                // Phase 0 is the warm-up, excluded from latency.
-                if p > 0 {
+                // Phase 0 is the warm-up, excluded from latency; so are resuming clients,
+                // whose replayed deliveries are late by design.
+                if p > 0 && self.role == Role::Healthy {
                     let us = (now.saturating_sub(sched) / 1000).max(1);
                     let h = hists.get_or_insert_with(|| sh.shard(self.id));
                     h.latency[p].saturating_record(us);
@@ -702,14 +784,16 @@ impl ClientState {
 
     fn on_json(&mut self, msg: &[u8], sh: &Shared) {
         match classify_json(msg) {
-            JsonFrame::Error(code) => {
-                self.errors += 1;
-                let mut codes = sh.error_codes.lock().unwrap_or_else(|e| e.into_inner());
-                *codes.entry(code).or_insert(0) += 1;
-            }
+            JsonFrame::Error(code) => self.count_error(code, sh),
             JsonFrame::Other => self.other_frames += 1,
             JsonFrame::Invalid => self.unparseable += 1,
         }
+    }
+
+    fn count_error(&mut self, code: String, sh: &Shared) {
+        self.errors += 1;
+        let mut codes = sh.error_codes.lock().unwrap_or_else(|e| e.into_inner());
+        *codes.entry(code).or_insert(0) += 1;
     }
 }
 
@@ -736,18 +820,31 @@ fn build_send(
     });
 }
 
-pub(crate) fn build_join(scratch: &mut Vec<u8>, dialect: Dialect, prefix: &str, room: u32) {
+/// The join in the chosen dialect; with `since` (offset, epoch), a resume from there.
+pub(crate) fn build_join(
+    scratch: &mut Vec<u8>,
+    (dialect, prefix): (Dialect, &str),
+    room: u32,
+    since: Option<(u64, &str)>,
+) {
     scratch.clear();
     let _ = match dialect {
         Dialect::Subscribe => write!(
             scratch,
-            "{{\"type\":\"SUBSCRIBE\",\"room\":\"{prefix}{room}\"}}"
+            "{{\"type\":\"SUBSCRIBE\",\"room\":\"{prefix}{room}\""
         ),
         Dialect::Join => write!(
             scratch,
-            "{{\"type\":\"join\",\"payload\":{{\"roomId\":\"{prefix}{room}\"}}}}"
+            "{{\"type\":\"join\",\"payload\":{{\"roomId\":\"{prefix}{room}\""
         ),
     };
+    if let Some(since) = since {
+        envelope::write_since(scratch, since);
+    }
+    scratch.extend_from_slice(match dialect {
+        Dialect::Subscribe => b"}",
+        Dialect::Join => b"}}",
+    });
 }
 
 pub struct ClientArgs {
@@ -761,8 +858,8 @@ pub struct ClientArgs {
     pub stop: watch::Receiver<bool>,
 }
 
-/// TCP connect, upgrade, join. Leaves any bytes read past the upgrade response at the start
-/// of `rbuf` and returns how many.
+/// TCP connect, upgrade, join (a resume from `since` when given). Leaves any bytes read past
+/// the upgrade response at the start of `rbuf` and returns how many.
 async fn connect(
     a: &ClientArgs,
     phase_deadline: Instant,
@@ -770,6 +867,7 @@ async fn connect(
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
     rng: &mut Rng,
+    since: Option<(u64, &str)>,
 ) -> Result<(TcpStream, usize, Duration), ConnectError> {
     let sh = &a.shared;
     let _permit = tokio::select! {
@@ -785,9 +883,15 @@ async fn connect(
         // Deliveries are small frames; Nagle would add latency loadgen would then report.
         let _ = s.set_nodelay(true);
         let token = sh.tokens.as_ref().map(|m| m.token(a.id));
-        s.write_all(&ws::upgrade_request(&a.url, rng.key(), token.as_deref()))
-            .await
-            .map_err(ConnectError::HandshakeWrite)?;
+        let protocol = sh.envelope.then_some(envelope::PROTOCOL);
+        s.write_all(&ws::upgrade_request(
+            &a.url,
+            rng.key(),
+            token.as_deref(),
+            protocol,
+        ))
+        .await
+        .map_err(ConnectError::HandshakeWrite)?;
         let mut filled = 0;
         let header_len = loop {
             if filled == rbuf.len() {
@@ -808,8 +912,13 @@ async fn connect(
                 break header_len;
             }
         };
+        if let Some(p) = protocol {
+            // Without it every delivery would be bare and nothing could be checked.
+            ws::check_protocol(&rbuf[..header_len], p)?;
+        }
         rbuf.copy_within(header_len..filled, 0);
-        build_join(scratch, sh.dialect, &sh.room_prefix, a.id % sh.rooms);
+        let wire = (sh.dialect, &*sh.room_prefix);
+        build_join(scratch, wire, a.id % sh.rooms, since);
         out.clear();
         ws::encode_frame(out, ws::OP_TEXT, scratch, rng.mask());
         s.write_all(out).await.map_err(ConnectError::JoinWrite)?;
@@ -905,7 +1014,9 @@ impl Conn {
         if let (Some(s), None) = (&c.schedule, &self.st.schedule) {
             self.st.schedule = Some(Arc::clone(s));
             if self.is_sender {
-                self.sender = Some(Sender::new(s, self.id, plan.recipients[room as usize]));
+                let r = room as usize;
+                let recipients = plan.recipients[r] + plan.resume_recipients[r];
+                self.sender = Some(Sender::new(s, self.id, recipients));
             }
         }
         let room_ready = self.sh.room_ready[room as usize].load(Ordering::Relaxed);
@@ -1183,9 +1294,12 @@ impl Conn {
         self.start = 0;
         self.end = 0;
         self.out.clear();
+        self.st.position.reconnected(self.st.resume);
+        let since = self.st.resume.then(|| self.st.position.since());
         let deadline = Instant::now() + self.sh.connect_timeout;
+        let (rbuf, scratch, out) = (&mut self.rbuf, &mut self.scratch, &mut self.out);
         let r = tokio::select! {
-            r = connect(a, deadline, &mut self.rbuf, &mut self.scratch, &mut self.out, &mut self.rng) => r,
+            r = connect(a, deadline, rbuf, scratch, out, &mut self.rng, since) => r,
             _ = self.stop.changed() => return Next::End(None),
         };
         match r {
@@ -1224,6 +1338,9 @@ impl Conn {
 
 impl ClientState {
     fn new(id: u32, sh: &Shared) -> ClientState {
+        let role = sh.role(id);
+        let resume = sh.resume && matches!(role, Role::Reconnecting { .. });
+        let is_sender = id / sh.rooms < sh.senders_per_room;
         ClientState {
             id,
             room: id % sh.rooms,
@@ -1239,8 +1356,13 @@ impl ClientState {
             frag: None,
             schedule: None,
             unique_in_batch: 0,
-            role: sh.role(id),
+            role,
+            checked: role == Role::Healthy || resume,
+            resume,
             side_received: 0,
+            envelope: sh.envelope,
+            track_offsets: !(sh.dialect == Dialect::Join && is_sender),
+            position: RoomPosition::default(),
         }
     }
 }
@@ -1270,6 +1392,7 @@ pub async fn client_task(a: ClientArgs) -> ClientResult {
         &mut b.scratch,
         &mut b.out,
         &mut b.rng,
+        None,
     )
     .await;
     let (stream, end) = match connected {
@@ -1443,10 +1566,20 @@ mod tests {
             b.extend_from_slice(b"m")
         });
         assert_eq!(b, br#"{"type":"chat","payload":{"message":"m"}}"#);
-        build_join(&mut b, Dialect::Join, "lg-", 7);
+        build_join(&mut b, (Dialect::Join, "lg-"), 7, None);
         assert_eq!(b, br#"{"type":"join","payload":{"roomId":"lg-7"}}"#);
-        build_join(&mut b, Dialect::Subscribe, "lg-", 7);
+        build_join(&mut b, (Dialect::Subscribe, "lg-"), 7, None);
         assert_eq!(b, br#"{"type":"SUBSCRIBE","room":"lg-7"}"#);
+        build_join(&mut b, (Dialect::Subscribe, "lg-"), 7, Some((12, "e\"")));
+        assert_eq!(
+            b,
+            br#"{"type":"SUBSCRIBE","room":"lg-7","since":{"offset":12,"epoch":"e\""}}"#
+        );
+        build_join(&mut b, (Dialect::Join, "lg-"), 7, Some((0, "")));
+        assert_eq!(
+            b,
+            br#"{"type":"join","payload":{"roomId":"lg-7","since":{"offset":0,"epoch":""}}}"#
+        );
         let Some(Msg::Data {
             room,
             sender,

@@ -84,6 +84,12 @@ pub struct Config {
     pub reconnect_fraction: f64,
     /// `--reconnect-every`.
     pub reconnect_every: Duration,
+    /// `--envelope`: offer the `roomcast.v2` subprotocol (and refuse a server that does not
+    /// select it), read every delivery as an envelope and check its room offsets.
+    pub envelope: bool,
+    /// `--resume` (needs `envelope`): the reconnecting clients rejoin from the last offset they
+    /// received and are checked like the healthy ones, across their connections.
+    pub resume: bool,
     /// `--token-secret`: for a server with `--auth required`, sign one HS256 token per client
     /// with this secret and send it as `Authorization: Bearer`.
     pub token_secret: Option<String>,
@@ -126,6 +132,8 @@ impl Default for Config {
             stall_fraction: 0.0,
             reconnect_fraction: 0.0,
             reconnect_every: Duration::from_secs(5),
+            envelope: false,
+            resume: false,
             token_secret: None,
             flooders: 0,
             pingers: 0,
@@ -140,6 +148,8 @@ impl Default for Config {
 pub enum ConfigError {
     #[error("at least one --url is needed")]
     NoUrl,
+    #[error("--resume needs --envelope (offsets come only in envelopes)")]
+    ResumeWithoutEnvelope,
     #[error("{flag} must be {range}")]
     OutOfRange {
         flag: &'static str,
@@ -169,6 +179,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.urls.is_empty() {
             return Err(ConfigError::NoUrl);
+        }
+        if self.resume && !self.envelope {
+            return Err(ConfigError::ResumeWithoutEnvelope);
         }
         // Client ids are u32 and sender ids are spread over rooms by arithmetic on them.
         let clients_ok = (1..=u32::MAX as usize / 2).contains(&self.clients);
@@ -266,6 +279,10 @@ mod tests {
             c.validate().unwrap_err().to_string()
         };
         assert_eq!(with(|c| c.urls.clear()), "at least one --url is needed");
+        assert_eq!(
+            with(|c| c.resume = true),
+            "--resume needs --envelope (offsets come only in envelopes)"
+        );
         assert_eq!(
             with(|c| c.clients = 0),
             "--clients must be between 1 and 2^31"

@@ -162,7 +162,7 @@ fn ping_batch() -> Vec<u8> {
 async fn connect(t: &Target, counters: &Counters) -> Option<TcpStream> {
     let mut s = TcpStream::connect(t.addr).await.ok()?;
     let _ = s.set_nodelay(true);
-    s.write_all(&ws::upgrade_request(&t.url, [7; 16], None))
+    s.write_all(&ws::upgrade_request(&t.url, [7; 16], None, None))
         .await
         .ok()?;
     let mut head = vec![0u8; ws::MAX_HANDSHAKE];
@@ -194,7 +194,7 @@ async fn flood(
 ) {
     let mut join = Vec::new();
     let mut scratch = Vec::new();
-    build_join(&mut scratch, dialect, &prefix, room);
+    build_join(&mut scratch, (dialect, prefix.as_str()), room, None);
     ws::encode_frame(&mut join, ws::OP_TEXT, &scratch, [1, 2, 3, 4]);
     while !*t.stop.borrow() {
         let Some(stream) = connect(&t, &c).await else {

@@ -7,13 +7,15 @@
 //!
 //! Where things are: `config` (what a run is asked to do; the command line is in main.rs),
 //! `run` (the run's phases, in the order [`run`] calls them), `client` (one simulated
-//! connection), `ws` (loadgen's own WebSocket codec, independent of the server's on purpose),
-//! `assemble` (measurements to [`Report`]), `report` (the report's data and text), `plot` (the
-//! SVG plots), `sys` (/proc readings and OS limits), `progress` (what the terminal shows).
+//! connection), `envelope` (`--envelope`: reading envelopes, room offsets and resumes), `ws`
+//! (loadgen's own WebSocket codec, independent of the server's on purpose), `assemble`
+//! (measurements to [`Report`]), `report` (the report's data and text), `plot` (the SVG
+//! plots), `sys` (/proc readings and OS limits), `progress` (what the terminal shows).
 
 pub mod assemble;
 pub mod client;
 pub mod config;
+pub mod envelope;
 pub mod hostile;
 pub mod plot;
 pub mod progress;
@@ -101,6 +103,7 @@ pub async fn run(cfg: Config) -> Result<Report> {
         senders: schedule.total_senders as usize,
         connect,
         recipients: plan.recipients.clone(),
+        resume_recipients: plan.resume_recipients.clone(),
         results: collected.results,
         unstopped: collected.unstopped,
         latency: collected.latency,

@@ -129,6 +129,18 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     reconnect_every: Duration,
 
+    /// Offer the roomcast.v2 subprotocol (a server that does not select it fails the
+    /// connect), read deliveries as envelopes and check that each room's offsets run on by
+    /// exactly one within a connection.
+    #[arg(long)]
+    envelope: bool,
+
+    /// The reconnecting clients rejoin from the last offset and epoch they received and are
+    /// checked like the healthy ones across their connections: every message exactly once,
+    /// in order (needs a server with --history-size).
+    #[arg(long, requires = "envelope")]
+    resume: bool,
+
     /// For a server with `--auth required`: sign one HS256 token per client with this secret
     /// (sub lg-N, subscribe and publish on lg-*) and send it as `Authorization: Bearer`.
     #[arg(long, env = "LOADGEN_TOKEN_SECRET", hide_env_values = true)]
@@ -194,6 +206,8 @@ impl From<Args> for Config {
             stall_fraction: a.stall_fraction,
             reconnect_fraction: a.reconnect_fraction,
             reconnect_every: a.reconnect_every,
+            envelope: a.envelope,
+            resume: a.resume,
             token_secret: a.token_secret,
             flooders: a.flooders,
             split_rooms: a.split_rooms.unwrap_or(a.flooders.min(a.rooms) as u32),
@@ -299,6 +313,8 @@ mod tests {
             "0.5",
             "--settle-ms",
             "100",
+            "--envelope",
+            "--resume",
         ]);
         assert_eq!(c.urls.len(), 2);
         assert_eq!(c.duration, Duration::from_secs(10));
@@ -309,8 +325,19 @@ mod tests {
         assert_eq!(c.dialect, Dialect::Join);
         assert_eq!(c.server_pids, [1, 2]);
         assert_eq!(c.ramp, [5.0, 10.0]);
-        assert!(c.quiet);
+        assert!(c.quiet && c.envelope && c.resume);
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    /// Offsets come only in envelopes, so --resume alone is refused by the parser itself.
+    #[test]
+    fn resume_needs_envelope() {
+        let err = Args::try_parse_from(["loadgen", "--resume"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(err.to_string().contains("--envelope"), "{err}");
+        let c = parse(&["--envelope"]);
+        assert!(c.envelope && !c.resume);
+        assert!(parse(&["--resume", "--envelope"]).resume);
     }
 
     #[test]

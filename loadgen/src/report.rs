@@ -37,6 +37,12 @@ pub struct Report {
     /// ones only) and what the others saw.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub roles: Option<RolesReport>,
+    /// With --envelope: how the room offsets ran at every client but the resuming ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<EnvelopeReport>,
+    /// With --resume: the reconnecting clients, checked across their connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<ResumeReport>,
     pub loadgen_cpu_total_s: f64,
     pub server: Option<ServerReport>,
     /// Whether every expected delivery arrived before the drain time ran out.
@@ -75,6 +81,8 @@ pub struct ConfigEcho {
     pub senders_per_room: usize,
     pub senders: usize,
     pub dialect: String,
+    pub envelope: bool,
+    pub resume: bool,
     pub rates: Vec<f64>,
     pub duration_s: f64,
     pub warmup_s: f64,
@@ -134,8 +142,57 @@ pub struct ReconnectReport {
     pub failed: u64,
     pub failures: BTreeMap<String, u64>,
     /// Distinct deliveries received while joined (not checked: they miss what is sent while
-    /// they are away).
+    /// they are away). 0 with --resume: they are checked then, see `Report::resume`.
     pub received: u64,
+}
+
+/// `--envelope`: within each connection, a room's offsets must run on by exactly one from one
+/// delivery to the next (from the join's answer on). Every client but the resuming ones (a
+/// sender in the join dialect, which never hears its own messages, is not checked).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EnvelopeReport {
+    /// Deliveries that carried an offset (0: the server keeps no history).
+    pub stamped_deliveries: u64,
+    pub offset_gaps: u64,
+    pub offset_repeats: u64,
+}
+
+/// `--resume`: the reconnecting clients rejoin from the last offset they received and are
+/// owed every message of the run (warm-up included) exactly once, in order per sender, over
+/// all their connections; their offsets must run on by one across a resume too.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResumeReport {
+    /// Connected (at first) resuming clients.
+    pub clients: usize,
+    pub reconnects: u64,
+    pub expected: u64,
+    /// Distinct deliveries.
+    pub deliveries: u64,
+    pub lost: u64,
+    pub loss_pct: f64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub misrouted: u64,
+    /// Resumes answered `recovered: true` and `recovered: false` (expected 0; always so from
+    /// a server without history).
+    pub recovered: u64,
+    pub recovered_false: u64,
+    /// Deliveries that came as a resume's replay (before its answer), counted in `deliveries`.
+    pub replayed: u64,
+    pub offset_gaps: u64,
+    pub offset_repeats: u64,
+}
+
+impl ResumeReport {
+    pub fn faults(&self) -> u64 {
+        self.lost
+            + self.duplicates
+            + self.reordered
+            + self.misrouted
+            + self.recovered_false
+            + self.offset_gaps
+            + self.offset_repeats
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -313,7 +370,51 @@ fn counts_lines(out: &mut String, c: &Counts, sent_note: &str) {
     let _ = writeln!(out, "  {:<20}{}", "misrouted", c.misrouted);
 }
 
-fn roles_lines(out: &mut String, r: &RolesReport, connected: usize) {
+fn envelope_lines(o: &mut String, e: &EnvelopeReport) {
+    if e.stamped_deliveries == 0 {
+        let _ = writeln!(
+            o,
+            "  {:<20}none in deliveries (a server without --history-size)",
+            "offsets"
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "  {:<20}{} gaps, {} repeats in {} deliveries (each connection, from its join's \
+             answer; resuming clients below)",
+            "offsets", e.offset_gaps, e.offset_repeats, e.stamped_deliveries
+        );
+    }
+}
+
+fn resume_lines(o: &mut String, r: &ResumeReport) {
+    let _ = writeln!(
+        o,
+        "resuming clients (--resume: every message, warm-up included, over all their connections)"
+    );
+    let _ = writeln!(
+        o,
+        "  {:<20}{}, {} reconnects: {} recovered, {} recovered:false",
+        "clients", r.clients, r.reconnects, r.recovered, r.recovered_false
+    );
+    let _ = writeln!(o, "  {:<20}{}", "deliveries expected", r.expected);
+    let _ = writeln!(
+        o,
+        "  {:<20}{} ({} of them replayed on resuming)",
+        "received", r.deliveries, r.replayed
+    );
+    let _ = writeln!(o, "  {:<20}{} ({:.3}%)", "lost", r.lost, r.loss_pct);
+    let _ = writeln!(o, "  {:<20}{}", "duplicates", r.duplicates);
+    let _ = writeln!(o, "  {:<20}{}", "order violations", r.reordered);
+    let _ = writeln!(o, "  {:<20}{}", "misrouted", r.misrouted);
+    let _ = writeln!(
+        o,
+        "  {:<20}{} gaps, {} repeats (across resumes too)",
+        "offsets", r.offset_gaps, r.offset_repeats
+    );
+}
+
+fn roles_lines(out: &mut String, r: &RolesReport, connected: usize, resume: bool) {
     let s = &r.stalled;
     let c = &r.reconnecting;
     let _ = writeln!(out, "clients");
@@ -344,17 +445,18 @@ fn roles_lines(out: &mut String, r: &RolesReport, connected: usize) {
         },
         s.still_open
     );
+    let checked = if resume {
+        "they resume: checked apart, below".to_string()
+    } else {
+        format!(
+            "{} deliveries received (not checked for loss or order)",
+            c.received
+        )
+    };
     let _ = writeln!(
         out,
-        "  {:<20}{} (--reconnect-fraction {}, every {} s): {} reconnects, {} failed; {} \
-         deliveries received (not checked for loss or order)",
-        "reconnecting",
-        c.clients,
-        r.reconnect_fraction,
-        c.every_s,
-        c.reconnects,
-        c.failed,
-        c.received
+        "  {:<20}{} (--reconnect-fraction {}, every {} s): {} reconnects, {} failed; {checked}",
+        "reconnecting", c.clients, r.reconnect_fraction, c.every_s, c.reconnects, c.failed,
     );
     if !c.failures.is_empty() {
         grouped(out, "reconnect failures", &c.failures);
@@ -362,7 +464,9 @@ fn roles_lines(out: &mut String, r: &RolesReport, connected: usize) {
 }
 
 impl Report {
-    /// True when nothing was lost, duplicated, reordered or misrouted and no errors came back.
+    /// True when nothing was lost, duplicated, reordered or misrouted (at the healthy clients
+    /// and the resuming ones), no offset skipped or repeated, every resume was recovered and
+    /// no errors came back.
     pub fn clean(&self) -> bool {
         self.totals.faults() == 0
             && self.server_errors == 0
@@ -374,6 +478,11 @@ impl Report {
                 .roles
                 .as_ref()
                 .is_none_or(|r| r.reconnecting.failed == 0)
+            && self
+                .envelope
+                .as_ref()
+                .is_none_or(|e| e.offset_gaps + e.offset_repeats == 0)
+            && self.resume.as_ref().is_none_or(|r| r.faults() == 0)
     }
 
     pub fn to_text(&self) -> String {
@@ -410,7 +519,7 @@ impl Report {
             o,
             "verdict: {}",
             if self.clean() {
-                "clean (no loss, duplicates, reordering, misrouting or errors)"
+                "clean (no loss, duplicates, reordering, misrouting, offset faults or errors)"
             } else {
                 "FAULTS (see above)"
             }
@@ -421,9 +530,14 @@ impl Report {
     fn setup_lines(&self, o: &mut String) {
         let c = &self.config;
         let _ = writeln!(o, "loadgen report");
+        let mode = match (c.envelope, c.resume) {
+            (false, _) => "",
+            (true, false) => ", envelopes",
+            (true, true) => ", envelopes, resume",
+        };
         let _ = writeln!(
             o,
-            "  {:<20}{} (dialect {})",
+            "  {:<20}{} (dialect {}{mode})",
             "target",
             c.urls.join(", "),
             c.dialect
@@ -471,7 +585,7 @@ impl Report {
 
     fn correctness_lines(&self, o: &mut String) {
         if let Some(r) = &self.roles {
-            roles_lines(o, r, self.connect.connected);
+            roles_lines(o, r, self.connect.connected, self.resume.is_some());
             let _ = writeln!(
                 o,
                 "correctness (every message, warm-up included; the {} healthy clients only)",
@@ -481,6 +595,9 @@ impl Report {
             let _ = writeln!(o, "correctness (every message, warm-up included)");
         }
         counts_lines(o, &self.totals, &format!(" (warm-up {})", self.warmup.sent));
+        if let Some(e) = &self.envelope {
+            envelope_lines(o, e);
+        }
         let _ = writeln!(o, "  {:<20}{}", "server errors", self.server_errors);
         for (code, n) in &self.server_error_codes {
             let _ = writeln!(o, "    {n:>8}  {code}");
@@ -506,6 +623,9 @@ impl Report {
             "no (drain time ran out)"
         };
         let _ = writeln!(o, "  {:<20}{drained}", "drained");
+        if let Some(r) = &self.resume {
+            resume_lines(o, r);
+        }
     }
 
     fn measured_lines(&self, o: &mut String) {

@@ -108,6 +108,8 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         rooms,
         senders_per_room: cfg.senders_per_room as u32,
         dialect: cfg.dialect,
+        envelope: cfg.envelope,
+        resume: cfg.resume,
         room_prefix: cfg.room_prefix.clone(),
         split_rooms: cfg.split_rooms,
         payload: cfg.payload,
@@ -400,18 +402,23 @@ impl Clients {
 }
 
 /// Per room: who probes, how many members must confirm, and how many deliveries a message
-/// causes at the checked (healthy) members.
+/// causes at the checked members (healthy, and resuming apart).
 fn plan_for(dialect: Dialect, shared: &Shared, connected_ids: &[u32]) -> Plan {
     let rooms = shared.rooms;
     let mut members = vec![0u32; rooms as usize];
     // Members whose deliveries are checked: not stalled, not reconnecting.
     let mut healthy = vec![0u32; rooms as usize];
+    // Reconnecting members that resume: nothing sent while they are away may be missed, so
+    // from their first join on they are owed every message, like the healthy ones.
+    let mut resuming = vec![0u32; rooms as usize];
     let mut prober = vec![u32::MAX; rooms as usize];
     for &id in connected_ids {
         let r = (id % rooms) as usize;
         members[r] += 1;
-        if shared.role(id) == Role::Healthy {
-            healthy[r] += 1;
+        match shared.role(id) {
+            Role::Healthy => healthy[r] += 1,
+            Role::Reconnecting { .. } if shared.resume => resuming[r] += 1,
+            _ => {}
         }
         prober[r] = prober[r].min(id);
     }
@@ -426,6 +433,8 @@ fn plan_for(dialect: Dialect, shared: &Shared, connected_ids: &[u32]) -> Plan {
         required: members.iter().map(|&m| others(m)).collect(),
         // Senders are always healthy, so the join dialect's "not the sender" applies as is.
         recipients: healthy.iter().map(|&m| others(m)).collect(),
+        // And never reconnect, so every resuming member hears every message.
+        resume_recipients: resuming,
     }
 }
 

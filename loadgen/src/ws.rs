@@ -68,6 +68,13 @@ pub enum HandshakeError {
     /// The server answered with something other than 101; carries its status line.
     #[error("handshake: {0}")]
     Refused(String),
+    /// `--envelope`: the server upgraded without selecting the subprotocol loadgen offered
+    /// (a server without envelope mode); carries what it selected, if anything.
+    #[error("handshake: server did not select subprotocol {wanted} (selected: {selected})")]
+    ProtocolNotSelected {
+        wanted: &'static str,
+        selected: String,
+    },
 }
 
 /// A parsed `ws://` URL.
@@ -134,10 +141,16 @@ impl WsUrl {
     }
 }
 
-/// The HTTP/1.1 upgrade request. The key only has to look random to the server; loadgen does
-/// not verify `Sec-WebSocket-Accept` (that would need SHA-1 just to catch a server that answers
-/// 101 to the wrong request, which the first delivery would expose anyway).
-pub fn upgrade_request(url: &WsUrl, key_bytes: [u8; 16], token: Option<&str>) -> Vec<u8> {
+/// The HTTP/1.1 upgrade request, offering `protocol` as `Sec-WebSocket-Protocol` when given.
+/// The key only has to look random to the server; loadgen does not verify
+/// `Sec-WebSocket-Accept` (that would need SHA-1 just to catch a server that answers 101 to the
+/// wrong request, which the first delivery would expose anyway).
+pub fn upgrade_request(
+    url: &WsUrl,
+    key_bytes: [u8; 16],
+    token: Option<&str>,
+    protocol: Option<&str>,
+) -> Vec<u8> {
     let mut s = String::with_capacity(512);
     let _ = write!(
         s,
@@ -149,6 +162,9 @@ pub fn upgrade_request(url: &WsUrl, key_bytes: [u8; 16], token: Option<&str>) ->
     );
     if let Some(token) = token {
         let _ = write!(s, "Authorization: Bearer {token}\r\n");
+    }
+    if let Some(protocol) = protocol {
+        let _ = write!(s, "Sec-WebSocket-Protocol: {protocol}\r\n");
     }
     s.push_str("\r\n");
     s.into_bytes()
@@ -204,6 +220,32 @@ pub fn check_handshake(buf: &[u8]) -> Result<Handshake, HandshakeError> {
             header_len: pos + 4,
         }),
         _ => Err(HandshakeError::Refused(status_line.trim().to_string())),
+    }
+}
+
+/// The value of header `name` (matched without regard to case, as HTTP asks) in the response
+/// head `head` (status line and headers), trimmed; the first one when it repeats.
+pub fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (key, value) = (&line[..colon], &line[colon + 1..]);
+        key.trim_ascii()
+            .eq_ignore_ascii_case(name.as_bytes())
+            .then(|| value.trim_ascii())
+    })
+}
+
+/// Checks that the upgrade response head selected `wanted` as its subprotocol.
+pub fn check_protocol(head: &[u8], wanted: &'static str) -> Result<(), HandshakeError> {
+    match header(head, "sec-websocket-protocol") {
+        Some(p) if p == wanted.as_bytes() => Ok(()),
+        other => Err(HandshakeError::ProtocolNotSelected {
+            wanted,
+            selected: other.map_or_else(
+                || "none".to_string(),
+                |p| String::from_utf8_lossy(p).into_owned(),
+            ),
+        }),
     }
 }
 
@@ -438,6 +480,31 @@ mod tests {
         assert_eq!(
             err.as_deref(),
             Some("handshake: HTTP/1.1 503 Service Unavailable")
+        );
+    }
+
+    #[test]
+    fn subprotocol_is_offered_and_checked() {
+        let url = WsUrl::parse("ws://h:1/").unwrap();
+        let req = upgrade_request(&url, [0; 16], None, Some("roomcast.v2"));
+        let req = String::from_utf8(req).unwrap();
+        assert!(req.contains("\r\nSec-WebSocket-Protocol: roomcast.v2\r\n"));
+        assert!(req.ends_with("\r\n\r\n"));
+        let plain = upgrade_request(&url, [0; 16], None, None);
+        assert!(!String::from_utf8(plain).unwrap().contains("Protocol"));
+
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                     sec-websocket-protocol:  roomcast.v2 \r\n\r\n";
+        assert_eq!(check_protocol(head, "roomcast.v2"), Ok(()));
+        assert_eq!(header(head, "Upgrade"), Some(&b"websocket"[..]));
+        let err = |head: &[u8]| check_protocol(head, "roomcast.v2").unwrap_err().to_string();
+        assert_eq!(
+            err(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"),
+            "handshake: server did not select subprotocol roomcast.v2 (selected: none)"
+        );
+        assert!(
+            err(b"HTTP/1.1 101 OK\r\nSec-WebSocket-Protocol: chat\r\n\r\n")
+                .ends_with("(selected: chat)")
         );
     }
 

@@ -281,3 +281,23 @@ async fn reports_connect_failures() {
         .to_string();
     assert!(err.contains("20 x connect:"), "{err}");
 }
+
+#[tokio::test]
+async fn envelope_needs_a_server_that_selects_the_subprotocol() {
+    // The test server speaks version 1 only: it upgrades without selecting roomcast.v2.
+    let url = start_server(Fault::None).await;
+    let cfg = Config {
+        envelope: true,
+        ..config(&url)
+    };
+    let err = loadgen::run(cfg)
+        .await
+        .expect_err("no client may pass the handshake")
+        .to_string();
+    assert!(
+        err.contains(
+            "20 x handshake: server did not select subprotocol roomcast.v2 (selected: none)"
+        ),
+        "{err}"
+    );
+}
