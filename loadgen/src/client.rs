@@ -229,6 +229,8 @@ pub struct Shared {
     /// Number of reconnecting clients (their slots stagger the reconnects).
     pub reconnect_slots: u32,
     pub reconnect_every: Duration,
+    /// Time away between a reconnecting client's close and its next connect.
+    pub reconnect_away: Duration,
     /// Signs each client's token when the server requires one.
     pub tokens: Option<crate::token::Minter>,
 }
@@ -1289,6 +1291,12 @@ impl Conn {
             self.closing = false;
             let _ = self.wr.shutdown().await;
             self.down = true;
+            if !self.sh.reconnect_away.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(self.sh.reconnect_away) => {}
+                    _ = self.stop.changed() => return Next::End(None),
+                }
+            }
         }
         self.st.frag = None;
         self.start = 0;

@@ -84,6 +84,9 @@ pub struct Config {
     pub reconnect_fraction: f64,
     /// `--reconnect-every`.
     pub reconnect_every: Duration,
+    /// `--reconnect-away`: how long a reconnecting client stays away between its close and
+    /// its next connect (a phone changing networks), so a resume has something to replay.
+    pub reconnect_away: Duration,
     /// `--envelope`: offer the `roomcast.v2` subprotocol (and refuse a server that does not
     /// select it), read every delivery as an envelope and check its room offsets.
     pub envelope: bool,
@@ -132,6 +135,7 @@ impl Default for Config {
             stall_fraction: 0.0,
             reconnect_fraction: 0.0,
             reconnect_every: Duration::from_secs(5),
+            reconnect_away: Duration::ZERO,
             envelope: false,
             resume: false,
             token_secret: None,
@@ -205,6 +209,11 @@ impl Config {
             !self.reconnect_every.is_zero(),
             "--reconnect-every",
             "positive",
+        )?;
+        check(
+            self.reconnect_away < self.reconnect_every,
+            "--reconnect-away",
+            "shorter than --reconnect-every",
         )?;
         check(!self.rss_every.is_zero(), "--rss-every", "positive")?;
         check(

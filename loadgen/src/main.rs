@@ -129,6 +129,11 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     reconnect_every: Duration,
 
+    /// How long a reconnecting client stays away between its close and its next connect (a
+    /// phone changing networks); with --resume, what was sent meanwhile is replayed.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    reconnect_away: Duration,
+
     /// Offer the roomcast.v2 subprotocol (a server that does not select it fails the
     /// connect), read deliveries as envelopes and check that each room's offsets run on by
     /// exactly one within a connection.
@@ -206,6 +211,7 @@ impl From<Args> for Config {
             stall_fraction: a.stall_fraction,
             reconnect_fraction: a.reconnect_fraction,
             reconnect_every: a.reconnect_every,
+            reconnect_away: a.reconnect_away,
             envelope: a.envelope,
             resume: a.resume,
             token_secret: a.token_secret,

@@ -128,6 +128,7 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         roles,
         reconnect_slots,
         reconnect_every: cfg.reconnect_every,
+        reconnect_away: cfg.reconnect_away,
         // A day: tokens must outlive any run, and the server closes a connection at `exp`.
         tokens: cfg
             .token_secret
