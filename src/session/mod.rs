@@ -590,6 +590,15 @@ mod tests {
     use super::*;
     use crate::outbox::ConnId;
 
+    /// A server-side socket, the client end that keeps it open, and the client's address.
+    async fn accepted() -> (TcpStream, TcpStream, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        (stream, client, addr)
+    }
+
     fn admitted(shared: &Shared, addr: std::net::SocketAddr) -> Admitted {
         let slots = Slots::new(
             shared.metrics.try_connection_slot(10).expect("a free slot"),
@@ -610,10 +619,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_session_still_leaves_its_rooms_and_gives_its_slot_back() {
         let shared = Shared::new(Config::default()).expect("shared state");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (stream, _) = listener.accept().await.expect("accept");
+        let (stream, _client, addr) = accepted().await;
         let admitted = admitted(&shared, addr);
         let mut session = Session::new(stream, shared.clone(), admitted, Mode::Rooms);
         session.join("a").expect("join a");
@@ -637,10 +643,7 @@ mod tests {
     async fn an_idle_sessions_task_stays_within_its_budget() {
         const BUDGET: usize = 416;
         let shared = Shared::new(Config::default()).expect("shared state");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (stream, _) = listener.accept().await.expect("accept");
+        let (stream, _client, addr) = accepted().await;
         let admitted = admitted(&shared, addr);
         let task = Session::run(stream, Bytes::new(), shared, admitted, Mode::Rooms);
         let size = std::mem::size_of_val(&task);
