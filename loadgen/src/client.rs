@@ -223,6 +223,10 @@ pub struct Shared {
     pub sent: AtomicU64,
     pub expected: AtomicU64,
     pub received: AtomicU64,
+    /// Deliveries of messages being written right now, not yet in `expected`: the drain must
+    /// not end while this is above zero, or deliveries of a message still in a sender's
+    /// write would be counted as lost.
+    pub in_flight: AtomicU64,
     pub error_codes: Mutex<std::collections::BTreeMap<String, u64>>,
     /// By client id; empty when every client is healthy.
     pub roles: Vec<Role>,
@@ -1042,13 +1046,18 @@ impl Conn {
     /// up at once instead of shifting its schedule).
     async fn on_send_due(&mut self) -> Next {
         let (n, recipients) = self.queue_due();
+        // Announced before the write: its deliveries may arrive before the write returns.
+        self.sh
+            .in_flight
+            .fetch_add(n * recipients, Ordering::AcqRel);
         let next = self.flush().await;
         if let Next::Continue = next {
             self.sh.sent.fetch_add(n, Ordering::Relaxed);
-            self.sh
-                .expected
-                .fetch_add(n * recipients, Ordering::Relaxed);
+            self.sh.expected.fetch_add(n * recipients, Ordering::AcqRel);
         }
+        self.sh
+            .in_flight
+            .fetch_sub(n * recipients, Ordering::AcqRel);
         next
     }
 

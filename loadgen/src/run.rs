@@ -123,6 +123,7 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
             .collect(),
         sent: AtomicU64::new(0),
         expected: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
         received: AtomicU64::new(0),
         error_codes: Mutex::new(BTreeMap::new()),
         roles,
@@ -349,9 +350,12 @@ impl Clients {
         self.progress
             .stage("drain", cfg.drain.as_millis() as u64, "ms");
         loop {
+            // `in_flight` first: a write that ends between the two loads has added to
+            // `expected` before it leaves `in_flight`.
+            let writing = self.shared.in_flight.load(Ordering::Acquire);
+            let exp = self.shared.expected.load(Ordering::Acquire);
             let got = self.shared.received.load(Ordering::Relaxed);
-            let exp = self.shared.expected.load(Ordering::Relaxed);
-            if got >= exp {
+            if got >= exp && writing == 0 {
                 return true;
             }
             if Instant::now() >= deadline {
