@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::frame;
-use crate::history::{History, Stamp};
+use crate::history::{History, Offsets, Stamp};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::room::{Bounds, Fanout, Registry, Room, RoomWatcher};
@@ -87,7 +87,7 @@ impl Backplane {
     ) -> Result<(Registry, Self), RedisError> {
         let Some(url) = &config.redis else {
             let registry = Registry::bounded(None, bounds(config));
-            let history = History::new(config.history).map(Arc::new);
+            let history = History::new(config.history, Offsets::Local).map(Arc::new);
             if let Some(history) = &history {
                 tokio::spawn(expire_every_second(Arc::downgrade(history)));
             }
@@ -100,12 +100,18 @@ impl Backplane {
             };
             return Ok((registry, bus));
         };
+        // Across nodes, offsets are decided in Redis; this node keeps what arrives.
+        let history = History::new(config.history, Offsets::Decided).map(Arc::new);
+        if let Some(history) = &history {
+            tokio::spawn(expire_every_second(Arc::downgrade(history)));
+        }
         let (bus, watcher, worker) = redis::Bus::new(
             url,
             &config.redis_prefix,
             &config.redis_limits,
             Arc::clone(&metrics),
             Arc::clone(&users),
+            history.as_ref().map(|h| (config.history, Arc::clone(h))),
         )?;
         let watcher = Arc::new(watcher) as Arc<dyn RoomWatcher>;
         let registry = Registry::bounded(Some(watcher), bounds(config));
@@ -117,7 +123,7 @@ impl Backplane {
                 metrics,
                 users,
                 redis: Some(bus),
-                history: None,
+                history,
             },
         ))
     }

@@ -191,10 +191,6 @@ pub enum ConfigError {
     /// Tokens are required or optional, but no key was given to check them with.
     #[error("--auth {0} needs --auth-secret or --auth-public-key")]
     AuthWithoutKeys(&'static str),
-    /// History is kept by one node's memory; across nodes it needs offsets decided in Redis,
-    /// which this version does not have yet.
-    #[error("--history-size needs the in-process bus: it cannot be combined with --redis yet")]
-    HistoryWithRedis,
     /// A largest frame could never be paid for, so its sender would wait forever.
     #[error(
         "--inbound-bytes-burst ({burst}) is below one largest client frame \
@@ -285,9 +281,6 @@ impl Config {
         }
         in_range("history-size", history.size, 0..=1_000_000)?;
         in_range("history-max-bytes", history.max_bytes, 1 << 20..=1 << 36)?;
-        if self.redis.is_some() {
-            return Err(ConfigError::HistoryWithRedis);
-        }
         Ok(())
     }
 
@@ -358,14 +351,6 @@ mod tests {
         assert!(e.starts_with("--inbound-bytes-burst (65536)"), "{e}");
         let e = refused(|c| c.inbound.frames_burst = 0);
         assert!(e.starts_with("--inbound-frames-burst is 0"), "{e}");
-        let e = refused(|c| {
-            c.history.size = 100;
-            c.redis = Some("redis://127.0.0.1:6379".into());
-        });
-        assert!(
-            e.starts_with("--history-size needs the in-process bus"),
-            "{e}"
-        );
         let e = refused(|c| {
             c.history.size = 100;
             c.history.max_bytes = 1000;

@@ -36,6 +36,32 @@ const LOG_COST: u64 = 256;
 /// appends, not on every one once the bound is reached.
 const EVICT_TO_PERCENT: u64 = 90;
 
+/// Who numbers a room's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offsets {
+    /// This node, under the room's log ([`History::publish`]): the in-process bus.
+    Local,
+    /// Redis, in the step that publishes (the cluster's bus): the node keeps what arrives,
+    /// in the order and with the offsets Redis gave ([`History::append`]), and learns a room's
+    /// epoch from its first message.
+    Decided,
+}
+
+/// How a message from Redis follows the room's last one on this node ([`History::append`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuity {
+    /// The offset after the last one.
+    Next,
+    /// The first this node has seen of the room (or of its history after a restart of it):
+    /// nothing before it is kept here.
+    First,
+    /// Offsets were skipped (messages dropped on the way), or the epoch changed (Redis lost
+    /// the room's history): what is kept here no longer joins up, and is dropped.
+    Gap,
+    /// At or before the last offset: already delivered; not kept or delivered again.
+    Stale,
+}
+
 /// How much history a node keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryConfig {
@@ -94,8 +120,9 @@ pub enum Attach<R> {
 pub struct Joining {
     /// The last messages the member missed (none when it had them all, or gave no position).
     pub replay: Vec<Kept>,
-    /// The room's latest offset (0 before its first message) and its epoch.
-    pub latest: Stamp,
+    /// The room's latest offset (0 before its first message) and its epoch; `None` while the
+    /// node has not yet seen a message of the room from Redis (it does not know the epoch).
+    pub latest: Option<Stamp>,
     /// For a member that gave a position: whether it gets everything after it (false when the
     /// history no longer reaches back, or is another epoch: nothing is replayed then).
     pub recovered: Option<bool>,
@@ -123,6 +150,7 @@ pub struct Position {
 /// The node's history, by room name.
 pub struct History {
     config: HistoryConfig,
+    offsets: Offsets,
     shards: Vec<Mutex<HashMap<RoomId, Arc<Log>>>>,
     hasher: RandomState,
     /// Logs started so far: makes two epochs started in the same nanosecond differ.
@@ -130,15 +158,17 @@ pub struct History {
     bytes: AtomicU64,
     rooms: AtomicU64,
     evicted: AtomicU64,
+    gaps: AtomicU64,
 }
 
 /// One room's history, and the lock that orders its publishes.
 struct Log {
-    epoch: Arc<str>,
     state: Mutex<State>,
 }
 
 struct State {
+    /// The history's epoch; `None` under [`Offsets::Decided`] until the first message.
+    epoch: Option<Arc<str>>,
     /// The offset the next message gets.
     next: u64,
     kept: VecDeque<Kept>,
@@ -159,19 +189,24 @@ pub struct HistoryStats {
     pub rooms: u64,
     /// Rooms whose history was evicted to stay under `max_bytes`.
     pub evicted: u64,
+    /// Messages from Redis that did not follow their room's last one here (see
+    /// [`Continuity::Gap`]).
+    pub gaps: u64,
 }
 
 impl History {
     /// The node's history store; `None` when `config.size` is 0 (history off).
-    pub fn new(config: HistoryConfig) -> Option<Self> {
+    pub fn new(config: HistoryConfig, offsets: Offsets) -> Option<Self> {
         (config.size > 0).then(|| Self {
             config,
+            offsets,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             started: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             rooms: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
         })
     }
 
@@ -187,29 +222,78 @@ impl History {
         let log = self.log(room);
         let now = Instant::now();
         let mut state = lock(&log.state);
+        let epoch = state
+            .epoch
+            .get_or_insert_with(|| new_epoch(&self.hasher, self.started.fetch_add(1, Relaxed)));
+        let epoch = Arc::clone(epoch);
         let stamp = Stamp {
             offset: state.next,
-            epoch: Arc::clone(&log.epoch),
+            epoch,
         };
-        state.next += 1;
-        state.last = now;
-        if !state.detached {
-            let cost = frame.len() as u64 + ENTRY_COST;
-            state.kept.push_back(Kept {
-                offset: stamp.offset,
-                frame: frame.clone(),
-                at: now,
-            });
-            state.bytes += cost;
-            self.bytes.fetch_add(cost, Relaxed);
-            self.trim(&mut state, now);
-        }
+        self.keep(&mut state, stamp.offset, frame, now);
         let delivered = deliver(&stamp);
         drop(state);
         if self.bytes.load(Relaxed) > self.config.max_bytes {
             self.evict();
         }
         (stamp, delivered)
+    }
+
+    /// Keeps `frame`, a message from Redis with the offset and epoch Redis gave it, as
+    /// `room`'s next message, and runs `deliver` with how it follows the last one while the
+    /// room's log is held (see [`Continuity`]; a `Stale` message is neither kept nor meant to
+    /// be delivered).
+    pub fn append<R>(
+        &self,
+        room: &str,
+        frame: &Bytes,
+        stamp: &Stamp,
+        deliver: impl FnOnce(Continuity) -> R,
+    ) -> R {
+        let log = self.log(room);
+        let now = Instant::now();
+        let mut state = lock(&log.state);
+        let continuity = match &state.epoch {
+            None => Continuity::First,
+            Some(epoch) if **epoch != *stamp.epoch => Continuity::Gap,
+            Some(_) if stamp.offset < state.next => Continuity::Stale,
+            Some(_) if stamp.offset > state.next => Continuity::Gap,
+            Some(_) => Continuity::Next,
+        };
+        match continuity {
+            Continuity::Stale => return deliver(continuity),
+            Continuity::First | Continuity::Gap => {
+                if continuity == Continuity::Gap {
+                    self.gaps.fetch_add(1, Relaxed);
+                }
+                // What is kept must run on by one: start again from this message.
+                self.bytes.fetch_sub(state.bytes, Relaxed);
+                state.kept.clear();
+                state.bytes = 0;
+                state.epoch = Some(Arc::clone(&stamp.epoch));
+            }
+            Continuity::Next => {}
+        }
+        self.keep(&mut state, stamp.offset, frame, now);
+        deliver(continuity)
+    }
+
+    /// Keeps `frame` at `offset` (the next one) and trims.
+    fn keep(&self, state: &mut State, offset: u64, frame: &Bytes, now: Instant) {
+        state.next = offset + 1;
+        state.last = now;
+        if state.detached {
+            return;
+        }
+        let cost = frame.len() as u64 + ENTRY_COST;
+        state.kept.push_back(Kept {
+            offset,
+            frame: frame.clone(),
+            at: now,
+        });
+        state.bytes += cost;
+        self.bytes.fetch_add(cost, Relaxed);
+        self.trim(state, now);
     }
 
     /// Adds a member to `room` under its log: `join` runs there, so what it queues goes
@@ -228,10 +312,7 @@ impl History {
         let log = self.log(room);
         let mut state = lock(&log.state);
         self.trim(&mut state, Instant::now());
-        let latest = Stamp {
-            offset: state.next - 1,
-            epoch: Arc::clone(&log.epoch),
-        };
+        let latest = state.latest();
         let Some(from) = from else {
             return Attach::Joined(join(Joining {
                 replay: Vec::new(),
@@ -240,8 +321,8 @@ impl History {
             }));
         };
         let first = state.kept.front().map_or(state.next, |kept| kept.offset);
-        let reaches = from.offset + 1 >= first && from.offset <= latest.offset;
-        if *from.epoch != *log.epoch || !reaches {
+        let reaches = from.offset + 1 >= first && from.offset < state.next;
+        if state.epoch.as_deref() != Some(&*from.epoch) || !reaches {
             return Attach::Joined(join(Joining {
                 replay: Vec::new(),
                 latest,
@@ -274,13 +355,10 @@ impl History {
 
     /// The room's latest offset and epoch; starts the room's history when it has none, so the
     /// epoch a joining member is told is the one its later messages carry.
-    pub fn latest(&self, room: &str) -> Stamp {
+    pub fn latest(&self, room: &str) -> Option<Stamp> {
         let log = self.log(room);
         let state = lock(&log.state);
-        Stamp {
-            offset: state.next - 1,
-            epoch: Arc::clone(&log.epoch),
-        }
+        state.latest()
     }
 
     /// Up to `limit` messages of `room` after `after`, oldest first, with the room's latest
@@ -289,10 +367,7 @@ impl History {
         let log = self.existing(room)?;
         let mut state = lock(&log.state);
         self.trim(&mut state, Instant::now());
-        let latest = Stamp {
-            offset: state.next - 1,
-            epoch: Arc::clone(&log.epoch),
-        };
+        let latest = state.latest()?;
         let kept = state
             .kept
             .iter()
@@ -330,6 +405,7 @@ impl History {
             bytes: self.bytes.load(Relaxed),
             rooms: self.rooms.load(Relaxed),
             evicted: self.evicted.load(Relaxed),
+            gaps: self.gaps.load(Relaxed),
         }
     }
 
@@ -339,9 +415,13 @@ impl History {
         if let Some(log) = shard.get(room) {
             return Arc::clone(log);
         }
+        let epoch = match self.offsets {
+            Offsets::Local => Some(new_epoch(&self.hasher, self.started.fetch_add(1, Relaxed))),
+            Offsets::Decided => None,
+        };
         let log = Arc::new(Log {
-            epoch: new_epoch(&self.hasher, self.started.fetch_add(1, Relaxed)),
             state: Mutex::new(State {
+                epoch,
                 next: 1,
                 kept: VecDeque::new(),
                 bytes: 0,
@@ -413,6 +493,16 @@ impl History {
     }
 }
 
+impl State {
+    /// The latest offset (0 before any message) with the epoch, when the epoch is known.
+    fn latest(&self) -> Option<Stamp> {
+        Some(Stamp {
+            offset: self.next - 1,
+            epoch: Arc::clone(self.epoch.as_ref()?),
+        })
+    }
+}
+
 /// A fresh epoch: 64 bits from the process's random hash keys, the clock and a sequence
 /// number, as 16 hex digits. It only has to differ from the room's earlier epochs, on this
 /// node and across its restarts.
@@ -434,12 +524,19 @@ mod tests {
     use super::*;
 
     fn history(size: usize) -> History {
-        History::new(HistoryConfig {
-            size,
-            ttl: Duration::ZERO,
-            max_bytes: 64 << 20,
-        })
+        History::new(
+            HistoryConfig {
+                size,
+                ttl: Duration::ZERO,
+                max_bytes: 64 << 20,
+            },
+            Offsets::Local,
+        )
         .expect("history on")
+    }
+
+    fn latest(history: &History) -> Stamp {
+        history.latest("r").expect("a local epoch")
     }
 
     fn frame(n: u64) -> Bytes {
@@ -470,7 +567,7 @@ mod tests {
 
     impl Members {
         fn publish(&mut self, history: &History) {
-            let n = history.latest("r").offset + 1;
+            let n = latest(history).offset + 1;
             history.publish("r", &frame(n), |stamp| {
                 for (member, on) in self.live.iter().enumerate() {
                     if *on {
@@ -483,7 +580,7 @@ mod tests {
         /// A new member resumes from a position `back` before the latest (maybe beyond what
         /// the history keeps).
         fn arrive(&mut self, history: &History, back: u64) {
-            let latest = history.latest("r");
+            let latest = latest(history);
             let back = back.min(latest.offset);
             self.got.push(Vec::new());
             self.live.push(false);
@@ -504,7 +601,10 @@ mod tests {
             };
             let step = history.attach("r", Some(&from), budget, |joining| {
                 if joining.recovered == Some(false) {
-                    self.lost[member] = Some((self.got[member].len(), joining.latest.offset));
+                    self.lost[member] = Some((
+                        self.got[member].len(),
+                        joining.latest.as_ref().map_or(0, |l| l.offset),
+                    ));
                 }
                 self.got[member].extend(joining.replay.iter().map(|k| k.offset));
                 self.live[member] = true;
@@ -565,7 +665,7 @@ mod tests {
                     _ => {}
                 }
             }
-            members.check(history.latest("r").offset, seed);
+            members.check(latest(&history).offset, seed);
         }
     }
 
@@ -581,12 +681,12 @@ mod tests {
         assert_eq!(offsets, [3, 4, 5], "the newest `size`");
 
         // The node bound: rooms whose last message is oldest go first, and are counted.
-        let bounded = History::new(HistoryConfig {
+        let config = HistoryConfig {
             size: 1000,
             ttl: Duration::ZERO,
             max_bytes: 1 << 20,
-        })
-        .expect("history on");
+        };
+        let bounded = History::new(config, Offsets::Local).expect("history on");
         let big = Bytes::from(vec![b'x'; 64 * 1024]);
         for room in 0..40 {
             bounded.publish(&format!("room-{room}"), &big, |_| ());
@@ -607,7 +707,7 @@ mod tests {
         for n in 1..=5 {
             history.publish("r", &frame(n), |_| ());
         }
-        let epoch = history.latest("r").epoch;
+        let epoch = latest(&history).epoch;
         let budget = Budget {
             frames: 10,
             bytes: 1 << 20,
@@ -638,5 +738,65 @@ mod tests {
         assert_eq!(recovered(ahead), (Some(false), 0));
         let kept = Position { epoch, offset: 3 };
         assert_eq!(recovered(kept), (Some(true), 2));
+    }
+
+    #[test]
+    fn messages_numbered_elsewhere_are_kept_in_order_and_gaps_and_repeats_are_seen() {
+        let config = HistoryConfig {
+            size: 100,
+            ttl: Duration::ZERO,
+            max_bytes: 64 << 20,
+        };
+        let history = History::new(config, Offsets::Decided).expect("history on");
+        assert_eq!(
+            history.latest("r"),
+            None,
+            "no epoch before the first message"
+        );
+        let stamp = |offset, epoch: &str| Stamp {
+            offset,
+            epoch: Arc::from(epoch),
+        };
+        let append = |s: Stamp| history.append("r", &frame(s.offset), &s, |c| c);
+        assert_eq!(append(stamp(7, "e1")), Continuity::First);
+        assert_eq!(append(stamp(8, "e1")), Continuity::Next);
+        assert_eq!(append(stamp(8, "e1")), Continuity::Stale);
+        assert_eq!(append(stamp(9, "e1")), Continuity::Next);
+        let kept = |h: &History| -> Vec<u64> {
+            h.read("r", 0, 100)
+                .expect("a log")
+                .1
+                .iter()
+                .map(|k| k.offset)
+                .collect()
+        };
+        assert_eq!(kept(&history), [7, 8, 9]);
+        assert_eq!(
+            append(stamp(12, "e1")),
+            Continuity::Gap,
+            "10 and 11 never came"
+        );
+        assert_eq!(kept(&history), [12], "what is kept runs on by one");
+        assert_eq!(
+            append(stamp(1, "e2")),
+            Continuity::Gap,
+            "Redis lost the room"
+        );
+        assert_eq!(kept(&history), [1]);
+        assert_eq!(history.latest("r"), Some(stamp(1, "e2")));
+        // A resume is served from what is kept, in the epoch Redis gave.
+        let budget = Budget {
+            frames: 10,
+            bytes: 1 << 20,
+        };
+        let from = Position {
+            epoch: Arc::from("e1"),
+            offset: 9,
+        };
+        let Attach::Joined(recovered) = history.attach("r", Some(&from), budget, |j| j.recovered)
+        else {
+            panic!("joins at once")
+        };
+        assert_eq!(recovered, Some(false), "another epoch");
     }
 }

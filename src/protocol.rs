@@ -343,6 +343,11 @@ pub struct Relay<'a> {
     pub origin: Option<&'a str>,
     /// The sending connection on `origin`, to be skipped there (dialect 1's `chat`).
     pub conn: Option<u64>,
+    /// With history across nodes: the offset Redis gave the message in its room, and the
+    /// epoch of that room's history; absent from nodes without history and original nodes.
+    pub offset: Option<u64>,
+    /// See `offset`.
+    pub epoch: Option<&'a str>,
 }
 
 /// Builds a relay payload; readable by original nodes (unknown fields are ignored there).
@@ -370,6 +375,8 @@ pub fn decode_relay(buf: &mut [u8]) -> Option<Relay<'_>> {
             message: v.get("message")?.into_string()?,
             origin: v.get("origin").and_then(|o| o.into_string()),
             conn: v.get("conn").and_then(|c| c.as_u64()),
+            offset: v.get("offset").and_then(|o| o.as_u64()),
+            epoch: v.get("epoch").and_then(|e| e.into_string()),
         })
     })
     .flatten()
@@ -547,7 +554,9 @@ mod tests {
             Some(Relay {
                 message: "hi \u{2603}",
                 origin: Some("node-a"),
-                conn: Some(42)
+                conn: Some(42),
+                offset: None,
+                epoch: None,
             })
         );
         let mut original = br#"{"type":"sendMessage","roomId":"r","message":"x"}"#.to_vec();
@@ -556,7 +565,9 @@ mod tests {
             Some(Relay {
                 message: "x",
                 origin: None,
-                conn: None
+                conn: None,
+                offset: None,
+                epoch: None,
             })
         );
         assert_eq!(decode_relay(&mut b"garbage".to_vec()), None);

@@ -257,3 +257,118 @@ async fn sliced_delivery_from_redis_keeps_the_order() {
         "40 members are three slices per message: {yields:?}"
     );
 }
+
+/// Two nodes with history on one Redis: `tweak` runs on both configs.
+async fn history_cluster(redis: &Redis) -> (Node, Node) {
+    let url = redis.url();
+    let with_history = |config: &mut roomcast::Config| {
+        config.redis = Some(url.clone());
+        config.history.size = 1000;
+        lift_inbound_limits(config);
+    };
+    let a = Node::start_with(with_history).await;
+    let b = Node::start_with(with_history).await;
+    for node in [&a, &b] {
+        node.wait_health("backplane connected", |h| h["status"] == "ok")
+            .await;
+    }
+    (a, b)
+}
+
+/// Envelopes until `n` have arrived: (offset, epoch, message) each.
+async fn envelopes(ws: &mut Ws, n: usize) -> Vec<(u64, String, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let v = recv_json(ws).await;
+        assert_eq!(v["type"], "message", "{v}");
+        let offset = v["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no offset: {v}"));
+        let epoch = v["epoch"].as_str().expect("epoch").to_owned();
+        got.push((
+            offset,
+            epoch,
+            v["message"].as_str().expect("text").to_owned(),
+        ));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_history_two_nodes_publishing_into_one_room_give_one_offset_sequence() {
+    const EACH: usize = 100;
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster(&redis).await;
+    let (mut on_a, mut on_b) = (a.envelope_client().await, b.envelope_client().await);
+    for ws in [&mut on_a, &mut on_b] {
+        send(ws, &subscribe("h")).await;
+        assert_eq!(recv_json(ws).await["type"], "subscribed");
+    }
+    redis.wait_numsub("h", 2).await;
+    let mut senders = Vec::new();
+    for (name, node) in [("a", &a), ("b", &b)] {
+        let mut ws = node.client().await;
+        senders.push(tokio::spawn(async move {
+            for n in 0..EACH {
+                send(&mut ws, &send_message("h", &format!("{name}:{n}"))).await;
+            }
+            ws
+        }));
+    }
+    let seen_a = envelopes(&mut on_a, 2 * EACH).await;
+    let seen_b = envelopes(&mut on_b, 2 * EACH).await;
+    let offsets: Vec<u64> = seen_a.iter().map(|(o, ..)| *o).collect();
+    assert_eq!(
+        offsets,
+        (1..=2 * EACH as u64).collect::<Vec<_>>(),
+        "one sequence, no gap"
+    );
+    assert_eq!(
+        seen_a, seen_b,
+        "both nodes' members see the same messages at the same offsets"
+    );
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    assert_eq!(a.health().await["history_gaps"], 0);
+}
+
+#[tokio::test]
+async fn with_history_a_client_dropped_on_one_node_resumes_on_the_other() {
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster(&redis).await;
+    let mut leaving = a.envelope_client().await;
+    let mut staying = b.envelope_client().await;
+    for ws in [&mut leaving, &mut staying] {
+        send(ws, &subscribe("h")).await;
+        recv_json(ws).await;
+    }
+    redis.wait_numsub("h", 2).await;
+    let mut sender = a.client().await;
+    for n in 1..=10 {
+        send(&mut sender, &send_message("h", &n.to_string())).await;
+    }
+    let first = envelopes(&mut leaving, 5).await;
+    let (last, epoch, _) = first.last().expect("five").clone();
+    drop(leaving);
+    for n in 11..=20 {
+        send(&mut sender, &send_message("h", &n.to_string())).await;
+    }
+    // Node B has them all (its member got them), so it can serve the resume.
+    assert_eq!(envelopes(&mut staying, 20).await.len(), 20);
+
+    let mut back = b.envelope_client().await;
+    let since = serde_json::json!({"type": "SUBSCRIBE", "room": "h", "since": {"offset": last, "epoch": epoch}});
+    send(&mut back, &since.to_string()).await;
+    let replayed = envelopes(&mut back, 15).await;
+    let offsets: Vec<u64> = replayed.iter().map(|(o, ..)| *o).collect();
+    assert_eq!(offsets, (6..=20).collect::<Vec<_>>());
+    let answer = recv_json(&mut back).await;
+    assert_eq!(
+        (answer["type"].as_str(), answer["recovered"].as_bool()),
+        (Some("subscribed"), Some(true))
+    );
+    assert_eq!(answer["offset"], 20);
+    send(&mut sender, &send_message("h", "21")).await;
+    assert_eq!(envelopes(&mut back, 1).await[0].0, 21, "then live");
+}

@@ -49,7 +49,9 @@ fn integer_literal_beyond_u64_is_valid_json() {
         Some(Relay {
             message: "m",
             origin: None,
-            conn: None
+            conn: None,
+            offset: None,
+            epoch: None,
         })
     );
 }

@@ -26,6 +26,8 @@ fuzz_target!(|input: Input| {
             message: &input.message,
             origin: Some(&input.origin),
             conn: input.conn,
+            offset: None,
+            epoch: None,
         }),
         "relay payload: {}",
         String::from_utf8_lossy(&wire)

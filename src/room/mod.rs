@@ -120,6 +120,24 @@ impl Room {
         fanout.queued()
     }
 
+    /// Queues `frame` for every member in envelope mode (a notice version 1 clients never
+    /// see); returns how many got it.
+    pub fn tell_envelopes(&self, frame: &Bytes, metrics: &Metrics) -> usize {
+        let members = self.members.load();
+        let mut told = 0;
+        members.leaves_from(0, &mut |leaf| {
+            for member in leaf {
+                if member.outbox.format() == Format::Envelope
+                    && member.outbox.push(frame, metrics).delivered()
+                {
+                    told += 1;
+                }
+            }
+            true
+        });
+        told
+    }
+
     /// A broadcast of `frame` to the members of now, except `skip`, to be served a slice at a
     /// time ([`Fanout::step`]): what a caller that can yield uses instead of [`Room::broadcast`].
     pub fn fanout(&self, frame: Bytes, skip: Option<ConnId>) -> Fanout {

@@ -156,6 +156,12 @@ fn metrics(shared: &Shared) -> Reply {
                 "rooms whose history was evicted to stay under --history-max-bytes",
                 stats.evicted,
             ),
+            (
+                "roomcast_history_gaps_total",
+                "counter",
+                "messages from Redis whose offset did not follow their room's last one here",
+                stats.gaps,
+            ),
         ] {
             let _ = writeln!(
                 body,
@@ -182,7 +188,8 @@ fn healthz(shared: &Shared) -> Reply {
             r#""pongs_replaced":{},"outbox_peak_bytes":{},"refused":{},"#,
             r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{},"#,
             r#""backplane_connects":{},"fanout_yields":{},"resumes_recovered":{},"#,
-            r#""resumes_lost":{},"history_bytes":{},"history_rooms":{},"history_evicted_rooms":{}}}"#
+            r#""resumes_lost":{},"history_bytes":{},"history_rooms":{},"history_evicted_rooms":{},"#,
+            r#""history_gaps":{}}}"#
         ),
         if healthy { "ok" } else { "degraded" },
         m.connections,
@@ -209,6 +216,7 @@ fn healthz(shared: &Shared) -> Reply {
         history.bytes,
         history.rooms,
         history.evicted,
+        history.gaps,
     );
     let status = if healthy {
         StatusCode::OK

@@ -42,7 +42,7 @@ impl Session {
         if self.held(room).is_some() {
             // A member already in the room has had everything since it joined, not
             // necessarily since `since`.
-            let latest = history.map(|h| h.latest(room));
+            let latest = history.and_then(|h| h.latest(room));
             self.answer(|| {
                 protocol::room_reply("subscribed", room, latest.as_ref(), since.map(|_| false))
             });
@@ -149,12 +149,19 @@ impl Session {
     /// Under the room's log: joins, queues the rest of the replay and the answer.
     fn joined(&mut self, room: &str, joining: &Joining) -> Result<(), ClientError> {
         self.join_now(room)?;
-        self.replay(room, &joining.replay, &joining.latest.epoch);
+        if let Some(latest) = &joining.latest {
+            self.replay(room, &joining.replay, &latest.epoch);
+        }
         if let Some(recovered) = joining.recovered {
             self.shared.metrics.add_resume(recovered);
         }
         self.answer(|| {
-            protocol::room_reply("subscribed", room, Some(&joining.latest), joining.recovered)
+            protocol::room_reply(
+                "subscribed",
+                room,
+                joining.latest.as_ref(),
+                joining.recovered,
+            )
         });
         Ok(())
     }

@@ -18,6 +18,7 @@ use super::State;
 use crate::backplane::quota::Quota;
 use crate::config::RedisLimits;
 use crate::frame;
+use crate::history::{Continuity, History, Stamp};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, DeferredWrites};
 use crate::protocol;
@@ -77,6 +78,8 @@ pub(super) struct Delivery {
     pub(super) node: Arc<str>,
     pub(super) registry: Registry,
     pub(super) metrics: Arc<Metrics>,
+    /// With history: the node's logs, fed in Redis's order with Redis's offsets.
+    pub(super) history: Option<Arc<History>>,
 }
 
 /// Stage one: reads one subscriber connection until it ends.
@@ -168,5 +171,31 @@ fn fanout_of(msg: &redis::Msg, inbox: &Inbox, ctx: &Delivery) -> Option<Fanout> 
         (Some(origin), Some(conn)) if origin == &*ctx.node => Some(ConnId(conn)),
         _ => None,
     };
-    Some(room.fanout(frame::text(relay.message), skip))
+    let frame = frame::text(relay.message);
+    let (Some(history), Some(offset), Some(epoch)) = (&ctx.history, relay.offset, relay.epoch)
+    else {
+        // No history here, or a message from a node without it: delivered without an offset.
+        return Some(room.fanout(frame, skip));
+    };
+    let stamp = Stamp {
+        offset,
+        epoch: Arc::from(epoch),
+    };
+    // Kept and served whole under the room's log, like an in-process publish with history:
+    // a member resuming on this node joins between two messages, never inside one.
+    history.append(room.id().as_str(), &frame, &stamp, |continuity| {
+        if continuity == Continuity::Stale {
+            return;
+        }
+        if continuity == Continuity::Gap {
+            // Offsets were skipped on the way here: envelope members are told, not left to
+            // find a hole.
+            let gap = protocol::room_reply("gap", room.id().as_str(), None, None);
+            room.tell_envelopes(&gap, &ctx.metrics);
+        }
+        let mut fanout = room.fanout(frame.clone(), skip);
+        fanout.stamp(stamp.clone());
+        fanout.finish_now(&ctx.metrics);
+    });
+    None
 }

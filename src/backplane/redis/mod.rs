@@ -36,6 +36,7 @@ pub(crate) use self::worker::Worker;
 use super::quota::Quota;
 use super::BackplaneError;
 use crate::config::RedisLimits;
+use crate::history::{History, HistoryConfig};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::protocol;
@@ -60,7 +61,11 @@ enum Op {
 /// gets there, the sender is told.
 struct Pending {
     channel: String,
+    /// With history (`sequenced`), the relay without its closing brace: the script that
+    /// numbers the message appends the offset and epoch.
     payload: Vec<u8>,
+    /// Numbered, kept and published by one script in Redis, not just published.
+    sequenced: bool,
     room: Box<str>,
     from: Option<Arc<Outbox>>,
 }
@@ -113,6 +118,8 @@ pub struct Bus {
     inbox: Arc<Inbox>,
     node: Arc<str>,
     prefix: Arc<str>,
+    /// History is on: room publishes are numbered in Redis.
+    sequenced: bool,
 }
 
 /// Tells the worker when rooms gain their first or lose their last local member. It holds a
@@ -145,6 +152,7 @@ impl Bus {
         limits: &RedisLimits,
         metrics: Arc<Metrics>,
         users: Arc<Users>,
+        history: Option<(HistoryConfig, Arc<History>)>,
     ) -> Result<(Self, Watcher, Worker), RedisError> {
         let client = redis::Client::open(url).map_err(RedisError::Url)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -168,6 +176,8 @@ impl Bus {
             node: Arc::clone(&node),
             prefix: Arc::clone(&prefix),
             metrics,
+            script: None,
+            history: history.clone(),
         };
         let bus = Self {
             ops: tx,
@@ -175,6 +185,7 @@ impl Bus {
             inbox,
             node,
             prefix,
+            sequenced: history.is_some(),
         };
         Ok((bus, watcher, worker))
     }
@@ -204,9 +215,15 @@ impl Bus {
         if !self.is_healthy() {
             return Err(BackplaneError::Unavailable);
         }
+        let mut payload = protocol::encode_relay(room, message, &self.node, skip.map(|c| c.0));
+        if self.sequenced {
+            // The script closes it, after the offset and epoch.
+            payload.pop();
+        }
         let pending = Pending {
             channel: format!("{}{room}", self.prefix),
-            payload: protocol::encode_relay(room, message, &self.node, skip.map(|c| c.0)),
+            payload,
+            sequenced: self.sequenced,
             room: room.into(),
             from: from.cloned(),
         };
@@ -223,6 +240,7 @@ impl Bus {
             payload: serde_json::json!({"type": "disconnect", "user": user})
                 .to_string()
                 .into_bytes(),
+            sequenced: false,
             room: protocol::RESERVED_PREFIX.into(),
             from: None,
         })

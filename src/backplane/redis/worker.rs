@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::inbox::{self, Delivery, Inbox};
 use super::{Op, Pending, State};
+use crate::history::{History, HistoryConfig};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientError};
 use crate::room::{Registry, RoomId};
@@ -28,6 +29,27 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 const STILL_DOWN_EVERY: Duration = Duration::from_secs(30);
 /// Messages from Redis the inbox channel holds at most; the byte bound is the config's.
 const INBOX_CHANNEL_MAX: usize = 1 << 20;
+
+/// Numbers a room's message, keeps it in the room's stream and publishes it, in one step: a
+/// script runs alone in Redis, so two nodes publishing into one room never get the same
+/// offset or see their messages in two orders. KEYS: the room's offset hash, its stream.
+/// ARGV: channel, the relay without its closing brace, the stream's length, the keys' time to
+/// live in ms (0: none), an epoch for a room that has none yet (hex: safe inside JSON). The
+/// keys expire that long after the room's last message, offsets and epoch with them, so a
+/// room quiet for longer starts a new epoch (and resumes from the old one are not recovered).
+const SEQUENCE: &str = r#"
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local payload = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'p', payload)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('PUBLISH', ARGV[1], payload)
+return offset
+"#;
 
 /// Why a connected period ended.
 enum Ended {
@@ -80,6 +102,10 @@ pub(crate) struct Worker {
     pub(super) node: Arc<str>,
     pub(super) prefix: Arc<str>,
     pub(super) metrics: Arc<Metrics>,
+    /// With history: its bounds, and the node's logs that the inbox feeds.
+    pub(super) history: Option<(HistoryConfig, Arc<History>)>,
+    /// The SHA of [`SEQUENCE`], loaded on every connection (a restarted Redis has forgotten it).
+    pub(super) script: Option<String>,
 }
 
 impl Worker {
@@ -97,6 +123,11 @@ impl Worker {
         format!("{}{room}", self.prefix)
     }
 
+    /// A room's key in the reserved namespace behind the prefix: `offsets:` or `history:`.
+    fn key(&self, kind: &str, room: &str) -> String {
+        format!("{}{}{kind}:{room}", self.prefix, protocol::RESERVED_PREFIX)
+    }
+
     /// Runs until every sender is gone: connect, serve, and on failure tell the senders of
     /// what was queued, back off and connect again.
     pub(crate) async fn run(mut self, registry: Registry) {
@@ -106,6 +137,7 @@ impl Worker {
             node: Arc::clone(&self.node),
             registry: registry.clone(),
             metrics: Arc::clone(&self.metrics),
+            history: self.history.as_ref().map(|(_, h)| Arc::clone(h)),
         };
         tokio::spawn(inbox::deliver(received, Arc::clone(&self.inbox), delivery));
         let mut backoff = MIN_BACKOFF;
@@ -175,6 +207,13 @@ impl Worker {
             Ok(pubsub) => pubsub.split(),
             Err(e) => return lost(e, false),
         };
+        if self.history.is_some() {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(SEQUENCE).to_owned();
+            match timed("load script", load.query_async::<String>(&mut conn)).await {
+                Ok(sha) => self.script = Some(sha),
+                Err(e) => return lost(e, false),
+            }
+        }
         let probe = self.probe_channel();
         let control = super::control_channel(&self.prefix);
         if let Err(e) = timed("subscribe probe", sink.subscribe(&[&probe, &control])).await {
@@ -288,7 +327,25 @@ impl Worker {
         }
         let mut pipe = redis::pipe();
         for pending in batch.iter() {
-            pipe.publish(&pending.channel, &pending.payload).ignore();
+            match (&self.script, &self.history, pending.sequenced) {
+                (Some(sha), Some((config, _)), true) => {
+                    let ttl_ms = config.ttl.as_millis() as u64;
+                    pipe.cmd("EVALSHA")
+                        .arg(sha)
+                        .arg(2)
+                        .arg(self.key("offsets", &pending.room))
+                        .arg(self.key("history", &pending.room))
+                        .arg(&pending.channel)
+                        .arg(&pending.payload)
+                        .arg(config.size)
+                        .arg(ttl_ms)
+                        .arg(super::node_id())
+                        .ignore();
+                }
+                _ => {
+                    pipe.publish(&pending.channel, &pending.payload).ignore();
+                }
+            }
         }
         let result = timed("publish", pipe.query_async::<()>(conn)).await;
         for pending in batch.drain(..) {
