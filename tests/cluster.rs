@@ -372,3 +372,58 @@ async fn with_history_a_client_dropped_on_one_node_resumes_on_the_other() {
     send(&mut sender, &send_message("h", "21")).await;
     assert_eq!(envelopes(&mut back, 1).await[0].0, 21, "then live");
 }
+
+/// Redis restarts without its data (`--save ""`) in the middle of a room's stream: the
+/// offsets start again in a new epoch, and every envelope member is told with a `gap`
+/// notice before the first message of it; a resume from the old epoch is not recovered.
+#[tokio::test]
+async fn with_history_a_redis_restart_without_data_is_announced_as_a_gap() {
+    let mut redis = Redis::start().await;
+    let (a, b) = history_cluster(&redis).await;
+    let (mut on_a, mut on_b) = (a.envelope_client().await, b.envelope_client().await);
+    for ws in [&mut on_a, &mut on_b] {
+        send(ws, &subscribe("h")).await;
+        recv_json(ws).await;
+    }
+    redis.wait_numsub("h", 2).await;
+    let mut sender = a.client().await;
+    for n in 1..=5 {
+        send(&mut sender, &send_message("h", &n.to_string())).await;
+    }
+    let before = envelopes(&mut on_a, 5).await;
+    assert_eq!(envelopes(&mut on_b, 5).await, before);
+    let old_epoch = before[0].1.clone();
+
+    redis.kill();
+    for node in [&a, &b] {
+        node.wait_health("degraded", |h| h["status"] == "degraded")
+            .await;
+    }
+    redis.spawn().await;
+    for node in [&a, &b] {
+        node.wait_health("reconnected", |h| {
+            h["status"] == "ok" && h["backplane_connects"] == 2
+        })
+        .await;
+    }
+    redis.wait_numsub("h", 2).await;
+    send(&mut sender, &send_message("h", "after")).await;
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(
+            recv_json(ws).await,
+            serde_json::json!({"type": "gap", "room": "h"}),
+            "the gap is announced before the first message of the new epoch"
+        );
+        let (offset, epoch, message) = envelopes(ws, 1).await.remove(0);
+        assert_eq!((offset, message.as_str()), (1, "after"));
+        assert_ne!(epoch, old_epoch, "a new epoch");
+    }
+    assert_eq!(a.health().await["history_gaps"], 1);
+
+    let mut back = b.envelope_client().await;
+    let since = serde_json::json!({"type": "SUBSCRIBE", "room": "h", "since": {"offset": 5, "epoch": old_epoch}});
+    send(&mut back, &since.to_string()).await;
+    let answer = recv_json(&mut back).await;
+    assert_eq!(answer["recovered"], false, "{answer}");
+    assert_eq!(answer["offset"], 1);
+}
