@@ -275,6 +275,17 @@ async fn history_cluster(redis: &Redis) -> (Node, Node) {
     (a, b)
 }
 
+/// One envelope client on each node, both in room `h` and Redis subscribed for it on both.
+async fn members_in_h(redis: &Redis, a: &Node, b: &Node) -> (Ws, Ws) {
+    let (mut on_a, mut on_b) = (a.envelope_client().await, b.envelope_client().await);
+    for ws in [&mut on_a, &mut on_b] {
+        send(ws, &subscribe("h")).await;
+        assert_eq!(recv_json(ws).await["type"], "subscribed");
+    }
+    redis.wait_numsub("h", 2).await;
+    (on_a, on_b)
+}
+
 /// Envelopes until `n` have arrived: (offset, epoch, message) each.
 async fn envelopes(ws: &mut Ws, n: usize) -> Vec<(u64, String, String)> {
     let mut got = Vec::new();
@@ -299,12 +310,7 @@ async fn with_history_two_nodes_publishing_into_one_room_give_one_offset_sequenc
     const EACH: usize = 100;
     let redis = Redis::start().await;
     let (a, b) = history_cluster(&redis).await;
-    let (mut on_a, mut on_b) = (a.envelope_client().await, b.envelope_client().await);
-    for ws in [&mut on_a, &mut on_b] {
-        send(ws, &subscribe("h")).await;
-        assert_eq!(recv_json(ws).await["type"], "subscribed");
-    }
-    redis.wait_numsub("h", 2).await;
+    let (mut on_a, mut on_b) = members_in_h(&redis, &a, &b).await;
     let mut senders = Vec::new();
     for (name, node) in [("a", &a), ("b", &b)] {
         let mut ws = node.client().await;
@@ -337,13 +343,7 @@ async fn with_history_two_nodes_publishing_into_one_room_give_one_offset_sequenc
 async fn with_history_a_client_dropped_on_one_node_resumes_on_the_other() {
     let redis = Redis::start().await;
     let (a, b) = history_cluster(&redis).await;
-    let mut leaving = a.envelope_client().await;
-    let mut staying = b.envelope_client().await;
-    for ws in [&mut leaving, &mut staying] {
-        send(ws, &subscribe("h")).await;
-        recv_json(ws).await;
-    }
-    redis.wait_numsub("h", 2).await;
+    let (mut leaving, mut staying) = members_in_h(&redis, &a, &b).await;
     let mut sender = a.client().await;
     for n in 1..=10 {
         send(&mut sender, &send_message("h", &n.to_string())).await;
@@ -380,12 +380,7 @@ async fn with_history_a_client_dropped_on_one_node_resumes_on_the_other() {
 async fn with_history_a_redis_restart_without_data_is_announced_as_a_gap() {
     let mut redis = Redis::start().await;
     let (a, b) = history_cluster(&redis).await;
-    let (mut on_a, mut on_b) = (a.envelope_client().await, b.envelope_client().await);
-    for ws in [&mut on_a, &mut on_b] {
-        send(ws, &subscribe("h")).await;
-        recv_json(ws).await;
-    }
-    redis.wait_numsub("h", 2).await;
+    let (mut on_a, mut on_b) = members_in_h(&redis, &a, &b).await;
     let mut sender = a.client().await;
     for n in 1..=5 {
         send(&mut sender, &send_message("h", &n.to_string())).await;
