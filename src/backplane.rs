@@ -1,7 +1,10 @@
 //! The bus a published message travels on before fan-out. In-process by default: the message is
 //! framed once and broadcast to the local room. With `--redis`, every message goes through the
 //! room's Redis channel, to this node too, so all members on every node see one order.
-//! Sessions only call [`Backplane::publish`]; they never know which bus runs.
+//! Sessions only call [`Backplane::publish`]; they never know which bus runs. With history on,
+//! in-process publishes are numbered and fanned out under the room's log
+//! ([`History::publish`]); with Redis, numbered by a script there and kept on arrival (the
+//! `redis` inbox, [`History::append`]).
 
 mod quota;
 mod redis;

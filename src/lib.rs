@@ -33,6 +33,13 @@
 //!    wrote, the rest of a write the socket did not take, its own replies) in batches, many
 //!    frames per `writev`.
 //!
+//! With `--history-size`, [`history`] keeps each room's recent messages with their offsets
+//! (envelope mode's positions, resume, `GET /api/history`), and the room's log lock orders its
+//! publishes: offset and fan-out happen under it, so every member sees one order. In-process
+//! the node numbers the messages; with Redis a script there does, and nodes keep what arrives.
+//! A connection's delivery format (the bare string, or version 2's envelope) lives in its
+//! outbox, and fan-out frames each message once per format.
+//!
 //! [`config`] holds every knob; [`metrics`] counts what `/healthz` and `/metrics` report.
 //!
 //! What guards the path, in the order a client meets it: [`admission`] (caps per address and

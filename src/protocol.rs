@@ -1,5 +1,6 @@
-//! The client wire contract (`shared/protocol.md`): decoding the two JSON dialects into
-//! [`Command`]s and encoding error replies.
+//! The client wire contract (`shared/protocol.md`, restated and extended in
+//! `docs/protocol.md`): decoding the two JSON dialects into [`Command`]s, and encoding what the
+//! server sends besides bare strings: error replies, and version 2's envelopes and answers.
 //!
 //! Decoding runs simd-json's tape parser over the frame's own (already unmasked) buffer, so every
 //! string in a [`Command`] borrows that buffer: no per-message allocation. The tape and scratch
