@@ -19,7 +19,7 @@ use crate::outbox::{ConnId, Outbox};
 use crate::room::{Bounds, Fanout, Registry, Room, RoomWatcher};
 use crate::users::Users;
 
-pub use self::redis::{Queues, RedisError};
+pub use self::redis::{Fetched, Queues, RedisError};
 
 /// Why a message could not be handed to the bus.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,6 +129,12 @@ impl Backplane {
                 history,
             },
         ))
+    }
+
+    /// Asks Redis for room `room`'s stream (history across nodes); `None` without Redis or
+    /// history, or while the link is down.
+    pub fn fetch(&self, room: &str) -> Option<tokio::sync::oneshot::Receiver<Fetched>> {
+        self.redis.as_ref()?.fetch(room)
     }
 
     /// The node's room history, when it keeps one.

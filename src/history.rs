@@ -36,6 +36,17 @@ const LOG_COST: u64 = 256;
 /// appends, not on every one once the bound is reached.
 const EVICT_TO_PERCENT: u64 = 90;
 
+/// What [`History::attach`] does when the node's log cannot serve a resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// With offsets decided in Redis: answer [`Attach::Behind`], so the caller reads the
+    /// room's stream first.
+    Cluster,
+    /// Join with nothing replayed, `recovered: false` (the stream was read already, or there
+    /// is none).
+    Nobody,
+}
+
 /// Who numbers a room's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offsets {
@@ -113,6 +124,10 @@ pub enum Attach<R> {
     More(Vec<Kept>),
     /// The member was added: what `join` returned.
     Joined(R),
+    /// Offsets decided in Redis, and this node's log cannot tell (it does not reach back to
+    /// the member's position, or has not seen the room yet): read the room's Redis stream,
+    /// [`History::seed`] the log with it, and attach again. Nothing was joined.
+    Behind,
 }
 
 /// What `join` is handed, under the room's log: the messages still to replay and where the
@@ -307,6 +322,7 @@ impl History {
         room: &str,
         from: Option<&Position>,
         budget: Budget,
+        ask: Ask,
         join: impl FnOnce(Joining) -> R,
     ) -> Attach<R> {
         let log = self.log(room);
@@ -322,7 +338,15 @@ impl History {
         };
         let first = state.kept.front().map_or(state.next, |kept| kept.offset);
         let reaches = from.offset + 1 >= first && from.offset < state.next;
-        if state.epoch.as_deref() != Some(&*from.epoch) || !reaches {
+        let same_epoch = state.epoch.as_deref() == Some(&*from.epoch);
+        let unknown = state.epoch.is_none();
+        if ask == Ask::Cluster
+            && self.offsets == Offsets::Decided
+            && (unknown || same_epoch && !reaches)
+        {
+            return Attach::Behind;
+        }
+        if !same_epoch || !reaches {
             return Attach::Joined(join(Joining {
                 replay: Vec::new(),
                 latest,
@@ -351,6 +375,67 @@ impl History {
             latest,
             recovered: Some(true),
         }))
+    }
+
+    /// Fills `room`'s log from what its Redis stream held (`fetched`, oldest first), read
+    /// while this node was subscribed to the room, so the two overlap or meet: the part the
+    /// log lacks before its first message is put in front of it, or, for a log that has seen
+    /// nothing yet, the stream becomes the log. False when the stream does not help a member
+    /// at `from` (another epoch, or it does not reach back to the message after `from`): the
+    /// member is then not recovered.
+    pub fn seed(&self, room: &str, from: &Position, fetched: &[(Stamp, Bytes)]) -> bool {
+        let log = self.log(room);
+        let now = Instant::now();
+        let mut state = lock(&log.state);
+        // Only the stream's last run counts, and only in the member's epoch: a newest entry of
+        // another epoch means the room's history started again since.
+        if fetched
+            .last()
+            .is_some_and(|(stamp, _)| *stamp.epoch != *from.epoch)
+        {
+            return false;
+        }
+        let start = fetched
+            .iter()
+            .rposition(|(stamp, _)| *stamp.epoch != *from.epoch)
+            .map_or(0, |at| at + 1);
+        let run = &fetched[start..];
+        let Some((last, _)) = run.last() else {
+            return false;
+        };
+        let stream_first = run[0].0.offset;
+        if stream_first > from.offset + 1 || last.offset < from.offset {
+            return false;
+        }
+        match state.epoch.clone() {
+            None => {
+                state.epoch = Some(Arc::clone(&from.epoch));
+                for (stamp, frame) in run {
+                    self.keep(&mut state, stamp.offset, frame, now);
+                }
+                true
+            }
+            Some(epoch) if *epoch == *from.epoch => {
+                let first = state.kept.front().map_or(state.next, |kept| kept.offset);
+                if last.offset + 1 < first {
+                    // The stream ends before what this node received begins.
+                    return false;
+                }
+                for (stamp, frame) in run.iter().rev().filter(|(s, _)| s.offset < first) {
+                    let cost = frame.len() as u64 + ENTRY_COST;
+                    state.kept.push_front(Kept {
+                        offset: stamp.offset,
+                        frame: frame.clone(),
+                        at: now,
+                    });
+                    state.bytes += cost;
+                    self.bytes.fetch_add(cost, Relaxed);
+                }
+                self.trim(&mut state, now);
+                true
+            }
+            Some(_) => false,
+        }
     }
 
     /// The room's latest offset and epoch; starts the room's history when it has none, so the
@@ -599,7 +684,7 @@ mod tests {
                 frames,
                 bytes: 1 << 20,
             };
-            let step = history.attach("r", Some(&from), budget, |joining| {
+            let step = history.attach("r", Some(&from), budget, Ask::Nobody, |joining| {
                 if joining.recovered == Some(false) {
                     self.lost[member] = Some((
                         self.got[member].len(),
@@ -618,6 +703,7 @@ mod tests {
                 Attach::Joined(()) => {
                     self.resuming.remove(at);
                 }
+                Attach::Behind => panic!("offsets decided here never ask Redis"),
             }
         }
 
@@ -712,12 +798,13 @@ mod tests {
             frames: 10,
             bytes: 1 << 20,
         };
-        let recovered = |from: Position| match history
-            .attach("r", Some(&from), budget, |j| (j.recovered, j.replay.len()))
-        {
-            Attach::Joined(outcome) => outcome,
-            Attach::More(_) => panic!("one chunk holds it all"),
-        };
+        let recovered =
+            |from: Position| match history.attach("r", Some(&from), budget, Ask::Nobody, |j| {
+                (j.recovered, j.replay.len())
+            }) {
+                Attach::Joined(outcome) => outcome,
+                Attach::More(_) | Attach::Behind => panic!("one chunk holds it all"),
+            };
         let other: Arc<str> = Arc::from("other");
         assert_eq!(
             recovered(Position {
@@ -793,10 +880,57 @@ mod tests {
             epoch: Arc::from("e1"),
             offset: 9,
         };
-        let Attach::Joined(recovered) = history.attach("r", Some(&from), budget, |j| j.recovered)
+        let Attach::Joined(recovered) =
+            history.attach("r", Some(&from), budget, Ask::Nobody, |j| j.recovered)
         else {
             panic!("joins at once")
         };
         assert_eq!(recovered, Some(false), "another epoch");
+    }
+
+    #[test]
+    fn a_log_is_seeded_from_the_stream_only_where_it_joins_up() {
+        let config = HistoryConfig {
+            size: 100,
+            ttl: Duration::ZERO,
+            max_bytes: 64 << 20,
+        };
+        let stamp = |offset, epoch: &str| Stamp {
+            offset,
+            epoch: Arc::from(epoch),
+        };
+        let stream = |range: std::ops::RangeInclusive<u64>, epoch: &str| -> Vec<(Stamp, Bytes)> {
+            range.map(|n| (stamp(n, epoch), frame(n))).collect()
+        };
+        let at = |offset| Position {
+            epoch: Arc::from("e"),
+            offset,
+        };
+        let kept = |h: &History| -> Vec<u64> {
+            h.read("r", 0, 100)
+                .map_or(Vec::new(), |(_, k)| k.iter().map(|k| k.offset).collect())
+        };
+        // A log that has seen nothing becomes the stream.
+        let fresh = History::new(config, Offsets::Decided).expect("on");
+        assert!(fresh.seed("r", &at(3), &stream(1..=6, "e")));
+        assert_eq!(kept(&fresh), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(fresh.latest("r"), Some(stamp(6, "e")));
+        // A log that received 5.. since the room was pinned gets what it lacks in front.
+        let partial = History::new(config, Offsets::Decided).expect("on");
+        for n in 5..=7 {
+            partial.append("r", &frame(n), &stamp(n, "e"), |_| ());
+        }
+        assert!(partial.seed("r", &at(1), &stream(1..=6, "e")));
+        assert_eq!(kept(&partial), [1, 2, 3, 4, 5, 6, 7]);
+        // Refused: the stream does not reach back to 3; its newest run is another epoch; the
+        // stream ends before the log begins.
+        let refused = |from: u64, s: Vec<(Stamp, Bytes)>| {
+            let h = History::new(config, Offsets::Decided).expect("on");
+            h.append("r", &frame(20), &stamp(20, "e"), |_| ());
+            !h.seed("r", &at(from), &s)
+        };
+        assert!(refused(2, stream(4..=19, "e")), "3 is gone");
+        assert!(refused(2, stream(1..=19, "f")), "another epoch");
+        assert!(refused(2, stream(1..=10, "e")), "11..19 fell between");
     }
 }

@@ -422,3 +422,43 @@ async fn with_history_a_redis_restart_without_data_is_announced_as_a_gap() {
     assert_eq!(answer["recovered"], false, "{answer}");
     assert_eq!(answer["offset"], 1);
 }
+
+/// Node B has never had a member in the room, so its log holds nothing of it: the resume reads
+/// the room's Redis stream (after pinning the room, so nothing published meanwhile is missed)
+/// and is recovered; then live messages follow.
+#[tokio::test]
+async fn with_history_a_resume_on_a_node_without_the_room_is_served_from_the_redis_stream() {
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster(&redis).await;
+    let mut leaving = a.envelope_client().await;
+    send(&mut leaving, &subscribe("s")).await;
+    recv_json(&mut leaving).await;
+    redis.wait_numsub("s", 1).await;
+    let mut sender = a.client().await;
+    for n in 1..=10 {
+        send(&mut sender, &send_message("s", &n.to_string())).await;
+    }
+    let first = envelopes(&mut leaving, 4).await;
+    let (last, epoch, _) = first.last().expect("four").clone();
+    assert_eq!(last, 4);
+    // Everything is published before the resume (the sender hears its own tenth message).
+    let mut own = a.client().await;
+    send(&mut own, &subscribe("s")).await;
+    send(&mut own, &send_message("s", "11")).await;
+    assert_eq!(recv(&mut own).await, "11");
+    drop(leaving);
+
+    let mut back = b.envelope_client().await;
+    let since = serde_json::json!({"type": "SUBSCRIBE", "room": "s", "since": {"offset": last, "epoch": epoch}});
+    send(&mut back, &since.to_string()).await;
+    let replayed = envelopes(&mut back, 7).await;
+    let offsets: Vec<u64> = replayed.iter().map(|(o, ..)| *o).collect();
+    assert_eq!(offsets, (5..=11).collect::<Vec<_>>());
+    let answer = recv_json(&mut back).await;
+    assert_eq!(answer["recovered"], true, "{answer}");
+    assert_eq!(answer["offset"], 11);
+    send(&mut sender, &send_message("s", "12")).await;
+    let live = envelopes(&mut back, 1).await;
+    assert_eq!((live[0].0, live[0].2.as_str()), (12, "12"), "then live");
+    assert_eq!(b.health().await["resumes_recovered"], 1);
+}

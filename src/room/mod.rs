@@ -273,6 +273,18 @@ pub trait RoomWatcher: Send + Sync {
     fn closed(&self, room: &RoomId);
 }
 
+/// A room held open by [`Registry::pin`]; unpinned on drop.
+pub struct Pin {
+    registry: Registry,
+    room: Arc<Room>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.registry.unpin(&self.room);
+    }
+}
+
 /// The node is at its room cap: a join that would create a room is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the node holds its maximum of {0} rooms")]
@@ -291,6 +303,8 @@ type Shard = Mutex<HashMap<RoomId, Entry>>;
 
 struct Entry {
     room: Arc<Room>,
+    /// [`Pin`]s holding the room open without a member.
+    pins: u32,
     /// Each member's index in the room's current roster: a leave finds its member without a
     /// scan. Kept beside the snapshot, not in it, because only writers (under the lock) read it.
     positions: HashMap<ConnId, usize, BuildHasherDefault<ConnIdHasher>>,
@@ -429,6 +443,7 @@ impl Registry {
         }
         let entry = Entry {
             room: Arc::clone(&room),
+            pins: 0,
             positions: HashMap::default(),
         };
         Ok(map.entry(room.id.clone()).or_insert(entry))
@@ -456,12 +471,49 @@ impl Registry {
         }
         let now_empty = next.len() == 0;
         room.members.store(Arc::new(next));
-        if now_empty {
-            map.remove(room.id.as_str());
-            self.inner.rooms.fetch_sub(1, Ordering::Relaxed);
-            if let Some(watcher) = &self.inner.watcher {
-                watcher.closed(&room.id);
-            }
+        if now_empty && entry.pins == 0 {
+            self.close(&mut map, room);
+        }
+    }
+
+    /// Removes `room`, which has neither members nor pins left, from `map` (its shard).
+    fn close(&self, map: &mut HashMap<RoomId, Entry>, room: &Arc<Room>) {
+        map.remove(room.id.as_str());
+        self.inner.rooms.fetch_sub(1, Ordering::Relaxed);
+        if let Some(watcher) = &self.inner.watcher {
+            watcher.closed(&room.id);
+        }
+    }
+
+    /// Holds room `name` open on this node without a member (creating it if needed, within
+    /// the room cap) until the [`Pin`] drops: with Redis the node stays subscribed to it, so
+    /// what the room receives meanwhile reaches this node. A member being resumed from the
+    /// room's Redis stream is not in the room yet, and must not miss what is published while
+    /// the stream is read.
+    pub fn pin(&self, name: &str) -> Result<Pin, RoomsFull> {
+        let mut map = self.shard(name);
+        let entry = match map.get_mut(name) {
+            Some(entry) => entry,
+            None => self.open(&mut map, name)?,
+        };
+        entry.pins += 1;
+        Ok(Pin {
+            registry: self.clone(),
+            room: Arc::clone(&entry.room),
+        })
+    }
+
+    fn unpin(&self, room: &Arc<Room>) {
+        let mut map = self.shard(room.id.as_str());
+        let Some(entry) = map
+            .get_mut(room.id.as_str())
+            .filter(|entry| Arc::ptr_eq(&entry.room, room))
+        else {
+            return;
+        };
+        entry.pins = entry.pins.saturating_sub(1);
+        if entry.pins == 0 && room.is_empty() {
+            self.close(&mut map, room);
         }
     }
 

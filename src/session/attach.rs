@@ -8,14 +8,25 @@
 //! offset and queue its fan-out. So each message is either in the replay or live, and the
 //! replay comes first. A chunk is only taken when the outbox is empty and holds at most half
 //! its bound, so a replay alone never makes a member a slow consumer.
+//!
+//! With offsets decided in Redis, this node's log only holds what it received while it had the
+//! room open. When it does not reach back to the member's position, the room is pinned open
+//! (so the node is subscribed and its log keeps filling), the room's Redis stream is read
+//! after that subscribe took effect, the log is seeded with it (the two overlap, so nothing
+//! falls between), and the resume goes on from the log as above.
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use super::Session;
+use crate::backplane::Fetched;
 use crate::frame;
-use crate::history::{Attach, Budget, History, Joining, Kept, Position, Stamp};
+use crate::history::{Ask, Attach, Budget, History, Joining, Kept, Position, Stamp};
 use crate::protocol::{self, ClientError, Since};
+use crate::room::Pin as RoomPin;
 
 /// Most messages in one chunk of a replay.
 const CHUNK_FRAMES: usize = 64;
@@ -24,6 +35,23 @@ const CHUNK_FRAMES: usize = 64;
 pub(super) struct Resume {
     room: String,
     from: Position,
+    /// The room's Redis stream being read.
+    fetching: Option<oneshot::Receiver<Fetched>>,
+    /// The stream was read (or cannot be): a log that still does not reach back means the
+    /// member is not recovered.
+    asked: bool,
+    /// Keeps the room open (and, with Redis, subscribed) until the member has joined.
+    pin: Option<RoomPin>,
+}
+
+/// What one step of a resume did.
+#[derive(PartialEq, Eq)]
+enum Step {
+    Joined,
+    /// A chunk was queued; more to come.
+    More,
+    /// Waiting for the room's Redis stream.
+    Asked,
 }
 
 impl Session {
@@ -55,11 +83,11 @@ impl Session {
             return Ok(());
         };
         let Some(since) = since else {
-            return match history.attach(room, None, self.replay_budget(), |joining| {
+            return match history.attach(room, None, self.replay_budget(), Ask::Nobody, |joining| {
                 self.joined(room, &joining)
             }) {
                 Attach::Joined(result) => result,
-                Attach::More(_) => Ok(()),
+                Attach::More(_) | Attach::Behind => Ok(()),
             };
         };
         let resume = Resume {
@@ -68,6 +96,9 @@ impl Session {
                 epoch: Arc::from(since.epoch),
                 offset: since.offset,
             },
+            fetching: None,
+            asked: false,
+            pin: None,
         };
         self.resumes
             .get_or_insert_with(Box::default)
@@ -86,15 +117,24 @@ impl Session {
             let Some(mut resume) = self.resumes.as_mut().and_then(|q| q.pop_front()) else {
                 break;
             };
+            if resume.fetching.is_some() {
+                // Waiting for Redis: the answer wakes the session (`poll_fetch`).
+                self.resumes
+                    .get_or_insert_with(Box::default)
+                    .push_front(resume);
+                break;
+            }
             match self.resume_step(&history, &mut resume) {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Step::Joined) => {}
+                Ok(step) => {
                     self.resumes
                         .get_or_insert_with(Box::default)
                         .push_front(resume);
-                    // Come back when what was queued is written (a direct write leaves the
-                    // outbox empty, and the loop goes on at once).
-                    self.outbox.signal();
+                    if step == Step::More {
+                        // Come back when what was queued is written (a direct write leaves
+                        // the outbox empty, and the loop goes on at once).
+                        self.outbox.signal();
+                    }
                 }
                 Err(e) => {
                     self.outbox.push(&e.to_frame(), &self.shared.metrics);
@@ -125,25 +165,71 @@ impl Session {
         }
     }
 
-    /// One chunk of a resume; true once the member is in the room.
-    fn resume_step(&mut self, history: &History, resume: &mut Resume) -> Result<bool, ClientError> {
+    /// One step of a resume: a chunk, the join, or the question to Redis.
+    fn resume_step(&mut self, history: &History, resume: &mut Resume) -> Result<Step, ClientError> {
+        let ask = if resume.asked {
+            Ask::Nobody
+        } else {
+            Ask::Cluster
+        };
         let step = history.attach(
             &resume.room,
             Some(&resume.from),
             self.replay_budget(),
+            ask,
             |joining| self.joined(&resume.room, &joining),
         );
         match step {
-            Attach::Joined(result) => result.map(|()| true),
+            Attach::Joined(result) => result.map(|()| Step::Joined),
             Attach::More(chunk) => {
                 let epoch = Arc::clone(&resume.from.epoch);
                 self.replay(&resume.room, &chunk, &epoch);
                 if let Some(last) = chunk.last() {
                     resume.from.offset = last.offset;
                 }
-                Ok(false)
+                Ok(Step::More)
+            }
+            Attach::Behind => {
+                // Pinned first: the subscribe it causes is queued to Redis before the read.
+                let pin = self
+                    .shared
+                    .registry
+                    .pin(&resume.room)
+                    .map_err(|full| ClientError::Limit(full.to_string()))?;
+                resume.pin = Some(pin);
+                resume.asked = true;
+                resume.fetching = self.shared.backplane.fetch(&resume.room);
+                Ok(Step::Asked)
             }
         }
+    }
+
+    /// The answer from Redis for the resume waiting on it, when it has come (polled as one of
+    /// the session's wake-up sources).
+    pub(super) fn poll_fetch(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Fetched>> {
+        let waiting = self.resumes.as_mut().and_then(|q| q.front_mut());
+        let Some(rx) = waiting.and_then(|r| r.fetching.as_mut()) else {
+            return std::task::Poll::Pending;
+        };
+        std::pin::Pin::new(rx).poll(cx).map(Result::ok)
+    }
+
+    /// Redis answered (`None`: it could not): seeds the room's log with the stream and goes on.
+    pub(super) fn fetched(&mut self, answer: Option<Fetched>) {
+        let (Some(history), Some(resume)) = (
+            self.shared.backplane.history().cloned(),
+            self.resumes.as_mut().and_then(|q| q.front_mut()),
+        ) else {
+            return;
+        };
+        resume.fetching = None;
+        if let Some(stream) = answer {
+            history.seed(&resume.room, &resume.from, &stream);
+        }
+        self.continue_resumes();
     }
 
     /// Under the room's log: joins, queues the rest of the replay and the answer.

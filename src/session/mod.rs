@@ -148,6 +148,8 @@ pub(crate) struct Session {
 /// What woke the session.
 enum Wake {
     Outbox,
+    /// Redis answered a resume's question about a room's stream.
+    Fetched(Option<crate::backplane::Fetched>),
     Writable(io::Result<()>),
     Readable(io::Result<()>),
     Timer,
@@ -307,6 +309,11 @@ impl Session {
                 return Poll::Ready(Wake::Readable(r));
             }
         }
+        if self.resumes.is_some() {
+            if let Poll::Ready(answer) = self.poll_fetch(cx) {
+                return Poll::Ready(Wake::Fetched(answer));
+            }
+        }
         timer.poll(cx).map(|()| Wake::Timer)
     }
 
@@ -338,6 +345,10 @@ impl Session {
             }
             Wake::Timer => {
                 self.batched(Self::on_timer)?;
+                self.flush()
+            }
+            Wake::Fetched(answer) => {
+                self.fetched(answer);
                 self.flush()
             }
         }

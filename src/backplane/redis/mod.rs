@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::inbox::Inbox;
@@ -36,7 +37,7 @@ pub(crate) use self::worker::Worker;
 use super::quota::Quota;
 use super::BackplaneError;
 use crate::config::RedisLimits;
-use crate::history::{History, HistoryConfig};
+use crate::history::{History, HistoryConfig, Stamp};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::protocol;
@@ -55,7 +56,17 @@ enum Op {
     Subscribe(RoomId),
     Unsubscribe(RoomId),
     Publish(Pending),
+    /// Read a room's Redis stream (history across nodes); the answer goes to `reply`, and a
+    /// dropped `reply` (the link went down first) means it could not be read.
+    Fetch {
+        room: RoomId,
+        reply: oneshot::Sender<Fetched>,
+    },
 }
+
+/// What a room's Redis stream holds: each message's offset and epoch with its bare frame,
+/// oldest first.
+pub type Fetched = Vec<(Stamp, Bytes)>;
 
 /// An accepted publish on its way to Redis. It keeps its sender's outbox so that, if it never
 /// gets there, the sender is told.
@@ -228,6 +239,18 @@ impl Bus {
             from: from.cloned(),
         };
         self.enqueue(pending)
+    }
+
+    /// Asks for what room `room`'s Redis stream holds, read after every subscribe queued
+    /// before this call has taken effect; `None` while the link is down.
+    pub fn fetch(&self, room: &str) -> Option<oneshot::Receiver<Fetched>> {
+        if !self.is_healthy() || !self.sequenced {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        let room = RoomId::new(room);
+        self.ops.send(Op::Fetch { room, reply }).ok()?;
+        Some(answer)
     }
 
     /// Tells every node (this one too, through Redis) to close `user`'s connections.

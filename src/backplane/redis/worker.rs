@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use super::inbox::{self, Delivery, Inbox};
 use super::{Op, Pending, State};
-use crate::history::{History, HistoryConfig};
+use crate::frame;
+use crate::history::{History, HistoryConfig, Stamp};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientError};
 use crate::room::{Registry, RoomId};
@@ -50,6 +51,25 @@ end
 redis.call('PUBLISH', ARGV[1], payload)
 return offset
 "#;
+
+/// An XRANGE reply: each entry's id with its fields (`p`: the published payload).
+type StreamEntries = Vec<(String, std::collections::HashMap<String, Vec<u8>>)>;
+
+/// The messages in a stream read, decoded like the payloads the subscriber receives.
+fn fetched(entries: StreamEntries) -> super::Fetched {
+    entries
+        .into_iter()
+        .filter_map(|(_, mut fields)| {
+            let mut payload = fields.remove("p")?;
+            let relay = protocol::decode_relay(&mut payload)?;
+            let stamp = Stamp {
+                offset: relay.offset?,
+                epoch: Arc::from(relay.epoch?),
+            };
+            Some((stamp, frame::text(relay.message)))
+        })
+        .collect()
+}
 
 /// Why a connected period ended.
 enum Ended {
@@ -309,6 +329,19 @@ impl Worker {
                 Op::Unsubscribe(room) => {
                     self.flush(conn, batch).await?;
                     timed("unsubscribe", sink.unsubscribe(self.channel(&room))).await?;
+                }
+                Op::Fetch { room, reply } => {
+                    // After the subscribes before it (awaited above): the stream read now
+                    // overlaps what this node receives from here on.
+                    self.flush(conn, batch).await?;
+                    let range = redis::cmd("XRANGE")
+                        .arg(self.key("history", room.as_str()))
+                        .arg("-")
+                        .arg("+")
+                        .to_owned();
+                    let entries =
+                        timed("read history", range.query_async::<StreamEntries>(conn)).await?;
+                    let _ = reply.send(fetched(entries));
                 }
             }
         }
