@@ -184,6 +184,10 @@ struct Log {
 struct State {
     /// The history's epoch; `None` under [`Offsets::Decided`] until the first message.
     epoch: Option<Arc<str>>,
+    /// Under [`Offsets::Decided`]: the opening of the room ([`crate::room::Room::opening`])
+    /// whose subscription fed this log. Only for that opening is the log complete from its
+    /// first message on: a room closed here missed what was published meanwhile.
+    fed_by: Option<u64>,
     /// The offset the next message gets.
     next: u64,
     kept: VecDeque<Kept>,
@@ -260,7 +264,7 @@ impl History {
     /// be delivered).
     pub fn append<R>(
         &self,
-        room: &str,
+        (room, opening): (&str, u64),
         frame: &Bytes,
         stamp: &Stamp,
         deliver: impl FnOnce(Continuity) -> R,
@@ -269,6 +273,8 @@ impl History {
         let now = Instant::now();
         let mut state = lock(&log.state);
         let continuity = match &state.epoch {
+            // Kept by an earlier opening of the room: it does not join up with this one.
+            _ if state.fed_by != Some(opening) => Continuity::First,
             None => Continuity::First,
             Some(epoch) if **epoch != *stamp.epoch => Continuity::Gap,
             Some(_) if stamp.offset < state.next => Continuity::Stale,
@@ -282,15 +288,21 @@ impl History {
                     self.gaps.fetch_add(1, Relaxed);
                 }
                 // What is kept must run on by one: start again from this message.
-                self.bytes.fetch_sub(state.bytes, Relaxed);
-                state.kept.clear();
-                state.bytes = 0;
-                state.epoch = Some(Arc::clone(&stamp.epoch));
+                self.restart(&mut state, &stamp.epoch, opening);
             }
             Continuity::Next => {}
         }
         self.keep(&mut state, stamp.offset, frame, now);
         deliver(continuity)
+    }
+
+    /// Empties the log to start again in `epoch`, fed by room opening `opening`.
+    fn restart(&self, state: &mut State, epoch: &Arc<str>, opening: u64) {
+        self.bytes.fetch_sub(state.bytes, Relaxed);
+        state.kept.clear();
+        state.bytes = 0;
+        state.epoch = Some(Arc::clone(epoch));
+        state.fed_by = Some(opening);
     }
 
     /// Keeps `frame` at `offset` (the next one) and trims.
@@ -322,13 +334,17 @@ impl History {
         room: &str,
         from: Option<&Position>,
         budget: Budget,
-        ask: Ask,
+        (ask, opening): (Ask, Option<u64>),
         join: impl FnOnce(Joining) -> R,
     ) -> Attach<R> {
         let log = self.log(room);
         let mut state = lock(&log.state);
         self.trim(&mut state, Instant::now());
-        let latest = state.latest();
+        // Offsets decided in Redis: the log says where the room is only if it follows the
+        // room's current opening here (`opening`: `None` when the room is not open).
+        let following =
+            self.offsets == Offsets::Local || state.fed_by.is_some() && state.fed_by == opening;
+        let latest = if following { state.latest() } else { None };
         let Some(from) = from else {
             return Attach::Joined(join(Joining {
                 replay: Vec::new(),
@@ -338,11 +354,10 @@ impl History {
         };
         let first = state.kept.front().map_or(state.next, |kept| kept.offset);
         let reaches = from.offset + 1 >= first && from.offset < state.next;
-        let same_epoch = state.epoch.as_deref() == Some(&*from.epoch);
-        let unknown = state.epoch.is_none();
+        let same_epoch = following && state.epoch.as_deref() == Some(&*from.epoch);
         if ask == Ask::Cluster
             && self.offsets == Offsets::Decided
-            && (unknown || same_epoch && !reaches)
+            && (!following || same_epoch && !reaches)
         {
             return Attach::Behind;
         }
@@ -383,10 +398,20 @@ impl History {
     /// nothing yet, the stream becomes the log. False when the stream does not help a member
     /// at `from` (another epoch, or it does not reach back to the message after `from`): the
     /// member is then not recovered.
-    pub fn seed(&self, room: &str, from: &Position, fetched: &[(Stamp, Bytes)]) -> bool {
+    pub fn seed(
+        &self,
+        (room, opening): (&str, u64),
+        from: &Position,
+        fetched: &[(Stamp, Bytes)],
+    ) -> bool {
         let log = self.log(room);
         let now = Instant::now();
         let mut state = lock(&log.state);
+        if state.fed_by != Some(opening) {
+            // Nothing received in this opening yet: what is kept is from an earlier one.
+            self.restart(&mut state, &from.epoch, opening);
+            state.epoch = None;
+        }
         // Only the stream's last run counts, and only in the member's epoch: a newest entry of
         // another epoch means the room's history started again since.
         if fetched
@@ -410,6 +435,7 @@ impl History {
         match state.epoch.clone() {
             None => {
                 state.epoch = Some(Arc::clone(&from.epoch));
+                state.fed_by = Some(opening);
                 for (stamp, frame) in run {
                     self.keep(&mut state, stamp.offset, frame, now);
                 }
@@ -507,6 +533,7 @@ impl History {
         let log = Arc::new(Log {
             state: Mutex::new(State {
                 epoch,
+                fed_by: None,
                 next: 1,
                 kept: VecDeque::new(),
                 bytes: 0,
@@ -684,7 +711,7 @@ mod tests {
                 frames,
                 bytes: 1 << 20,
             };
-            let step = history.attach("r", Some(&from), budget, Ask::Nobody, |joining| {
+            let step = history.attach("r", Some(&from), budget, (Ask::Nobody, None), |joining| {
                 if joining.recovered == Some(false) {
                     self.lost[member] = Some((
                         self.got[member].len(),
@@ -798,13 +825,16 @@ mod tests {
             frames: 10,
             bytes: 1 << 20,
         };
-        let recovered =
-            |from: Position| match history.attach("r", Some(&from), budget, Ask::Nobody, |j| {
-                (j.recovered, j.replay.len())
-            }) {
-                Attach::Joined(outcome) => outcome,
-                Attach::More(_) | Attach::Behind => panic!("one chunk holds it all"),
-            };
+        let recovered = |from: Position| match history.attach(
+            "r",
+            Some(&from),
+            budget,
+            (Ask::Nobody, None),
+            |j| (j.recovered, j.replay.len()),
+        ) {
+            Attach::Joined(outcome) => outcome,
+            Attach::More(_) | Attach::Behind => panic!("one chunk holds it all"),
+        };
         let other: Arc<str> = Arc::from("other");
         assert_eq!(
             recovered(Position {
@@ -844,7 +874,7 @@ mod tests {
             offset,
             epoch: Arc::from(epoch),
         };
-        let append = |s: Stamp| history.append("r", &frame(s.offset), &s, |c| c);
+        let append = |s: Stamp| history.append(("r", 1), &frame(s.offset), &s, |c| c);
         assert_eq!(append(stamp(7, "e1")), Continuity::First);
         assert_eq!(append(stamp(8, "e1")), Continuity::Next);
         assert_eq!(append(stamp(8, "e1")), Continuity::Stale);
@@ -881,11 +911,30 @@ mod tests {
             offset: 9,
         };
         let Attach::Joined(recovered) =
-            history.attach("r", Some(&from), budget, Ask::Nobody, |j| j.recovered)
+            history.attach("r", Some(&from), budget, (Ask::Nobody, None), |j| {
+                j.recovered
+            })
         else {
             panic!("joins at once")
         };
         assert_eq!(recovered, Some(false), "another epoch");
+
+        // The room closed here and opened again (opening 2): the log missed what came in
+        // between, so it cannot serve a resume without the stream, and the next message
+        // starts it again rather than counting a gap.
+        let at_one = Position {
+            epoch: Arc::from("e2"),
+            offset: 1,
+        };
+        let asked = history.attach("r", Some(&at_one), budget, (Ask::Cluster, Some(2)), |_| ());
+        assert!(matches!(asked, Attach::Behind));
+        let gaps = history.stats().gaps;
+        assert_eq!(append_in(&history, 2, stamp(9, "e2")), Continuity::First);
+        assert_eq!(history.stats().gaps, gaps);
+    }
+
+    fn append_in(history: &History, opening: u64, stamp: Stamp) -> Continuity {
+        history.append(("r", opening), &frame(stamp.offset), &stamp, |c| c)
     }
 
     #[test]
@@ -912,22 +961,22 @@ mod tests {
         };
         // A log that has seen nothing becomes the stream.
         let fresh = History::new(config, Offsets::Decided).expect("on");
-        assert!(fresh.seed("r", &at(3), &stream(1..=6, "e")));
+        assert!(fresh.seed(("r", 1), &at(3), &stream(1..=6, "e")));
         assert_eq!(kept(&fresh), [1, 2, 3, 4, 5, 6]);
         assert_eq!(fresh.latest("r"), Some(stamp(6, "e")));
         // A log that received 5.. since the room was pinned gets what it lacks in front.
         let partial = History::new(config, Offsets::Decided).expect("on");
         for n in 5..=7 {
-            partial.append("r", &frame(n), &stamp(n, "e"), |_| ());
+            partial.append(("r", 1), &frame(n), &stamp(n, "e"), |_| ());
         }
-        assert!(partial.seed("r", &at(1), &stream(1..=6, "e")));
+        assert!(partial.seed(("r", 1), &at(1), &stream(1..=6, "e")));
         assert_eq!(kept(&partial), [1, 2, 3, 4, 5, 6, 7]);
         // Refused: the stream does not reach back to 3; its newest run is another epoch; the
         // stream ends before the log begins.
         let refused = |from: u64, s: Vec<(Stamp, Bytes)>| {
             let h = History::new(config, Offsets::Decided).expect("on");
-            h.append("r", &frame(20), &stamp(20, "e"), |_| ());
-            !h.seed("r", &at(from), &s)
+            h.append(("r", 1), &frame(20), &stamp(20, "e"), |_| ());
+            !h.seed(("r", 1), &at(from), &s)
         };
         assert!(refused(2, stream(4..=19, "e")), "3 is gone");
         assert!(refused(2, stream(1..=19, "f")), "another epoch");

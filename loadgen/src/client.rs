@@ -235,6 +235,8 @@ pub struct Shared {
     pub reconnect_every: Duration,
     /// Time away between a reconnecting client's close and its next connect.
     pub reconnect_away: Duration,
+    /// `--reconnect-elsewhere`: each reconnect goes to the next --url.
+    pub reconnect_elsewhere: bool,
     /// Signs each client's token when the server requires one.
     pub tokens: Option<crate::token::Minter>,
 }
@@ -857,6 +859,9 @@ pub struct ClientArgs {
     pub id: u32,
     pub addr: SocketAddr,
     pub url: Arc<ws::WsUrl>,
+    /// Where a reconnecting client goes next with `--reconnect-elsewhere`: every --url in
+    /// turn, starting after its own.
+    pub targets: Arc<Vec<(SocketAddr, Arc<ws::WsUrl>)>>,
     pub shared: Arc<Shared>,
     pub connect_permits: Arc<Semaphore>,
     pub outcomes: mpsc::UnboundedSender<Outcome>,
@@ -864,16 +869,23 @@ pub struct ClientArgs {
     pub stop: watch::Receiver<bool>,
 }
 
+/// Where a connect goes: the server, and (a resume) the last offset and epoch received.
+struct Dest<'a> {
+    addr: SocketAddr,
+    url: &'a ws::WsUrl,
+    since: Option<(u64, &'a str)>,
+}
+
 /// TCP connect, upgrade, join (a resume from `since` when given). Leaves any bytes read past
 /// the upgrade response at the start of `rbuf` and returns how many.
 async fn connect(
     a: &ClientArgs,
+    Dest { addr, url, since }: Dest<'_>,
     phase_deadline: Instant,
     rbuf: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
     rng: &mut Rng,
-    since: Option<(u64, &str)>,
 ) -> Result<(TcpStream, usize, Duration), ConnectError> {
     let sh = &a.shared;
     let _permit = tokio::select! {
@@ -883,15 +895,13 @@ async fn connect(
     let started = Instant::now();
     let deadline = (started + sh.connect_timeout).min(phase_deadline);
     let attempt = async {
-        let mut s = TcpStream::connect(a.addr)
-            .await
-            .map_err(ConnectError::Tcp)?;
+        let mut s = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
         // Deliveries are small frames; Nagle would add latency loadgen would then report.
         let _ = s.set_nodelay(true);
         let token = sh.tokens.as_ref().map(|m| m.token(a.id));
         let protocol = sh.envelope.then_some(envelope::PROTOCOL);
         s.write_all(&ws::upgrade_request(
-            &a.url,
+            url,
             rng.key(),
             token.as_deref(),
             protocol,
@@ -976,6 +986,8 @@ struct Conn {
     /// Reconnecting: index of the next reconnect time.
     reconnect_n: u64,
     reconnects: u64,
+    /// Reconnect attempts so far (picks the next --url with `--reconnect-elsewhere`).
+    hops: u64,
     reconnect_failures: Vec<String>,
 }
 
@@ -1314,9 +1326,23 @@ impl Conn {
         self.st.position.reconnected(self.st.resume);
         let since = self.st.resume.then(|| self.st.position.since());
         let deadline = Instant::now() + self.sh.connect_timeout;
+        // With --reconnect-elsewhere, the next --url each time (the targets list starts at
+        // this client's own).
+        self.hops += 1;
+        let (addr, url) = if self.sh.reconnect_elsewhere && !a.targets.is_empty() {
+            let (addr, url) = &a.targets[self.hops as usize % a.targets.len()];
+            (*addr, Arc::clone(url))
+        } else {
+            (a.addr, Arc::clone(&a.url))
+        };
+        let dest = Dest {
+            addr,
+            url: &url,
+            since,
+        };
         let (rbuf, scratch, out) = (&mut self.rbuf, &mut self.scratch, &mut self.out);
         let r = tokio::select! {
-            r = connect(a, deadline, rbuf, scratch, out, &mut self.rng, since) => r,
+            r = connect(a, dest, deadline, rbuf, scratch, out, &mut self.rng) => r,
             _ = self.stop.changed() => return Next::End(None),
         };
         match r {
@@ -1402,14 +1428,19 @@ pub async fn client_task(a: ClientArgs) -> ClientResult {
         scratch: Vec::with_capacity(sh.payload + 128),
         rng: Rng::new(u64::from(id) ^ now_ns()),
     };
+    let home = Dest {
+        addr: a.addr,
+        url: &a.url,
+        since: None,
+    };
     let connected = connect(
         &a,
+        home,
         sh.connect_deadline,
         &mut b.rbuf,
         &mut b.scratch,
         &mut b.out,
         &mut b.rng,
-        None,
     )
     .await;
     let (stream, end) = match connected {
@@ -1458,6 +1489,7 @@ impl Conn {
             down: false,
             reconnect_n: 0,
             reconnects: 0,
+            hops: 0,
             reconnect_failures: Vec::new(),
         }
     }

@@ -87,6 +87,8 @@ pub struct Config {
     /// `--reconnect-away`: how long a reconnecting client stays away between its close and
     /// its next connect (a phone changing networks), so a resume has something to replay.
     pub reconnect_away: Duration,
+    /// `--reconnect-elsewhere`: a reconnecting client goes to the next --url each time.
+    pub reconnect_elsewhere: bool,
     /// `--envelope`: offer the `roomcast.v2` subprotocol (and refuse a server that does not
     /// select it), read every delivery as an envelope and check its room offsets.
     pub envelope: bool,
@@ -136,6 +138,7 @@ impl Default for Config {
             reconnect_fraction: 0.0,
             reconnect_every: Duration::from_secs(5),
             reconnect_away: Duration::ZERO,
+            reconnect_elsewhere: false,
             envelope: false,
             resume: false,
             token_secret: None,

@@ -134,6 +134,11 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     reconnect_away: Duration,
 
+    /// With several --url: each reconnect goes to the next one (with --resume, a resume on
+    /// another node).
+    #[arg(long)]
+    reconnect_elsewhere: bool,
+
     /// Offer the roomcast.v2 subprotocol (a server that does not select it fails the
     /// connect), read deliveries as envelopes and check that each room's offsets run on by
     /// exactly one within a connection.
@@ -212,6 +217,7 @@ impl From<Args> for Config {
             reconnect_fraction: a.reconnect_fraction,
             reconnect_every: a.reconnect_every,
             reconnect_away: a.reconnect_away,
+            reconnect_elsewhere: a.reconnect_elsewhere,
             envelope: a.envelope,
             resume: a.resume,
             token_secret: a.token_secret,

@@ -130,6 +130,7 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
         reconnect_slots,
         reconnect_every: cfg.reconnect_every,
         reconnect_away: cfg.reconnect_away,
+        reconnect_elsewhere: cfg.reconnect_elsewhere,
         // A day: tokens must outlive any run, and the server closes a connection at `exp`.
         tokens: cfg
             .token_secret
@@ -171,12 +172,25 @@ impl Clients {
         let permits = Arc::new(Semaphore::new(cfg.connect_concurrency));
         let mut progress = Progress::new(cfg.quiet);
         progress.stage("connect", cfg.clients as u64, "clients");
+        // Per home target: every target, starting with it (`--reconnect-elsewhere`).
+        let n = t.addrs.len();
+        let rotations: Vec<Arc<Vec<_>>> = (0..n)
+            .map(|home| {
+                let order = (0..n).map(|k| (home + k) % n);
+                Arc::new(
+                    order
+                        .map(|k| (t.addrs[k], Arc::clone(&t.urls[k])))
+                        .collect(),
+                )
+            })
+            .collect();
         let handles = (0..cfg.clients)
             .map(|i| {
                 tokio::spawn(client_task(ClientArgs {
                     id: i as u32,
                     addr: t.addrs[i % t.addrs.len()],
                     url: Arc::clone(&t.urls[i % t.urls.len()]),
+                    targets: Arc::clone(&rotations[i % t.addrs.len()]),
                     shared: Arc::clone(&shared),
                     connect_permits: Arc::clone(&permits),
                     outcomes: outcome_tx.clone(),

@@ -17,7 +17,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -85,15 +85,26 @@ pub struct Room {
     members: ArcSwap<Roster>,
     /// Members a [`Fanout`] serves before it lets other tasks run (`--fanout-slice`).
     slice: usize,
+    opening: u64,
 }
 
 impl Room {
     fn new(id: RoomId, slice: usize) -> Self {
+        /// Every room opened on this node gets the next number.
+        static OPENED: AtomicU64 = AtomicU64::new(1);
         Self {
             id,
             members: ArcSwap::from_pointee(Roster::default()),
             slice,
+            opening: OPENED.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Which opening of the room on this node this is: a room that closes (its last member
+    /// left) and opens again is another opening. With Redis, a room's history here is only
+    /// complete for the opening that received it.
+    pub fn opening(&self) -> u64 {
+        self.opening
     }
 
     /// The room's name.

@@ -83,9 +83,13 @@ impl Session {
             return Ok(());
         };
         let Some(since) = since else {
-            return match history.attach(room, None, self.replay_budget(), Ask::Nobody, |joining| {
-                self.joined(room, &joining)
-            }) {
+            return match history.attach(
+                room,
+                None,
+                self.replay_budget(),
+                (Ask::Nobody, self.opening(room)),
+                |joining| self.joined(room, &joining),
+            ) {
                 Attach::Joined(result) => result,
                 Attach::More(_) | Attach::Behind => Ok(()),
             };
@@ -146,6 +150,11 @@ impl Session {
         }
     }
 
+    /// Which opening of `room` this node has (`None`: not open here).
+    fn opening(&self, room: &str) -> Option<u64> {
+        self.shared.registry.get(room).map(|r| r.opening())
+    }
+
     /// Whether a resume of `room` is in progress.
     pub(super) fn resuming(&self, room: &str) -> bool {
         self.resumes
@@ -176,7 +185,7 @@ impl Session {
             &resume.room,
             Some(&resume.from),
             self.replay_budget(),
-            ask,
+            (ask, self.opening(&resume.room)),
             |joining| self.joined(&resume.room, &joining),
         );
         match step {
@@ -226,8 +235,9 @@ impl Session {
             return;
         };
         resume.fetching = None;
-        if let Some(stream) = answer {
-            history.seed(&resume.room, &resume.from, &stream);
+        let opening = self.shared.registry.get(&resume.room).map(|r| r.opening());
+        if let (Some(stream), Some(opening)) = (answer, opening) {
+            history.seed((&resume.room, opening), &resume.from, &stream);
         }
         self.continue_resumes();
     }

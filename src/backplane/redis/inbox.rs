@@ -183,19 +183,24 @@ fn fanout_of(msg: &redis::Msg, inbox: &Inbox, ctx: &Delivery) -> Option<Fanout> 
     };
     // Kept and served whole under the room's log, like an in-process publish with history:
     // a member resuming on this node joins between two messages, never inside one.
-    history.append(room.id().as_str(), &frame, &stamp, |continuity| {
-        if continuity == Continuity::Stale {
-            return;
-        }
-        if continuity == Continuity::Gap {
-            // Offsets were skipped on the way here: envelope members are told, not left to
-            // find a hole.
-            let gap = protocol::room_reply("gap", room.id().as_str(), None, None);
-            room.tell_envelopes(&gap, &ctx.metrics);
-        }
-        let mut fanout = room.fanout(frame.clone(), skip);
-        fanout.stamp(stamp.clone());
-        fanout.finish_now(&ctx.metrics);
-    });
+    history.append(
+        (room.id().as_str(), room.opening()),
+        &frame,
+        &stamp,
+        |continuity| {
+            if continuity == Continuity::Stale {
+                return;
+            }
+            if continuity == Continuity::Gap {
+                // Offsets were skipped on the way here: envelope members are told, not left to
+                // find a hole.
+                let gap = protocol::room_reply("gap", room.id().as_str(), None, None);
+                room.tell_envelopes(&gap, &ctx.metrics);
+            }
+            let mut fanout = room.fanout(frame.clone(), skip);
+            fanout.stamp(stamp.clone());
+            fanout.finish_now(&ctx.metrics);
+        },
+    );
     None
 }
