@@ -284,6 +284,13 @@ pub trait RoomWatcher: Send + Sync {
     fn closed(&self, room: &RoomId);
 }
 
+/// `room`'s entry in `map` (its shard), if it is still that room: a room that closed and
+/// opened again is another `Room`, and a late leave or unpin of the old one must not touch it.
+fn entry_of<'m>(map: &'m mut HashMap<RoomId, Entry>, room: &Arc<Room>) -> Option<&'m mut Entry> {
+    map.get_mut(room.id.as_str())
+        .filter(|entry| Arc::ptr_eq(&entry.room, room))
+}
+
 /// A room held open by [`Registry::pin`]; unpinned on drop.
 pub struct Pin {
     registry: Registry,
@@ -464,10 +471,7 @@ impl Registry {
     /// does not hold the room (or a room already gone) is left alone.
     pub fn leave(&self, room: &Arc<Room>, member: ConnId) {
         let mut map = self.shard(room.id.as_str());
-        let Some(entry) = map
-            .get_mut(room.id.as_str())
-            .filter(|entry| Arc::ptr_eq(&entry.room, room))
-        else {
+        let Some(entry) = entry_of(&mut map, room) else {
             return;
         };
         let Some(index) = entry.positions.remove(&member) else {
@@ -516,10 +520,7 @@ impl Registry {
 
     fn unpin(&self, room: &Arc<Room>) {
         let mut map = self.shard(room.id.as_str());
-        let Some(entry) = map
-            .get_mut(room.id.as_str())
-            .filter(|entry| Arc::ptr_eq(&entry.room, room))
-        else {
+        let Some(entry) = entry_of(&mut map, room) else {
             return;
         };
         entry.pins = entry.pins.saturating_sub(1);
