@@ -212,6 +212,15 @@ pub fn envelope(room: &str, message: &str, stamp: Option<&Stamp>) -> Bytes {
     frame::text(&json)
 }
 
+/// The envelope-mode delivery of the message a bare frame (one of [`frame::text`]'s) carries;
+/// any other frame (only tests send such) is returned as it is.
+pub fn envelope_of(room: &str, bare: &Bytes, stamp: Option<&Stamp>) -> Bytes {
+    match frame::text_payload(bare) {
+        Some(message) => envelope(room, message, stamp),
+        None => bare.clone(),
+    }
+}
+
 /// An envelope-mode answer about a room: `{"type":KIND,"room":R}` (`subscribed`,
 /// `unsubscribed`), with the room's latest offset and epoch when it has history, and for a
 /// resume whether everything missed was replayed.

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use crate::frame;
 use crate::history::Stamp;
 use crate::metrics::Metrics;
 use crate::outbox::{self, ConnId, DeferredWrites, Outbox};
@@ -211,9 +210,9 @@ impl Fanout {
                     }
                     let frame = match member.outbox.format() {
                         Format::Bare => frame,
-                        Format::Envelope => {
-                            envelope.get_or_insert_with(|| envelope_of(room, frame, stamp.as_ref()))
-                        }
+                        Format::Envelope => envelope.get_or_insert_with(|| {
+                            protocol::envelope_of(room.as_str(), frame, stamp.as_ref())
+                        }),
                     };
                     if member
                         .outbox
@@ -263,15 +262,6 @@ impl Fanout {
             tokio::task::yield_now().await;
         }
         self.queued
-    }
-}
-
-/// The envelope-mode delivery of the message `bare` carries to `room`. A frame that is not
-/// one of [`frame::text`]'s (only tests broadcast such) goes out as it is.
-fn envelope_of(room: &RoomId, bare: &Bytes, stamp: Option<&Stamp>) -> Bytes {
-    match frame::text_payload(bare) {
-        Some(message) => protocol::envelope(room.as_str(), message, stamp),
-        None => bare.clone(),
     }
 }
 

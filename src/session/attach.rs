@@ -23,7 +23,6 @@ use tokio::sync::oneshot;
 
 use super::Session;
 use crate::backplane::Fetched;
-use crate::frame;
 use crate::history::{Ask, Attach, Budget, History, Joining, Kept, Position, Stamp};
 use crate::protocol::{self, ClientError, Since};
 use crate::room::Pin as RoomPin;
@@ -267,12 +266,11 @@ impl Session {
         let envelope = self.envelope();
         for kept in kept {
             let frame = if envelope {
-                let message = frame::text_payload(&kept.frame).unwrap_or_default();
                 let stamp = Stamp {
                     offset: kept.offset,
                     epoch: Arc::clone(epoch),
                 };
-                protocol::envelope(room, message, Some(&stamp))
+                protocol::envelope_of(room, &kept.frame, Some(&stamp))
             } else {
                 kept.frame.clone()
             };

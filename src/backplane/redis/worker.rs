@@ -372,6 +372,8 @@ impl Worker {
                         .arg(&pending.payload)
                         .arg(config.size)
                         .arg(ttl_ms)
+                        // Fresh for every publish (it is used only when the room has no
+                        // epoch): a new sequence of offsets must never reuse an old epoch.
                         .arg(super::node_id())
                         .ignore();
                 }
