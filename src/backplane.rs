@@ -131,10 +131,11 @@ impl Backplane {
         ))
     }
 
-    /// Asks Redis for room `room`'s stream (history across nodes); `None` without Redis or
-    /// history, or while the link is down.
-    pub fn fetch(&self, room: &str) -> Option<tokio::sync::oneshot::Receiver<Fetched>> {
-        self.redis.as_ref()?.fetch(room)
+    /// Asks Redis for room `room`'s stream from offset `first` on (history across nodes);
+    /// `None` without Redis or history, while the link is down, or past
+    /// `--redis-history-reads`.
+    pub fn fetch(&self, room: &str, first: u64) -> Option<tokio::sync::oneshot::Receiver<Fetched>> {
+        self.redis.as_ref()?.fetch(room, first)
     }
 
     /// The node's room history, when it keeps one.

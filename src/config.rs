@@ -145,6 +145,10 @@ pub struct RedisLimits {
     pub inbox_messages: u64,
     /// Their bytes. Default 64 MiB.
     pub inbox_bytes: u64,
+    /// Reads of rooms' Redis streams queued or in flight for resumes (with history): past it
+    /// a resume that needs one is answered `recovered: false` and counted; 0 never reads.
+    /// Default 64.
+    pub history_reads: u64,
 }
 
 impl Default for RedisLimits {
@@ -154,6 +158,7 @@ impl Default for RedisLimits {
             queue_bytes: 64 << 20,
             inbox_messages: 100_000,
             inbox_bytes: 64 << 20,
+            history_reads: 64,
         }
     }
 }
@@ -259,6 +264,7 @@ impl Config {
         // The inbox channel is allocated for at most 2^20 messages (worker.rs).
         in_range("redis-inbox-messages", redis.inbox_messages, 1..=1 << 20)?;
         in_range("redis-inbox-bytes", redis.inbox_bytes, 1..=1 << 34)?;
+        in_range("redis-history-reads", redis.history_reads, 0..=1 << 16)?;
         for (name, value) in [
             ("ping-interval", self.ping_interval),
             ("ping-timeout", self.ping_timeout),

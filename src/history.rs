@@ -229,6 +229,11 @@ impl History {
         })
     }
 
+    /// The bounds it was made with.
+    pub fn config(&self) -> HistoryConfig {
+        self.config
+    }
+
     /// Keeps `frame` as `room`'s next message and runs `deliver` with its stamp while the
     /// room's log is held: deliveries of one room never interleave, so every member sees its
     /// messages in offset order.
@@ -294,6 +299,19 @@ impl History {
         }
         self.keep(&mut state, stamp.offset, frame, now);
         deliver(continuity)
+    }
+
+    /// The offsets `room`'s log lacks before `stamp`: some, when the log follows room opening
+    /// `opening` in `stamp`'s epoch and `stamp` skips past its next offset (messages from Redis
+    /// were dropped on the way). A gap repair reads them from the room's stream before
+    /// appending `stamp`'s message; [`append`](Self::append) still decides, so a log that
+    /// moved meanwhile is not harmed.
+    pub fn missing(&self, (room, opening): (&str, u64), stamp: &Stamp) -> Option<(u64, u64)> {
+        let log = self.existing(room)?;
+        let state = lock(&log.state);
+        let follows =
+            state.fed_by == Some(opening) && state.epoch.as_deref() == Some(&*stamp.epoch);
+        (follows && stamp.offset > state.next).then(|| (state.next, stamp.offset - 1))
     }
 
     /// Empties the log to start again in `epoch`, fed by room opening `opening`.
@@ -888,6 +906,13 @@ mod tests {
                 .collect()
         };
         assert_eq!(kept(&history), [7, 8, 9]);
+        // What a repair reads first: only the skipped offsets, only in the log's epoch and
+        // opening, nothing for the next one or an old one.
+        assert_eq!(history.missing(("r", 1), &stamp(12, "e1")), Some((10, 11)));
+        assert_eq!(history.missing(("r", 1), &stamp(10, "e1")), None);
+        assert_eq!(history.missing(("r", 1), &stamp(8, "e1")), None);
+        assert_eq!(history.missing(("r", 1), &stamp(12, "e2")), None);
+        assert_eq!(history.missing(("r", 2), &stamp(12, "e1")), None);
         assert_eq!(
             append(stamp(12, "e1")),
             Continuity::Gap,

@@ -198,6 +198,11 @@ struct Args {
     #[arg(long, env = "ROOMCAST_REDIS_INBOX_BYTES", default_value_t = 64 << 20)]
     redis_inbox_bytes: u64,
 
+    /// Reads of rooms' Redis streams for resumes queued at most (with history, at most
+    /// 65536); past it such a resume is answered `recovered: false`. 0: never read.
+    #[arg(long, env = "ROOMCAST_REDIS_HISTORY_READS", default_value_t = 64)]
+    redis_history_reads: u64,
+
     /// Connection tokens: `off` (anyone may do anything), `optional` (no token: the anonymous
     /// grants) or `required`.
     #[arg(long = "auth", env = "ROOMCAST_AUTH", value_enum, default_value_t = AuthArg::Off)]
@@ -357,6 +362,7 @@ impl Args {
                 queue_bytes: self.redis_queue_bytes,
                 inbox_messages: self.redis_inbox_messages,
                 inbox_bytes: self.redis_inbox_bytes,
+                history_reads: self.redis_history_reads,
             },
             auth: self.auth()?,
             allowed_origins: self

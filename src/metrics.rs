@@ -32,6 +32,9 @@ pub struct Metrics {
     fanout_yields: AtomicU64,
     resumes_recovered: AtomicU64,
     resumes_lost: AtomicU64,
+    stream_reads: AtomicU64,
+    stream_reads_refused: AtomicU64,
+    history_repaired: AtomicU64,
 }
 
 /// Why a connection was refused before it became a session.
@@ -136,6 +139,13 @@ pub struct Snapshot {
     pub resumes_recovered: u64,
     /// Resumes answered `recovered: false` (history gone, or another epoch).
     pub resumes_lost: u64,
+    /// Reads of a room's Redis stream (resumes and gap repairs).
+    pub stream_reads: u64,
+    /// Resumes not served from the Redis stream because `--redis-history-reads` reads were
+    /// already queued: answered `recovered: false`.
+    pub stream_reads_refused: u64,
+    /// Messages read from a room's Redis stream to fill a gap in live traffic.
+    pub history_repaired: u64,
 }
 
 impl Metrics {
@@ -168,6 +178,18 @@ impl Metrics {
             &self.resumes_lost
         };
         counter.fetch_add(1, Relaxed);
+    }
+    /// One read of a room's Redis stream.
+    pub fn add_stream_read(&self) {
+        self.stream_reads.fetch_add(1, Relaxed);
+    }
+    /// A resume's stream read refused: too many queued.
+    pub fn add_stream_read_refused(&self) {
+        self.stream_reads_refused.fetch_add(1, Relaxed);
+    }
+    /// A message filled into a gap from the room's Redis stream.
+    pub fn add_history_repaired(&self) {
+        self.history_repaired.fetch_add(1, Relaxed);
     }
     /// `n` frames dropped for slow consumers.
     pub fn add_dropped(&self, n: u64) {
@@ -263,6 +285,9 @@ impl Metrics {
             fanout_yields: self.fanout_yields.load(Relaxed),
             resumes_recovered: self.resumes_recovered.load(Relaxed),
             resumes_lost: self.resumes_lost.load(Relaxed),
+            stream_reads: self.stream_reads.load(Relaxed),
+            stream_reads_refused: self.stream_reads_refused.load(Relaxed),
+            history_repaired: self.history_repaired.load(Relaxed),
         }
     }
 }
@@ -389,8 +414,23 @@ impl Snapshot {
         ]
     }
 
-    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 7] {
+    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 10] {
         [
+            (
+                "roomcast_history_stream_reads_total",
+                "reads of a room's Redis stream for resumes and gap repairs",
+                self.stream_reads,
+            ),
+            (
+                "roomcast_history_stream_reads_refused_total",
+                "resumes not read from Redis: --redis-history-reads reads already queued",
+                self.stream_reads_refused,
+            ),
+            (
+                "roomcast_history_repaired_total",
+                "messages read from a room's Redis stream to fill a gap",
+                self.history_repaired,
+            ),
             (
                 "roomcast_resumes_recovered_total",
                 "resumes that replayed everything missed",

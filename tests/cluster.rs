@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::redis::Redis;
 use common::*;
 
@@ -258,8 +260,16 @@ async fn sliced_delivery_from_redis_keeps_the_order() {
     );
 }
 
-/// Two nodes with history on one Redis: `tweak` runs on both configs.
+/// Two nodes with history on one Redis.
 async fn history_cluster(redis: &Redis) -> (Node, Node) {
+    history_cluster_with(redis, |_| {}).await
+}
+
+/// Two nodes with history on one Redis; `tweak_b` runs on the second node's config only.
+async fn history_cluster_with(
+    redis: &Redis,
+    tweak_b: impl FnOnce(&mut roomcast::Config),
+) -> (Node, Node) {
     let url = redis.url();
     let with_history = |config: &mut roomcast::Config| {
         config.redis = Some(url.clone());
@@ -267,7 +277,11 @@ async fn history_cluster(redis: &Redis) -> (Node, Node) {
         lift_inbound_limits(config);
     };
     let a = Node::start_with(with_history).await;
-    let b = Node::start_with(with_history).await;
+    let b = Node::start_with(|config| {
+        with_history(config);
+        tweak_b(config);
+    })
+    .await;
     for node in [&a, &b] {
         node.wait_health("backplane connected", |h| h["status"] == "ok")
             .await;
@@ -461,4 +475,212 @@ async fn with_history_a_resume_on_a_node_without_the_room_is_served_from_the_red
     let live = envelopes(&mut back, 1).await;
     assert_eq!((live[0].0, live[0].2.as_str()), (12, "12"), "then live");
     assert_eq!(b.health().await["resumes_recovered"], 1);
+}
+
+/// Node B's inbox holds one message, so a burst from Redis overflows it and B drops messages
+/// on the way in. The next message that arrives shows the gap, and B fills it from the room's
+/// stream before delivering: its member sees every offset once, in order, and no gap notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_history_messages_a_node_dropped_are_repaired_from_the_stream() {
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster_with(&redis, |c| c.redis_limits.inbox_messages = 1).await;
+    let (mut sender, mut on_b) = members_in_h(&redis, &a, &b).await;
+    let reader = tokio::spawn(async move {
+        let mut offsets = Vec::new();
+        loop {
+            // A `gap` notice fails here: the repair must leave nothing to announce.
+            let (offset, _, message) = envelopes(&mut on_b, 1).await.remove(0);
+            offsets.push(offset);
+            if message.starts_with("end") {
+                return offsets;
+            }
+        }
+    });
+    let mut sent = 0;
+    for burst in 0..50 {
+        for n in 0..100 {
+            send(&mut sender, &send_message("h", &format!("{burst}:{n}"))).await;
+        }
+        sent += 100;
+        // The sender is a member too: its last message back means Redis published them all.
+        let echoed = envelopes(&mut sender, 100).await;
+        assert_eq!(echoed.last().map(|e| e.0), Some(sent));
+        if b.health().await["backplane_dropped"].as_u64() > Some(0) {
+            break;
+        }
+    }
+    assert!(
+        b.health().await["backplane_dropped"].as_u64() > Some(0),
+        "a one-message inbox must drop some of a burst"
+    );
+    // The gap shows when the next message arrives; one arriving while B is still busy may be
+    // dropped too, so the marker is sent until B's member has one.
+    let mut reader = reader;
+    let offsets = loop {
+        sent += 1;
+        send(&mut sender, &send_message("h", &format!("end{sent}"))).await;
+        assert_eq!(envelopes(&mut sender, 1).await[0].0, sent);
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(200), &mut reader).await {
+            break done.expect("reader");
+        }
+    };
+    let last = *offsets.last().expect("at least the marker");
+    assert_eq!(
+        offsets,
+        (1..=last).collect::<Vec<_>>(),
+        "every offset once, in order"
+    );
+    let health = b.health().await;
+    assert!(health["history_repaired"].as_u64() > Some(0), "{health}");
+    assert!(
+        health["history_stream_reads"].as_u64() > Some(0),
+        "{health}"
+    );
+    assert_eq!(health["history_gaps"], 0, "nothing left to announce");
+}
+
+/// A client in room `room` on node `a` receives four of ten messages and leaves; a client on
+/// `b`, which has never had the room, resumes from the fourth. Returns the `subscribed` answer
+/// (the replay before it, if any, is checked to be offsets 5 to 11).
+async fn resume_where_the_room_never_was(
+    a: &Node,
+    b: &Node,
+    redis: &Redis,
+    room: &str,
+) -> serde_json::Value {
+    let mut leaving = a.envelope_client().await;
+    send(&mut leaving, &subscribe(room)).await;
+    recv_json(&mut leaving).await;
+    redis.wait_numsub(room, 1).await;
+    let mut sender = a.envelope_client().await;
+    send(&mut sender, &subscribe(room)).await;
+    recv_json(&mut sender).await;
+    for n in 1..=11 {
+        send(&mut sender, &send_message(room, &n.to_string())).await;
+    }
+    // Everything is published before the resume: the sender has its own eleventh message.
+    assert_eq!(envelopes(&mut sender, 11).await[10].0, 11);
+    let (last, epoch, _) = envelopes(&mut leaving, 4).await.remove(3);
+    drop(leaving);
+
+    let mut back = b.envelope_client().await;
+    let since = serde_json::json!({"type": "SUBSCRIBE", "room": room, "since": {"offset": last, "epoch": epoch}});
+    send(&mut back, &since.to_string()).await;
+    let mut offsets = Vec::new();
+    loop {
+        let v = recv_json(&mut back).await;
+        if v["type"] == "subscribed" {
+            if v["recovered"] == true {
+                assert_eq!(offsets, (5..=11).collect::<Vec<_>>());
+            }
+            return v;
+        }
+        offsets.push(v["offset"].as_u64().expect("a replayed message"));
+    }
+}
+
+/// `--redis-history-reads` bounds the stream reads resumes cause: at 0, a resume that needs one
+/// is answered `recovered: false` at once and counted.
+#[tokio::test]
+async fn with_history_a_resume_past_the_stream_read_bound_is_not_recovered() {
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster_with(&redis, |c| c.redis_limits.history_reads = 0).await;
+    let answer = resume_where_the_room_never_was(&a, &b, &redis, "s").await;
+    assert_eq!(answer["recovered"], false, "{answer}");
+    let health = b.health().await;
+    assert_eq!(health["history_stream_reads_refused"], 1, "{health}");
+    assert_eq!(health["history_stream_reads"], 0, "{health}");
+}
+
+/// A read's place is given back when it is answered: with room for one read, two resumes one
+/// after the other both read the stream and are recovered.
+#[tokio::test]
+async fn with_history_a_stream_read_gives_its_place_back() {
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster_with(&redis, |c| c.redis_limits.history_reads = 1).await;
+    for room in ["s1", "s2"] {
+        let answer = resume_where_the_room_never_was(&a, &b, &redis, room).await;
+        assert_eq!(answer["recovered"], true, "{room}: {answer}");
+    }
+    let health = b.health().await;
+    assert_eq!(health["history_stream_reads"], 2, "{health}");
+    assert_eq!(health["history_stream_reads_refused"], 0, "{health}");
+}
+
+/// What one member saw across a Redis restart: deliveries (offset, epoch) and gap notices.
+#[derive(Debug)]
+enum Seen {
+    Message(u64, String),
+    Gap,
+}
+
+/// Reads until `after_restart` messages of an epoch other than the first have arrived.
+async fn watch_across_a_restart(mut ws: Ws, after_restart: usize) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let mut first_epoch: Option<String> = None;
+    let mut later = 0;
+    while later < after_restart {
+        let v = recv_json(&mut ws).await;
+        match v["type"].as_str() {
+            Some("gap") => seen.push(Seen::Gap),
+            Some("message") => {
+                let offset = v["offset"].as_u64().expect("offset");
+                let epoch = v["epoch"].as_str().expect("epoch").to_owned();
+                let first = first_epoch.get_or_insert_with(|| epoch.clone());
+                later += usize::from(*first != epoch);
+                seen.push(Seen::Message(offset, epoch));
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    seen
+}
+
+/// Redis is killed and restarted without its data while a sender publishes steadily: every
+/// envelope member either receives each next offset or is told `gap` before the first message
+/// that does not follow; never a silent hole. Sends during the outage are refused to the
+/// sender, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_history_a_redis_restart_mid_stream_leaves_no_silent_hole() {
+    let mut redis = Redis::start().await;
+    let (a, b) = history_cluster(&redis).await;
+    let (on_a, on_b) = members_in_h(&redis, &a, &b).await;
+    let watchers = [on_a, on_b].map(|ws| tokio::spawn(watch_across_a_restart(ws, 20)));
+    let mut sender = a.client().await;
+    let publishing = tokio::spawn(async move {
+        for n in 0u64.. {
+            send(&mut sender, &send_message("h", &n.to_string())).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    a.wait_health("publishing", |h| h["deliveries"].as_u64() > Some(40))
+        .await;
+    redis.kill();
+    a.wait_health("degraded", |h| h["status"] == "degraded")
+        .await;
+    redis.spawn().await;
+    for watcher in watchers {
+        let seen = watcher.await.expect("watcher");
+        let mut last: Option<(u64, &str)> = None;
+        let mut announced = false;
+        for item in &seen {
+            match item {
+                Seen::Gap => announced = true,
+                Seen::Message(offset, epoch) => {
+                    let follows = last.is_none_or(|(o, e)| *offset == o + 1 && epoch == e);
+                    assert!(
+                        follows || announced,
+                        "offset {offset} of {epoch} after {last:?} without a gap notice"
+                    );
+                    last = Some((*offset, epoch));
+                    announced = false;
+                }
+            }
+        }
+        assert!(
+            seen.iter().any(|s| matches!(s, Seen::Gap)),
+            "the restart lost the room's history: announced"
+        );
+    }
+    publishing.abort();
 }

@@ -189,7 +189,8 @@ fn healthz(shared: &Shared) -> Reply {
             r#""backplane_refused":{},"backplane_failed":{},"backplane_dropped":{},"#,
             r#""backplane_connects":{},"fanout_yields":{},"resumes_recovered":{},"#,
             r#""resumes_lost":{},"history_bytes":{},"history_rooms":{},"history_evicted_rooms":{},"#,
-            r#""history_gaps":{}}}"#
+            r#""history_gaps":{},"history_repaired":{},"history_stream_reads":{},"#,
+            r#""history_stream_reads_refused":{}}}"#
         ),
         if healthy { "ok" } else { "degraded" },
         m.connections,
@@ -217,6 +218,9 @@ fn healthz(shared: &Shared) -> Reply {
         history.rooms,
         history.evicted,
         history.gaps,
+        m.history_repaired,
+        m.stream_reads,
+        m.stream_reads_refused,
     );
     let status = if healthy {
         StatusCode::OK

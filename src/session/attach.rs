@@ -206,7 +206,12 @@ impl Session {
                     .map_err(|full| ClientError::Limit(full.to_string()))?;
                 resume.pin = Some(pin);
                 resume.asked = true;
-                resume.fetching = self.shared.backplane.fetch(&resume.room);
+                // From the member's own offset: the entry there shows the stream is the
+                // member's history (same epoch), the rest is what it missed.
+                resume.fetching = self
+                    .shared
+                    .backplane
+                    .fetch(&resume.room, resume.from.offset);
                 Ok(Step::Asked)
             }
         }
@@ -236,6 +241,7 @@ impl Session {
         resume.fetching = None;
         let opening = self.shared.registry.get(&resume.room).map(|r| r.opening());
         if let (Some(stream), Some(opening)) = (answer, opening) {
+            let stream: Vec<_> = stream.into_iter().map(|r| (r.stamp, r.frame)).collect();
             history.seed((&resume.room, opening), &resume.from, &stream);
         }
         self.continue_resumes();

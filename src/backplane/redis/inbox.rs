@@ -10,11 +10,12 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::PubSubStream;
 use tokio::sync::mpsc;
 
-use super::State;
+use super::{Op, State};
 use crate::backplane::quota::Quota;
 use crate::config::RedisLimits;
 use crate::frame;
@@ -22,7 +23,7 @@ use crate::history::{Continuity, History, Stamp};
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, DeferredWrites};
 use crate::protocol;
-use crate::room::{Fanout, Registry};
+use crate::room::{Fanout, Registry, Room};
 use crate::users::Users;
 
 /// The bounded queue between the two stages.
@@ -80,6 +81,9 @@ pub(super) struct Delivery {
     pub(super) metrics: Arc<Metrics>,
     /// With history: the node's logs, fed in Redis's order with Redis's offsets.
     pub(super) history: Option<Arc<History>>,
+    /// To ask the worker for the messages a gap skipped (weak: the worker stops when the node
+    /// drops its bus, whatever this task holds).
+    pub(super) repairs: mpsc::WeakUnboundedSender<Op>,
 }
 
 /// Stage one: reads one subscriber connection until it ends.
@@ -119,6 +123,16 @@ pub(super) async fn listen(
 /// to a room of 1,000 is 64,000 queue pushes, about 2 ms, before the writes.
 const BATCH_MESSAGES: usize = 64;
 
+/// What serving one message from Redis left to do.
+enum Served {
+    /// Nothing: delivered (or nothing to deliver).
+    Done,
+    /// A large room: the rest of its broadcast.
+    Sliced(Fanout),
+    /// Its offset skipped past the room's last one here: repair first.
+    Behind(Repair),
+}
+
 /// Stage two: fans every queued message out to its local room, for as long as any listener
 /// can still queue. What is waiting is taken in batches, so a burst from Redis coalesces into
 /// one write per socket instead of one write per delivery.
@@ -130,13 +144,20 @@ pub(super) async fn deliver(
     while let Some(first) = queue.recv().await {
         let batch = DeferredWrites::begin();
         let mut next = Some(first);
-        let mut rest = None;
+        let mut rest = Served::Done;
         for taken in 1.. {
             let Some(msg) = next.take() else { break };
-            if let Some(mut fanout) = fanout_of(&msg, &inbox, &ctx) {
-                if !fanout.step(&ctx.metrics) {
-                    // A large room: served a slice at a time below, yielding between slices.
-                    rest = Some(fanout);
+            match serve(&msg, &inbox, &ctx) {
+                Served::Done => {}
+                Served::Sliced(mut fanout) => {
+                    if !fanout.step(&ctx.metrics) {
+                        // Served a slice at a time below, yielding between slices.
+                        rest = Served::Sliced(fanout);
+                        break;
+                    }
+                }
+                behind @ Served::Behind(_) => {
+                    rest = behind;
                     break;
                 }
             }
@@ -146,61 +167,143 @@ pub(super) async fn deliver(
         }
         batch.finish(&ctx.metrics);
         // The next message waits until this one is served, so the order holds.
-        if let Some(fanout) = rest {
-            ctx.metrics.add_fanout_yield();
-            tokio::task::yield_now().await;
-            fanout.finish(&ctx.metrics).await;
+        match rest {
+            Served::Done => {}
+            Served::Sliced(fanout) => {
+                ctx.metrics.add_fanout_yield();
+                tokio::task::yield_now().await;
+                fanout.finish(&ctx.metrics).await;
+            }
+            Served::Behind(repair) => repair.run(&ctx).await,
         }
     }
 }
 
-/// The local broadcast a message from Redis asks for, if its room has members here and its
-/// payload holds a message.
-fn fanout_of(msg: &redis::Msg, inbox: &Inbox, ctx: &Delivery) -> Option<Fanout> {
+/// A message from Redis, decoded for its local room.
+struct Arrived {
+    room: Arc<Room>,
+    frame: Bytes,
+    skip: Option<ConnId>,
+}
+
+/// Serves a message from Redis to its local room, if it has members here and its payload
+/// holds a message.
+fn serve(msg: &redis::Msg, inbox: &Inbox, ctx: &Delivery) -> Served {
     let mut payload = msg.get_payload_bytes().to_vec();
     inbox.quota.give_back(payload.len() as u64);
     let channel = msg.get_channel_name();
-    let room = channel
+    let Some(room) = channel
         .strip_prefix(&*ctx.prefix)
-        .and_then(|name| ctx.registry.get(name))?;
+        .and_then(|name| ctx.registry.get(name))
+    else {
+        return Served::Done;
+    };
     let Some(relay) = protocol::decode_relay(&mut payload) else {
         tracing::debug!(channel, "ignoring a payload without a string `message`");
-        return None;
+        return Served::Done;
     };
     let skip = match (relay.origin, relay.conn) {
         (Some(origin), Some(conn)) if origin == &*ctx.node => Some(ConnId(conn)),
         _ => None,
     };
-    let frame = frame::text(relay.message);
+    let arrived = Arrived {
+        room,
+        frame: frame::text(relay.message),
+        skip,
+    };
     let (Some(history), Some(offset), Some(epoch)) = (&ctx.history, relay.offset, relay.epoch)
     else {
         // No history here, or a message from a node without it: delivered without an offset.
-        return Some(room.fanout(frame, skip));
+        return Served::Sliced(arrived.room.fanout(arrived.frame, arrived.skip));
     };
     let stamp = Stamp {
         offset,
         epoch: Arc::from(epoch),
     };
-    // Kept and served whole under the room's log, like an in-process publish with history:
-    // a member resuming on this node joins between two messages, never inside one.
+    let opening = (arrived.room.id().as_str(), arrived.room.opening());
+    match history.missing(opening, &stamp) {
+        Some(missing) => Served::Behind(Repair {
+            arrived,
+            stamp,
+            missing,
+        }),
+        None => {
+            append(history, &arrived, &stamp, &ctx.metrics);
+            Served::Done
+        }
+    }
+}
+
+/// Keeps a message from Redis in its room's log and serves it whole under the log, like an
+/// in-process publish with history: a member resuming on this node joins between two
+/// messages, never inside one. What does not follow the log is announced, never skipped.
+fn append(history: &History, arrived: &Arrived, stamp: &Stamp, metrics: &Metrics) {
+    let room = &arrived.room;
     history.append(
         (room.id().as_str(), room.opening()),
-        &frame,
-        &stamp,
+        &arrived.frame,
+        stamp,
         |continuity| {
             if continuity == Continuity::Stale {
                 return;
             }
             if continuity == Continuity::Gap {
-                // Offsets were skipped on the way here: envelope members are told, not left to
-                // find a hole.
+                // Offsets were skipped and could not be filled in: envelope members are told,
+                // not left to find a hole.
                 let gap = protocol::room_reply("gap", room.id().as_str(), None, None);
-                room.tell_envelopes(&gap, &ctx.metrics);
+                room.tell_envelopes(&gap, metrics);
             }
-            let mut fanout = room.fanout(frame.clone(), skip);
+            let mut fanout = room.fanout(arrived.frame.clone(), arrived.skip);
             fanout.stamp(stamp.clone());
-            fanout.finish_now(&ctx.metrics);
+            fanout.finish_now(metrics);
         },
     );
-    None
+}
+
+/// A message that arrived after a gap in its room's offsets (messages from Redis dropped on
+/// the way here, or lost while the subscriber reconnected), waiting for the missing ones.
+struct Repair {
+    arrived: Arrived,
+    stamp: Stamp,
+    /// The offsets the log lacks, first and last.
+    missing: (u64, u64),
+}
+
+impl Repair {
+    /// Reads the missing messages from the room's stream and serves them, then the message
+    /// that revealed the gap. What the stream no longer holds (or a read that fails) shows as
+    /// a gap when the next message is appended, and is announced there. Later messages wait
+    /// in the inbox meanwhile (bounded like any backlog), so the order holds.
+    async fn run(self, ctx: &Delivery) {
+        let Some(history) = &ctx.history else { return };
+        let (first, last) = self.missing;
+        let size = history.config().size as u64;
+        // A gap longer than the history could not be kept whole anyway: the newest part.
+        let first = first.max(last.saturating_sub(size) + 1);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let fetch = super::Fetch {
+            room: self.arrived.room.id().clone(),
+            first,
+            last: Some(last),
+            reply,
+            _slot: None,
+        };
+        let sent = ctx
+            .repairs
+            .upgrade()
+            .is_some_and(|ops| ops.send(Op::Fetch(fetch)).is_ok());
+        let fetched = if sent { answer.await.ok() } else { None };
+        let batch = DeferredWrites::begin();
+        for relayed in fetched.unwrap_or_default() {
+            let filled = Arrived {
+                room: Arc::clone(&self.arrived.room),
+                frame: relayed.frame,
+                skip: relayed.skip,
+            };
+            append(history, &filled, &relayed.stamp, &ctx.metrics);
+            ctx.metrics.add_history_repaired();
+        }
+        append(history, &self.arrived, &self.stamp, &ctx.metrics);
+        batch.finish(&ctx.metrics);
+    }
 }

@@ -56,17 +56,43 @@ enum Op {
     Subscribe(RoomId),
     Unsubscribe(RoomId),
     Publish(Pending),
-    /// Read a room's Redis stream (history across nodes); the answer goes to `reply`, and a
-    /// dropped `reply` (the link went down first) means it could not be read.
-    Fetch {
-        room: RoomId,
-        reply: oneshot::Sender<Fetched>,
-    },
+    Fetch(Fetch),
 }
 
-/// What a room's Redis stream holds: each message's offset and epoch with its bare frame,
-/// oldest first.
-pub type Fetched = Vec<(Stamp, Bytes)>;
+/// A read of part of a room's Redis stream (history across nodes). The answer goes to
+/// `reply`; a dropped `reply` (the link went down first) means it could not be read.
+struct Fetch {
+    room: RoomId,
+    /// The first offset wanted.
+    first: u64,
+    /// The last one (`None`: to the end of the stream).
+    last: Option<u64>,
+    reply: oneshot::Sender<Fetched>,
+    /// A resume's place among the node's stream reads (`--redis-history-reads`), freed when
+    /// the read is answered or dropped. `None` for a gap repair: the delivery task waits for
+    /// its own, so there is one at a time by construction.
+    _slot: Option<ReadSlot>,
+}
+
+/// One of the stream reads for resumes a node has queued or in flight.
+struct ReadSlot(Arc<State>);
+
+impl Drop for ReadSlot {
+    fn drop(&mut self) {
+        self.0.reads.give_back(0);
+    }
+}
+
+/// One message read from a room's Redis stream: its stamp, its bare frame, and the member it
+/// skips on this node (a chat message's sender, when it was sent here).
+pub struct Relayed {
+    pub stamp: Stamp,
+    pub frame: Bytes,
+    pub skip: Option<ConnId>,
+}
+
+/// What part of a room's Redis stream holds, oldest first.
+pub type Fetched = Vec<Relayed>;
 
 /// An accepted publish on its way to Redis. It keeps its sender's outbox so that, if it never
 /// gets there, the sender is told.
@@ -93,6 +119,9 @@ struct State {
     healthy: AtomicBool,
     /// Accepted publishes not yet sent (or failed).
     queue: Quota,
+    /// Stream reads for resumes queued or in flight (the byte side is unused): a storm of
+    /// resumes costs Redis at most this many reads at a time, the rest are not recovered.
+    reads: Quota,
     born: Instant,
     /// Milliseconds since `born` when this node last heard its own probe.
     probe_heard: AtomicU64,
@@ -131,6 +160,7 @@ pub struct Bus {
     prefix: Arc<str>,
     /// History is on: room publishes are numbered in Redis.
     sequenced: bool,
+    metrics: Arc<Metrics>,
 }
 
 /// Tells the worker when rooms gain their first or lose their last local member. It holds a
@@ -170,6 +200,7 @@ impl Bus {
         let state = Arc::new(State {
             healthy: AtomicBool::new(false),
             queue: Quota::new(limits.queue_messages, limits.queue_bytes),
+            reads: Quota::new(limits.history_reads, u64::MAX),
             born: Instant::now(),
             probe_heard: AtomicU64::new(0),
         });
@@ -182,11 +213,12 @@ impl Bus {
         let worker = Worker {
             client,
             ops: rx,
+            repairs: tx.downgrade(),
             state: Arc::clone(&state),
             inbox: Arc::clone(&inbox),
             node: Arc::clone(&node),
             prefix: Arc::clone(&prefix),
-            metrics,
+            metrics: Arc::clone(&metrics),
             script: None,
             history: history.clone(),
         };
@@ -197,6 +229,7 @@ impl Bus {
             node,
             prefix,
             sequenced: history.is_some(),
+            metrics,
         };
         Ok((bus, watcher, worker))
     }
@@ -241,15 +274,27 @@ impl Bus {
         self.enqueue(pending)
     }
 
-    /// Asks for what room `room`'s Redis stream holds, read after every subscribe queued
-    /// before this call has taken effect; `None` while the link is down.
-    pub fn fetch(&self, room: &str) -> Option<oneshot::Receiver<Fetched>> {
+    /// Asks for what room `room`'s Redis stream holds from offset `first` on, read after every
+    /// subscribe queued before this call has taken effect. `None` while the link is down, or
+    /// when `--redis-history-reads` reads are already queued (counted).
+    pub fn fetch(&self, room: &str, first: u64) -> Option<oneshot::Receiver<Fetched>> {
         if !self.is_healthy() || !self.sequenced {
             return None;
         }
+        if !self.state.reads.try_take(0) {
+            self.metrics.add_stream_read_refused();
+            return None;
+        }
+        let slot = ReadSlot(Arc::clone(&self.state));
         let (reply, answer) = oneshot::channel();
-        let room = RoomId::new(room);
-        self.ops.send(Op::Fetch { room, reply }).ok()?;
+        let fetch = Fetch {
+            room: RoomId::new(room),
+            first,
+            last: None,
+            reply,
+            _slot: Some(slot),
+        };
+        self.ops.send(Op::Fetch(fetch)).ok()?;
         Some(answer)
     }
 

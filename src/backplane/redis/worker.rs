@@ -15,6 +15,7 @@ use super::{Op, Pending, State};
 use crate::frame;
 use crate::history::{History, HistoryConfig, Stamp};
 use crate::metrics::Metrics;
+use crate::outbox::ConnId;
 use crate::protocol::{self, ClientError};
 use crate::room::{Registry, RoomId};
 
@@ -38,12 +39,23 @@ const INBOX_CHANNEL_MAX: usize = 1 << 20;
 /// live in ms (0: none), an epoch for a room that has none yet (hex: safe inside JSON). The
 /// keys expire that long after the room's last message, offsets and epoch with them, so a
 /// room quiet for longer starts a new epoch (and resumes from the old one are not recovered).
+/// A stream entry's id is its offset (`<offset>-0`), so a range of offsets is one `XRANGE`.
+/// A new epoch starts its stream afresh; a stream an id cannot follow (its hash expired or
+/// was evicted alone, or ids were chosen another way) is started afresh too: the old entries
+/// belong to a history no member can resume from any more.
 const SEQUENCE: &str = r#"
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5])
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
+  redis.call('DEL', KEYS[2])
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local payload = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'p', payload)
+local id = offset .. '-0'
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, 'p', payload)
+if type(added) == 'table' and added.err then
+  redis.call('DEL', KEYS[2])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, 'p', payload)
+end
 if tonumber(ARGV[4]) > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -55,8 +67,9 @@ return offset
 /// An XRANGE reply: each entry's id with its fields (`p`: the published payload).
 type StreamEntries = Vec<(String, std::collections::HashMap<String, Vec<u8>>)>;
 
-/// The messages in a stream read, decoded like the payloads the subscriber receives.
-fn fetched(entries: StreamEntries) -> super::Fetched {
+/// The messages in a stream read, decoded like the payloads the subscriber receives; a chat
+/// message sent through `node` keeps the member it skips.
+fn fetched(entries: StreamEntries, node: &str) -> super::Fetched {
     entries
         .into_iter()
         .filter_map(|(_, mut fields)| {
@@ -66,7 +79,12 @@ fn fetched(entries: StreamEntries) -> super::Fetched {
                 offset: relay.offset?,
                 epoch: Arc::from(relay.epoch?),
             };
-            Some((stamp, frame::text(relay.message)))
+            let skip = match (relay.origin, relay.conn) {
+                (Some(origin), Some(conn)) if origin == node => Some(ConnId(conn)),
+                _ => None,
+            };
+            let frame = frame::text(relay.message);
+            Some(super::Relayed { stamp, frame, skip })
         })
         .collect()
 }
@@ -117,6 +135,8 @@ async fn timed<T>(
 pub(crate) struct Worker {
     pub(super) client: redis::Client,
     pub(super) ops: mpsc::UnboundedReceiver<Op>,
+    /// For the delivery task's gap repairs; weak, so it cannot keep the worker alive.
+    pub(super) repairs: mpsc::WeakUnboundedSender<Op>,
     pub(super) state: Arc<State>,
     pub(super) inbox: Arc<Inbox>,
     pub(super) node: Arc<str>,
@@ -158,6 +178,7 @@ impl Worker {
             registry: registry.clone(),
             metrics: Arc::clone(&self.metrics),
             history: self.history.as_ref().map(|(_, h)| Arc::clone(h)),
+            repairs: self.repairs.clone(),
         };
         tokio::spawn(inbox::deliver(received, Arc::clone(&self.inbox), delivery));
         let mut backoff = MIN_BACKOFF;
@@ -330,22 +351,40 @@ impl Worker {
                     self.flush(conn, batch).await?;
                     timed("unsubscribe", sink.unsubscribe(self.channel(&room))).await?;
                 }
-                Op::Fetch { room, reply } => {
+                Op::Fetch(fetch) => {
                     // After the subscribes before it (awaited above): the stream read now
                     // overlaps what this node receives from here on.
                     self.flush(conn, batch).await?;
-                    let range = redis::cmd("XRANGE")
-                        .arg(self.key("history", room.as_str()))
-                        .arg("-")
-                        .arg("+")
-                        .to_owned();
-                    let entries =
-                        timed("read history", range.query_async::<StreamEntries>(conn)).await?;
-                    let _ = reply.send(fetched(entries));
+                    self.read_stream(conn, fetch).await?;
                 }
             }
         }
         self.flush(conn, batch).await
+    }
+
+    /// Reads the part of a room's stream `fetch` asks for and answers it. At most twice the
+    /// history size: `MAXLEN ~` lets a stream run past its size by up to one radix-tree node
+    /// (100 entries by default), and a longer read could not be kept anyway.
+    async fn read_stream(
+        &self,
+        conn: &mut MultiplexedConnection,
+        fetch: super::Fetch,
+    ) -> Result<(), LinkError> {
+        let size = self.history.as_ref().map_or(0, |(config, _)| config.size);
+        let last = fetch
+            .last
+            .map_or_else(|| "+".to_owned(), |last| format!("{last}-0"));
+        let range = redis::cmd("XRANGE")
+            .arg(self.key("history", fetch.room.as_str()))
+            .arg(format!("{}-0", fetch.first.max(1)))
+            .arg(last)
+            .arg("COUNT")
+            .arg(2 * size.max(1))
+            .to_owned();
+        let entries = timed("read history", range.query_async::<StreamEntries>(conn)).await?;
+        self.metrics.add_stream_read();
+        let _ = fetch.reply.send(fetched(entries, &self.node));
+        Ok(())
     }
 
     /// Sends `batch` as one pipeline. Whatever happens, the batch leaves the queue: sent, or
