@@ -684,3 +684,67 @@ async fn with_history_a_redis_restart_mid_stream_leaves_no_silent_hole() {
     }
     publishing.abort();
 }
+
+/// A Redis with persistence (`appendonly`, fsync on every write) comes back with its data:
+/// the room keeps its epoch, a resume from before the restart is recovered from the restored
+/// stream on a node that never had the room, and offsets continue.
+#[tokio::test]
+async fn with_history_a_redis_restart_with_persistence_keeps_the_epoch_and_resumes() {
+    let dir = std::env::temp_dir().join(format!(
+        "roomcast-aof-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    std::fs::create_dir_all(&dir).expect("a directory for the append-only file");
+    let dir_arg = dir.to_str().expect("utf-8 temp path").to_owned();
+    let mut redis = Redis::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        &dir_arg,
+    ])
+    .await;
+    let (a, b) = history_cluster(&redis).await;
+    let mut sender = a.envelope_client().await;
+    send(&mut sender, &subscribe("p")).await;
+    recv_json(&mut sender).await;
+    redis.wait_numsub("p", 1).await;
+    for n in 1..=5 {
+        send(&mut sender, &send_message("p", &n.to_string())).await;
+    }
+    let before = envelopes(&mut sender, 5).await;
+    let epoch = before[0].1.clone();
+
+    redis.kill();
+    a.wait_health("degraded", |h| h["status"] == "degraded")
+        .await;
+    redis.spawn().await;
+    for node in [&a, &b] {
+        node.wait_health("reconnected", |h| {
+            h["status"] == "ok" && h["backplane_connects"] == 2
+        })
+        .await;
+    }
+    let mut back = b.envelope_client().await;
+    let since = serde_json::json!({"type": "SUBSCRIBE", "room": "p", "since": {"offset": 2, "epoch": epoch}});
+    send(&mut back, &since.to_string()).await;
+    let replayed = envelopes(&mut back, 3).await;
+    assert_eq!(
+        replayed,
+        before[2..].to_vec(),
+        "3 to 5, restored from the file"
+    );
+    let answer = recv_json(&mut back).await;
+    assert_eq!(answer["recovered"], true, "{answer}");
+    send(&mut sender, &send_message("p", "6")).await;
+    let (offset, same, _) = envelopes(&mut back, 1).await.remove(0);
+    assert_eq!(
+        (offset, same),
+        (6, epoch),
+        "offsets continue in the same epoch"
+    );
+    redis.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
