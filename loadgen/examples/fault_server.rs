@@ -5,7 +5,7 @@
 //! loadgen --url ws://127.0.0.1:9001 --clients 200 --rooms 4 --duration 3
 //! ```
 //!
-//! Faults: `none`, `drop:N`, `dup:N`, `reorder`, `misroute:N`, `errors:N`.
+//! Faults: `none`, `drop:N`, `dup:N`, `reorder`, `misroute:N`, `errors:N`, `refuse:N`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -24,6 +24,7 @@ fn parse_fault(s: &str) -> Option<Fault> {
         ("dup", Some(n)) => Fault::Duplicate(n),
         ("misroute", Some(n)) => Fault::Misroute(n),
         ("errors", Some(n)) => Fault::Errors(n),
+        ("refuse", Some(n)) => Fault::Refuse(n),
         _ => return None,
     })
 }
@@ -33,7 +34,9 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let bind = args.first().map_or("127.0.0.1:9001", String::as_str);
     let Some(fault) = parse_fault(args.get(1).map_or("none", String::as_str)) else {
-        eprintln!("usage: fault_server [ADDR] [none|drop:N|dup:N|reorder|misroute:N|errors:N]");
+        eprintln!(
+            "usage: fault_server [ADDR] [none|drop:N|dup:N|reorder|misroute:N|errors:N|refuse:N]"
+        );
         std::process::exit(2);
     };
     let url = start_server_on(bind, fault).await;

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::client::{new_hist, ClientResult, Outcome, Role};
+use crate::client::{new_hist, ClientResult, Outcome, PhaseCounters, Role};
 use crate::envelope::OffsetCounts;
 use crate::report::{
     per_delivery_us, ConfigEcho, ConnectReport, Counts, Curves, EnvelopeReport, Lag, Latency,
     ReconnectReport, Report, ResumeReport, RolesReport, RssSample, RssTrend, ServerProc,
     ServerReport, StallReport, StepReport, SUSTAINABLE_P99_US,
 };
-use crate::{sys, Config};
+use crate::{sys, Config, Dialect};
 
 /// CPU seconds used so far by loadgen and by each --server-pid (`None`: unreadable).
 #[derive(Debug, Clone, Default)]
@@ -127,6 +127,8 @@ struct Tally {
     resume: Option<ResumeTally>,
     /// Everyone else's offsets.
     offsets: OffsetCounts,
+    /// The join dialect: a sender does not hear its own messages.
+    join_dialect: bool,
 }
 
 #[derive(Default)]
@@ -148,6 +150,8 @@ impl ResumeTally {
             expected: c.expected,
             deliveries: c.received,
             lost: c.lost,
+            lost_announced: c.lost_announced,
+            lost_silent: c.lost_silent,
             loss_pct: c.loss_pct,
             duplicates: c.duplicates,
             reordered: c.order_violations,
@@ -155,6 +159,7 @@ impl ResumeTally {
             recovered: o.recovered,
             recovered_false: o.recovered_false,
             replayed: o.replayed,
+            gap_notices: o.gap_notices,
             offset_gaps: o.gaps,
             offset_repeats: o.repeats,
         }
@@ -178,25 +183,48 @@ impl Tally {
             },
             resume: cfg.resume.then(ResumeTally::default),
             offsets: OffsetCounts::default(),
+            join_dialect: cfg.dialect == Dialect::Join,
         }
     }
 
     /// Adds one client; a message it sent is owed to `recipients` healthy and `resuming`
-    /// resuming members of its room.
-    fn add(&mut self, r: &ClientResult, (recipients, resuming): (u64, u64)) {
+    /// resuming members of its room. `room_owed`: per phase, what each member of its room
+    /// is owed (see [`owed_per_room`]).
+    fn add(&mut self, r: &ClientResult, (recipients, resuming): (u64, u64), room_owed: &[u64]) {
         self.add_role(r);
         let resumes = matches!(r.role, Role::Reconnecting { .. });
+        let join_dialect = self.join_dialect;
+        // Only a checked client is owed anything: a healthy one, or one that resumes.
+        let checked =
+            r.connected && (r.role == Role::Healthy || (resumes && self.resume.is_some()));
         let resume = self.resume.as_mut().filter(|_| resumes);
+        // What this client lost, per phase, when the server told it it might have (counted
+        // for the whole run: see `announced_loss`).
+        let announced = |p: usize, pc: &PhaseCounters| {
+            if !(checked && r.offsets.announced_loss()) {
+                return 0;
+            }
+            let mut owed = room_owed.get(p).copied().unwrap_or(0);
+            if join_dialect {
+                // The join dialect never echoes: a sender is not owed its own messages.
+                owed = owed.saturating_sub(not_refused(pc));
+            }
+            owed.saturating_sub(pc.received)
+        };
         let offsets = match resume {
             Some(t) => {
                 t.clients += usize::from(r.connected);
                 t.reconnects += r.reconnects;
-                r.phases.iter().for_each(|pc| add_checks(&mut t.counts, pc));
+                for (p, pc) in r.phases.iter().enumerate() {
+                    add_checks(&mut t.counts, pc);
+                    t.counts.lost_announced += announced(p, pc);
+                }
                 &mut t.offsets
             }
             None => {
-                for (c, pc) in self.counts.iter_mut().zip(&r.phases) {
+                for (p, (c, pc)) in self.counts.iter_mut().zip(&r.phases).enumerate() {
                     add_checks(c, pc);
+                    c.lost_announced += announced(p, pc);
                 }
                 &mut self.offsets
             }
@@ -205,9 +233,11 @@ impl Tally {
         for (p, pc) in r.phases.iter().enumerate() {
             let c = &mut self.counts[p];
             c.sent += pc.sent;
-            c.expected += pc.sent * recipients;
+            c.refused += pc.refused;
+            // A refused send went to no one.
+            c.expected += not_refused(pc) * recipients;
             if let Some(t) = self.resume.as_mut() {
-                t.counts.expected += pc.sent * resuming;
+                t.counts.expected += not_refused(pc) * resuming;
             }
             self.arrived[p] += pc.arrived;
         }
@@ -247,8 +277,28 @@ impl Tally {
     }
 }
 
+/// A sender's messages of one phase that the server did not refuse.
+fn not_refused(pc: &PhaseCounters) -> u64 {
+    pc.sent.saturating_sub(pc.refused)
+}
+
+/// Per room, per phase: the messages its senders sent that the server did not refuse, which
+/// every checked member of the room is owed (in the join dialect, a sender all but its own).
+/// Summed over a room's checked members this is exactly `expected` (`recipients` counts
+/// them), which is what lets loss be told apart per client.
+fn owed_per_room(results: &[ClientResult], rooms: u32, n_phases: usize) -> Vec<Vec<u64>> {
+    let mut owed = vec![vec![0u64; n_phases]; rooms as usize];
+    for r in results {
+        let room = &mut owed[(r.id % rooms) as usize];
+        for (o, pc) in room.iter_mut().zip(&r.phases) {
+            *o += not_refused(pc);
+        }
+    }
+    owed
+}
+
 /// What a checked client saw of the messages of one phase.
-fn add_checks(c: &mut Counts, pc: &crate::client::PhaseCounters) {
+fn add_checks(c: &mut Counts, pc: &PhaseCounters) {
     c.received += pc.received;
     c.duplicates += pc.duplicates;
     c.order_violations += pc.order_violations;
@@ -308,10 +358,12 @@ impl Report {
     pub fn assemble(cfg: &Config, m: Measurements) -> Report {
         let rooms = cfg.rooms as u32;
         let mut t = Tally::new(m.latency.len(), cfg);
+        let room_owed = owed_per_room(&m.results, rooms, m.latency.len());
         for r in &m.results {
             let room = (r.id % rooms) as usize;
             let owed = |v: &[u32]| u64::from(v.get(room).copied().unwrap_or(0));
-            t.add(r, (owed(&m.recipients), owed(&m.resume_recipients)));
+            let members = (owed(&m.recipients), owed(&m.resume_recipients));
+            t.add(r, members, &room_owed[room]);
         }
         t.counts.iter_mut().for_each(Counts::finish);
         let active_senders = m
@@ -346,6 +398,7 @@ impl Report {
         let server = server_report(cfg, &m, measured.deliveries_in_window);
         let envelope = cfg.envelope.then_some(EnvelopeReport {
             stamped_deliveries: t.offsets.stamped,
+            gap_notices: t.offsets.gap_notices,
             offset_gaps: t.offsets.gaps,
             offset_repeats: t.offsets.repeats,
         });
@@ -534,7 +587,6 @@ fn config_echo(cfg: &Config, threads: usize, senders: usize) -> ConfigEcho {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::PhaseCounters;
 
     fn counters(sent: u64, received: u64) -> PhaseCounters {
         PhaseCounters {
@@ -791,6 +843,7 @@ mod tests {
         let r = clean.resume.as_ref().expect("resume reported");
         assert_eq!((r.clients, r.reconnects, r.recovered), (2, 8, 8));
         assert_eq!((r.expected, r.deliveries, r.lost), (60, 60, 0));
+        assert_eq!((r.lost_announced, r.lost_silent, r.gap_notices), (0, 0, 0));
         // The healthy figures are the senders' alone.
         assert_eq!((clean.totals.expected, clean.totals.received), (60, 60));
         let e = clean.envelope.as_ref().expect("envelope reported");
@@ -815,6 +868,8 @@ mod tests {
         let faulty = Report::assemble(&cfg, m);
         let r = faulty.resume.as_ref().unwrap();
         assert_eq!((r.lost, r.duplicates, r.recovered_false), (1, 1, 1));
+        // The client that lost one was answered recovered:false: its loss was announced.
+        assert_eq!((r.lost_announced, r.lost_silent), (1, 0));
         assert_eq!(
             faulty.totals.faults(),
             0,
@@ -826,6 +881,83 @@ mod tests {
         assert_eq!(v["resume"]["recovered_false"], 1);
         assert_eq!(v["envelope"]["offset_gaps"], 0);
         assert_eq!(v["config"]["resume"], true);
+    }
+
+    /// Room 0 (sender 0, client 2): 4 of the sender's 20 measured sends were refused.
+    /// Room 1 (sender 1, client 3): the sender missed one of its own messages, client 3
+    /// missed three and was told of a gap.
+    #[test]
+    fn refused_sends_are_not_expected_and_loss_is_split_per_client() {
+        let cfg = Config {
+            clients: 5,
+            envelope: true,
+            ..config()
+        };
+        let refused = PhaseCounters {
+            sent: 20,
+            refused: 4,
+            received: 16,
+            arrived: 16,
+            ..PhaseCounters::default()
+        };
+        let mut told = client(3, vec![counters(0, 10), counters(0, 17)]);
+        told.offsets.gap_notices = 1;
+        // Reconnecting without --resume: told of a gap, but owed nothing (not checked).
+        let mut unchecked = client(4, vec![counters(0, 0), counters(0, 0)]);
+        unchecked.role = Role::Reconnecting { slot: 0 };
+        unchecked.offsets.gap_notices = 1;
+        let results = vec![
+            client(0, vec![counters(10, 10), refused]),
+            client(1, vec![counters(10, 10), counters(20, 19)]),
+            client(2, vec![counters(0, 10), counters(0, 16)]),
+            told,
+            unchecked,
+        ];
+        let r = Report::assemble(
+            &cfg,
+            measurements(&cfg, results, vec![cpu(0.0, &[]), cpu(0.1, &[])]),
+        );
+        let m = &r.measured.counts;
+        // Owed: room 0 the 16 sends that went out, room 1 all 20; two members each.
+        assert_eq!((m.sent, m.refused, m.expected), (40, 4, 72));
+        assert_eq!((m.received, m.lost), (68, 4));
+        // Client 3's three are announced; sender 1's one is not (a room-wide split would
+        // call all four announced).
+        assert_eq!((m.lost_announced, m.lost_silent), (3, 1));
+        let t = &r.totals;
+        assert_eq!((t.sent, t.refused, t.expected), (60, 4, 112));
+        assert_eq!((t.lost, t.lost_announced, t.lost_silent), (4, 3, 1));
+        assert_eq!((r.warmup.refused, r.warmup.lost_announced), (0, 0));
+        assert_eq!(r.envelope.as_ref().unwrap().gap_notices, 2);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["measured"]["refused"], 4);
+        assert_eq!(v["totals"]["lost_announced"], 3);
+        assert_eq!(v["totals"]["lost_silent"], 1);
+        assert_eq!(v["envelope"]["gap_notices"], 2);
+        let text = r.to_text();
+        assert!(text.contains("3 announced"), "{text}");
+        assert!(text.contains("1 silent"), "{text}");
+
+        // The join dialect: a sender is owed all but its own messages. Sender 0 was told of
+        // a gap but lost nothing it was owed; client 2, not told, lost one.
+        let cfg = Config {
+            dialect: Dialect::Join,
+            ..cfg
+        };
+        let mut sender = client(0, vec![counters(10, 0), counters(20, 0)]);
+        sender.offsets.gap_notices = 1;
+        let results = vec![
+            sender,
+            client(1, vec![counters(10, 0), counters(20, 0)]),
+            client(2, vec![counters(0, 10), counters(0, 19)]),
+            client(3, vec![counters(0, 10), counters(0, 20)]),
+        ];
+        let mut m = measurements(&cfg, results, vec![cpu(0.0, &[]), cpu(0.1, &[])]);
+        m.recipients = vec![1, 1];
+        let r = Report::assemble(&cfg, m);
+        let m = &r.measured.counts;
+        assert_eq!((m.expected, m.lost), (40, 1));
+        assert_eq!((m.lost_announced, m.lost_silent), (0, 1));
     }
 
     #[test]

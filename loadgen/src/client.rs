@@ -260,6 +260,13 @@ impl Shared {
 pub struct PhaseCounters {
     /// Messages this client sent whose scheduled time falls in the phase.
     pub sent: u64,
+    /// Of those, sends the server answered with an error (any code): not delivered, so owed
+    /// to no one. An error names no send (loadgen's carry no id), so it is put in the phase
+    /// of the sender's latest send when it arrives: the phase of the send it answers, except
+    /// for a refusal of a send of the phase before that comes after the next phase's first
+    /// send (refusals while the backplane is down are immediate; only a publish accepted and
+    /// then given up comes late).
+    pub refused: u64,
     /// Distinct, correctly routed deliveries (the rest below is by message phase too).
     pub received: u64,
     pub duplicates: u64,
@@ -545,6 +552,12 @@ struct ClientState {
     frag: Option<(u8, Vec<u8>)>,
     schedule: Option<Arc<Schedule>>,
     unique_in_batch: u64,
+    /// Refused sends counted in the current read batch (taken out of `Shared::expected`).
+    refused_in_batch: u64,
+    /// A sender: the phase of its latest message, once it has sent one. An error that comes
+    /// after that answers one of its messages (the join and the readiness probes are
+    /// answered before sending starts), so it is a refused send.
+    last_send_phase: Option<usize>,
     role: Role,
     /// Deliveries are checked: a healthy client, or a resuming one.
     checked: bool,
@@ -685,6 +698,13 @@ impl ClientState {
                 }
             }
             envelope::Frame::Reply => {}
+            envelope::Frame::Gap { room } => {
+                if ours(&room) {
+                    self.position.gap_notice();
+                } else {
+                    self.other_frames += 1;
+                }
+            }
             envelope::Frame::Error(code) => self.count_error(code, sh),
             envelope::Frame::Other => self.other_frames += 1,
             envelope::Frame::Invalid => self.unparseable += 1,
@@ -800,6 +820,11 @@ impl ClientState {
 
     fn count_error(&mut self, code: String, sh: &Shared) {
         self.errors += 1;
+        if let Some(p) = self.last_send_phase {
+            // The answer to one of our messages: it went to no one.
+            self.phases[p].refused += 1;
+            self.refused_in_batch += 1;
+        }
         let mut codes = sh.error_codes.lock().unwrap_or_else(|e| e.into_inner());
         *codes.entry(code).or_insert(0) += 1;
     }
@@ -1100,6 +1125,7 @@ impl Conn {
             hists.get_or_insert_with(|| sh.shard(id)).lag[s.phase]
                 .saturating_record((now - sched) / 1000);
             self.st.phases[s.phase].sent += 1;
+            self.st.last_send_phase = Some(s.phase);
             s.seq += 1;
             s.k += 1;
             s.settle(sch);
@@ -1128,6 +1154,19 @@ impl Conn {
         let unique = std::mem::take(&mut self.st.unique_in_batch);
         if unique > 0 {
             self.sh.received.fetch_add(unique, Ordering::Relaxed);
+        }
+        let refused = std::mem::take(&mut self.st.refused_in_batch);
+        if let (true, Some(s)) = (refused > 0, &self.sender) {
+            // Owed to no one after all, so the drain does not wait for them. The send was
+            // added to `expected` before its answer could be read (same task); saturating
+            // all the same, should a server answer more errors than there were sends.
+            let owed = refused * s.recipients;
+            let _ = self
+                .sh
+                .expected
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                    Some(e.saturating_sub(owed))
+                });
         }
         let (used, flow) = match res {
             Ok(x) => x,
@@ -1399,6 +1438,8 @@ impl ClientState {
             frag: None,
             schedule: None,
             unique_in_batch: 0,
+            refused_in_batch: 0,
+            last_send_phase: None,
             role,
             checked: role == Role::Healthy || resume,
             resume,
@@ -1646,6 +1687,66 @@ mod tests {
         assert!(parse_msg(b"lg-3|17|42").is_none());
         assert!(parse_msg(b"hello").is_none());
         assert!(parse_msg(b"lg-3|-1|42|5|").is_none());
+    }
+
+    /// An error that comes once a sender has sent answers one of its messages: a refused
+    /// send of that message's phase. Before that (the join, the probes) it is only an error.
+    #[test]
+    fn errors_after_sending_are_refused_sends() {
+        for envelope in [true, false] {
+            let cfg = crate::Config {
+                clients: 4,
+                rooms: 2,
+                senders_per_room: 1,
+                envelope,
+                ..crate::Config::default()
+            };
+            let sh = crate::run::new_shared(&cfg, 1);
+            let mut st = ClientState::new(0, &sh);
+            let mut hists = None;
+            let e = br#"{"type":"error","code":"backplane_unavailable","message":"x"}"#;
+            st.on_text(e, 0, &sh, &mut hists);
+            assert_eq!(
+                (st.errors, st.phases[1].refused, st.refused_in_batch),
+                (1, 0, 0)
+            );
+            st.last_send_phase = Some(1);
+            st.on_text(e, 0, &sh, &mut hists);
+            assert_eq!(
+                (st.errors, st.phases[1].refused, st.refused_in_batch),
+                (2, 1, 1)
+            );
+            assert_eq!(st.phases[0].refused, 0);
+            let codes = sh.error_codes.lock().unwrap();
+            assert_eq!(codes["backplane_unavailable"], 2, "still counted as errors");
+        }
+    }
+
+    /// A gap notice for the client's room is counted and spares the next delivery the gap
+    /// check; one for another room is a stray frame.
+    #[test]
+    fn gap_notices_for_our_room_unlink_offsets() {
+        let cfg = crate::Config {
+            clients: 4,
+            rooms: 2,
+            senders_per_room: 1,
+            envelope: true,
+            ..crate::Config::default()
+        };
+        let sh = crate::run::new_shared(&cfg, 1);
+        let mut st = ClientState::new(2, &sh);
+        let mut hists = None;
+        let sub = br#"{"type":"subscribed","room":"lg-0","offset":10,"epoch":"e"}"#;
+        st.on_text(sub, 0, &sh, &mut hists);
+        st.on_text(br#"{"type":"gap","room":"lg-0"}"#, 0, &sh, &mut hists);
+        st.on_text(br#"{"type":"gap","room":"lg-1"}"#, 0, &sh, &mut hists);
+        // Without a schedule the message itself is not counted; its offset still is.
+        let d =
+            br#"{"type":"message","room":"lg-0","message":"lg-0|0|5|1|","offset":15,"epoch":"e"}"#;
+        st.on_text(d, 0, &sh, &mut hists);
+        let o = st.position.counts;
+        assert_eq!((o.gap_notices, o.stamped, o.gaps), (1, 1, 0));
+        assert_eq!(st.other_frames, 1);
     }
 
     #[test]

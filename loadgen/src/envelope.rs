@@ -63,6 +63,10 @@ pub enum Frame<'a> {
     },
     /// `ack` or `unsubscribed`: expected answers with nothing to check.
     Reply,
+    /// `gap`: messages of `room` may have been lost at this client (the server skipped
+    /// offsets, or the room's offsets started again in a new epoch); the next delivery
+    /// starts a new run of offsets.
+    Gap { room: Cow<'a, str> },
     /// An error reply, with its code.
     Error(String),
     /// Valid JSON of another type, or a `message` without its message.
@@ -95,6 +99,7 @@ pub fn parse(frame: &[u8]) -> Frame<'_> {
             recovered: w.recovered,
         },
         "ack" | "unsubscribed" => Frame::Reply,
+        "gap" => Frame::Gap { room: w.room },
         "error" => Frame::Error(w.code.unwrap_or_else(|| "(no code)".into())),
         _ => Frame::Other,
     }
@@ -132,6 +137,9 @@ pub struct OffsetCounts {
     pub recovered_false: u64,
     /// Deliveries that came on a resumed connection before its answer: the replay.
     pub replayed: u64,
+    /// `gap` notices for the client's room: the server announced that messages may have
+    /// been lost here.
+    pub gap_notices: u64,
 }
 
 impl OffsetCounts {
@@ -142,6 +150,13 @@ impl OffsetCounts {
         self.recovered += o.recovered;
         self.recovered_false += o.recovered_false;
         self.replayed += o.replayed;
+        self.gap_notices += o.gap_notices;
+    }
+
+    /// Whether the server told this client it may have lost messages of its room: a `gap`
+    /// notice, or a resume answered `recovered: false`.
+    pub fn announced_loss(&self) -> bool {
+        self.gap_notices + self.recovered_false > 0
     }
 }
 
@@ -154,7 +169,9 @@ pub struct RoomPosition {
     epoch: Option<Box<str>>,
     /// Whether the next offset must be `last + 1`. A plain rejoin unlinks (what was sent
     /// while away is not a gap: the client never asked for it) until its answer says where
-    /// the room is; a resume stays linked, as its replay starts right after `last`.
+    /// the room is; a resume stays linked, as its replay starts right after `last`. A `gap`
+    /// notice unlinks too: the hole it announces is the server's admission, not a fault
+    /// found.
     linked: bool,
     /// A resume was sent and not answered yet: deliveries until the answer are its replay.
     replaying: bool,
@@ -210,6 +227,14 @@ impl RoomPosition {
         }
         // Live messages come after the latest, whatever was (or was not) replayed.
         self.restart(latest);
+    }
+
+    /// A `gap` notice for the room: counted, and the next delivery (or answer) starts a new
+    /// run of offsets instead of being checked against the last. `last` and the epoch stay,
+    /// so a resume still asks from what was really received.
+    pub fn gap_notice(&mut self) {
+        self.counts.gap_notices += 1;
+        self.linked = false;
     }
 
     /// A new connection: a resume (`resume`) carries on from the last offset, a plain rejoin
@@ -341,6 +366,58 @@ mod tests {
         assert_eq!(parse(br#"{"type":"joined"}"#), Frame::Other);
         assert_eq!(parse(b"lg-1|2|3|4|"), Frame::Invalid);
         assert_eq!(parse(br#"{"type":"message","offset":"7"}"#), Frame::Invalid);
+    }
+
+    #[test]
+    fn gap_notices_are_parsed_counted_and_start_a_new_run() {
+        let f = br#"{"type":"gap","room":"lg-4"}"#;
+        assert_eq!(
+            parse(f),
+            Frame::Gap {
+                room: "lg-4".into()
+            }
+        );
+        assert!(matches!(
+            parse(f),
+            Frame::Gap {
+                room: Cow::Borrowed(_)
+            }
+        ));
+        let mut p = RoomPosition::default();
+        p.subscribed(Some((10, "e")), None);
+        p.delivery(11, "e");
+        assert!(!p.counts.announced_loss());
+        // The server announces that 12..=14 may be lost here: 15 starts a new run.
+        p.gap_notice();
+        p.delivery(15, "e");
+        p.delivery(16, "e");
+        assert_eq!(
+            (p.counts.gaps, p.counts.repeats, p.counts.gap_notices),
+            (0, 0, 1)
+        );
+        assert!(p.counts.announced_loss());
+        assert_eq!(p.since(), (16, "e"));
+        // Only the delivery right after the notice is spared: a later hole is a gap.
+        p.delivery(18, "e");
+        assert_eq!(p.counts.gaps, 1);
+        // The same hole without a notice is a gap.
+        let mut q = RoomPosition::default();
+        q.subscribed(Some((10, "e")), None);
+        q.delivery(11, "e");
+        q.delivery(15, "e");
+        assert_eq!((q.counts.gaps, q.counts.gap_notices), (1, 0));
+        // A notice during a resume's replay: its answer is not held against the replay.
+        p.reconnected(true);
+        p.delivery(19, "e");
+        p.gap_notice();
+        p.subscribed(Some((25, "e")), Some(true));
+        p.delivery(26, "e");
+        assert_eq!((p.counts.gaps, p.counts.gap_notices), (1, 2));
+        assert_eq!(p.since(), (26, "e"));
+        // recovered:false announces a loss as well.
+        let mut r = RoomPosition::default();
+        r.subscribed(Some((3, "e")), Some(false));
+        assert!(r.counts.announced_loss());
     }
 
     #[test]

@@ -153,6 +153,9 @@ pub struct ReconnectReport {
 pub struct EnvelopeReport {
     /// Deliveries that carried an offset (0: the server keeps no history).
     pub stamped_deliveries: u64,
+    /// `gap` notices for the client's own room: the server announced that messages of it may
+    /// have been lost at that client (the delivery after one is not checked for a gap).
+    pub gap_notices: u64,
     pub offset_gaps: u64,
     pub offset_repeats: u64,
 }
@@ -169,6 +172,9 @@ pub struct ResumeReport {
     /// Distinct deliveries.
     pub deliveries: u64,
     pub lost: u64,
+    /// Of `lost`, like `Counts::lost_announced`: at clients told of a possible loss.
+    pub lost_announced: u64,
+    pub lost_silent: u64,
     pub loss_pct: f64,
     pub duplicates: u64,
     pub reordered: u64,
@@ -179,6 +185,8 @@ pub struct ResumeReport {
     pub recovered_false: u64,
     /// Deliveries that came as a resume's replay (before its answer), counted in `deliveries`.
     pub replayed: u64,
+    /// `gap` notices for their room (see `EnvelopeReport::gap_notices`).
+    pub gap_notices: u64,
     pub offset_gaps: u64,
     pub offset_repeats: u64,
 }
@@ -198,10 +206,22 @@ impl ResumeReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counts {
     pub sent: u64,
+    /// Of `sent`: sends the server answered with an error (any code, e.g.
+    /// `backplane_unavailable` or `limit`). They went to no one, so no delivery of them is
+    /// in `expected`.
+    pub refused: u64,
     pub expected: u64,
     pub received: u64,
     pub lost: u64,
     pub loss_pct: f64,
+    /// Of `lost`: deliveries lost at clients the server told, at some point in the run, that
+    /// they may have lost messages of their room (a `gap` notice, or a resume answered
+    /// `recovered: false`). Per client (what it was owed less what it received), counted
+    /// for the whole run, not per notice: one notice makes all of that client's loss
+    /// announced, whenever it happened.
+    pub lost_announced: u64,
+    /// The rest of `lost`: at clients nothing told.
+    pub lost_silent: u64,
     pub duplicates: u64,
     pub order_violations: u64,
     pub misrouted: u64,
@@ -210,7 +230,9 @@ pub struct Counts {
 impl Counts {
     pub fn add(&mut self, o: &Counts) {
         self.sent += o.sent;
+        self.refused += o.refused;
         self.expected += o.expected;
+        self.lost_announced += o.lost_announced;
         self.received += o.received;
         self.duplicates += o.duplicates;
         self.order_violations += o.order_violations;
@@ -218,9 +240,13 @@ impl Counts {
         self.finish();
     }
 
-    /// Derives loss from expected and received.
+    /// Derives loss from expected and received, and splits it: `lost_announced` holds the
+    /// announced clients' loss summed, at most `lost` (it can only exceed it when a client
+    /// received more than it was owed), and `lost_silent` is the rest.
     pub fn finish(&mut self) {
         self.lost = self.expected.saturating_sub(self.received);
+        self.lost_announced = self.lost_announced.min(self.lost);
+        self.lost_silent = self.lost - self.lost_announced;
         self.loss_pct = if self.expected == 0 {
             0.0
         } else {
@@ -362,12 +388,28 @@ fn grouped(out: &mut String, label: &str, m: &BTreeMap<String, u64>) {
 
 fn counts_lines(out: &mut String, c: &Counts, sent_note: &str) {
     let _ = writeln!(out, "  {:<20}{}{sent_note}", "messages sent", c.sent);
+    let _ = writeln!(
+        out,
+        "  {:<20}{} (answered with an error: delivered to no one, not expected)",
+        "refused", c.refused
+    );
     let _ = writeln!(out, "  {:<20}{}", "deliveries expected", c.expected);
     let _ = writeln!(out, "  {:<20}{}", "received", c.received);
-    let _ = writeln!(out, "  {:<20}{} ({:.3}%)", "lost", c.lost, c.loss_pct);
+    lost_line(out, (c.lost, c.loss_pct), c.lost_announced, c.lost_silent);
     let _ = writeln!(out, "  {:<20}{}", "duplicates", c.duplicates);
     let _ = writeln!(out, "  {:<20}{}", "order violations", c.order_violations);
     let _ = writeln!(out, "  {:<20}{}", "misrouted", c.misrouted);
+}
+
+/// `lost N (x%)`, then how much of it the server announced: lost at a client that was told,
+/// at any time in the run, of a gap in its room or a resume not recovered.
+fn lost_line(out: &mut String, (lost, pct): (u64, f64), announced: u64, silent: u64) {
+    let _ = writeln!(
+        out,
+        "  {:<20}{lost} ({pct:.3}%): {announced} announced (client told of a gap or \
+         recovered:false during the run), {silent} silent",
+        "lost"
+    );
 }
 
 fn envelope_lines(o: &mut String, e: &EnvelopeReport) {
@@ -385,6 +427,11 @@ fn envelope_lines(o: &mut String, e: &EnvelopeReport) {
             "offsets", e.offset_gaps, e.offset_repeats, e.stamped_deliveries
         );
     }
+    let _ = writeln!(
+        o,
+        "  {:<20}{} (the server announced possible loss in the client's room)",
+        "gap notices", e.gap_notices
+    );
 }
 
 fn resume_lines(o: &mut String, r: &ResumeReport) {
@@ -403,14 +450,14 @@ fn resume_lines(o: &mut String, r: &ResumeReport) {
         "  {:<20}{} ({} of them replayed on resuming)",
         "received", r.deliveries, r.replayed
     );
-    let _ = writeln!(o, "  {:<20}{} ({:.3}%)", "lost", r.lost, r.loss_pct);
+    lost_line(o, (r.lost, r.loss_pct), r.lost_announced, r.lost_silent);
     let _ = writeln!(o, "  {:<20}{}", "duplicates", r.duplicates);
     let _ = writeln!(o, "  {:<20}{}", "order violations", r.reordered);
     let _ = writeln!(o, "  {:<20}{}", "misrouted", r.misrouted);
     let _ = writeln!(
         o,
-        "  {:<20}{} gaps, {} repeats (across resumes too)",
-        "offsets", r.offset_gaps, r.offset_repeats
+        "  {:<20}{} gaps, {} repeats (across resumes too); {} gap notices",
+        "offsets", r.offset_gaps, r.offset_repeats, r.gap_notices
     );
 }
 

@@ -46,7 +46,7 @@ async fn run_against(fault: Fault, adjust: fn(&mut Config)) -> Report {
     assert_eq!(report.connect.not_ready, 0, "all memberships confirmed");
     assert!(report.totals.sent > 100, "senders sent on schedule");
     assert_eq!(report.unparseable_frames, 0);
-    if !matches!(fault, Fault::Errors(_)) {
+    if !matches!(fault, Fault::Errors(_) | Fault::Refuse(_)) {
         assert_eq!(report.server_errors, 0);
     }
     report
@@ -244,10 +244,52 @@ async fn error_frames_are_counted_not_delivered() {
     assert!(r.server_errors > 0);
     assert!(r.server_error_codes.get("limit").copied().unwrap_or(0) > 0);
     let t = &r.totals;
+    // Errors that answer a message are taken as refusals (this server delivers those
+    // messages all the same, so more arrives than is expected, which no figure shows).
+    assert!(t.refused > 0);
     assert_eq!(
         (t.lost, t.duplicates, t.order_violations, t.misrouted),
         (0, 0, 0, 0)
     );
+    assert!(!r.clean());
+}
+
+/// A send the server refuses (as during a Redis outage) reaches no one: it is counted as
+/// refused, owed to no one, and the drain does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_sends_are_not_expected() {
+    let r = run_against(Fault::Refuse(4), as_is).await;
+    let t = &r.totals;
+    assert!(t.refused > 0, "refusals counted");
+    assert_eq!(t.refused, r.warmup.refused + r.measured.counts.refused);
+    // Every 4th message (the four senders share the server's count).
+    assert!(
+        t.refused.abs_diff(t.sent / 4) <= 1,
+        "{} of {}",
+        t.refused,
+        t.sent
+    );
+    assert_eq!(
+        r.server_error_codes.get("backplane_unavailable"),
+        Some(&t.refused)
+    );
+    // Each message that went out reaches all 10 members of its room.
+    assert_eq!(t.expected, (t.sent - t.refused) * 10);
+    assert_eq!(t.received, t.expected);
+    assert_eq!(
+        (t.lost, t.duplicates, t.order_violations, t.misrouted),
+        (0, 0, 0, 0)
+    );
+    assert!(
+        r.drained,
+        "the drain ended without waiting for refused sends"
+    );
+    let v = serde_json::to_value(&r).unwrap();
+    assert_eq!(v["totals"]["refused"], t.refused);
+    assert_eq!(v["measured"]["refused"], r.measured.counts.refused);
+    let line = format!("{:<20}{} (answered with an error", "refused", t.refused);
+    assert!(r.to_text().contains(&line));
+    // An error is still an error: the run is not clean.
     assert!(!r.clean());
 }
 

@@ -26,6 +26,9 @@ pub enum Fault {
     Misroute(u64),
     /// Every Nth send also gets an error reply.
     Errors(u64),
+    /// Every Nth loadgen message (readiness probes aside) is refused like a Redis outage
+    /// refuses it: a `backplane_unavailable` error to its sender, and no delivery at all.
+    Refuse(u64),
 }
 
 /// (source connection, text) queued for one recipient.
@@ -35,6 +38,8 @@ struct Server {
     fault: Fault,
     rooms: Mutex<HashMap<String, Vec<(u64, Tx)>>>,
     sends: AtomicU64,
+    /// Loadgen messages seen (probes aside), for `Fault::Refuse`.
+    messages: AtomicU64,
 }
 
 impl Server {
@@ -63,6 +68,17 @@ impl Server {
         }
     }
 
+    /// Whether to refuse message `m` (and deliver it nowhere).
+    fn refuses(&self, m: &str) -> bool {
+        let Fault::Refuse(k) = self.fault else {
+            return false;
+        };
+        if m.contains("|P|") {
+            return false;
+        }
+        (self.messages.fetch_add(1, Ordering::Relaxed) + 1) % k == 0
+    }
+
     fn leave_all(&self, id: u64) {
         for members in self.rooms.lock().unwrap().values_mut() {
             members.retain(|(c, _)| *c != id);
@@ -82,6 +98,7 @@ pub async fn start_server_on(bind: &str, fault: Fault) -> String {
         fault,
         rooms: Mutex::new(HashMap::new()),
         sends: AtomicU64::new(0),
+        messages: AtomicU64::new(0),
     });
     tokio::spawn(async move {
         let mut next_id = 0u64;
@@ -148,12 +165,20 @@ async fn session(stream: TcpStream, srv: Arc<Server>, id: u64) {
             }
             Some("sendMessage") => {
                 if let (Some(room), Some(m)) = (v["roomId"].as_str(), v["message"].as_str()) {
-                    srv.broadcast(room, m, id, false);
+                    if srv.refuses(m) {
+                        refuse(&tx, room);
+                    } else {
+                        srv.broadcast(room, m, id, false);
+                    }
                 }
             }
             Some("chat") => {
                 if let (Some(room), Some(m)) = (&chat_room, v["payload"]["message"].as_str()) {
-                    srv.broadcast(room, m, id, true);
+                    if srv.refuses(m) {
+                        refuse(&tx, room);
+                    } else {
+                        srv.broadcast(room, m, id, true);
+                    }
                 }
             }
             _ => {}
@@ -166,4 +191,14 @@ async fn session(stream: TcpStream, srv: Arc<Server>, id: u64) {
         }
     }
     srv.leave_all(id);
+}
+
+/// The error a Redis outage answers a send with.
+fn refuse(tx: &Tx, room: &str) {
+    let err = serde_json::json!({
+        "type": "error",
+        "code": "backplane_unavailable",
+        "message": format!("the backplane is unavailable; the message to room \"{room}\" was not sent"),
+    });
+    let _ = tx.send((0, err.to_string()));
 }
