@@ -138,6 +138,16 @@ impl Backplane {
         self.redis.as_ref()?.fetch(room, first)
     }
 
+    /// How many members `room` has on the other nodes, asked of Redis: `Ok(None)` without
+    /// Redis (this node is all there is), `Err(())` when the others cannot be asked now.
+    #[allow(clippy::result_unit_err)]
+    pub fn presence(&self, room: &str) -> Result<Option<tokio::sync::oneshot::Receiver<u64>>, ()> {
+        match &self.redis {
+            None => Ok(None),
+            Some(bus) => bus.presence(room).map(Some).ok_or(()),
+        }
+    }
+
     /// The node's room history, when it keeps one.
     pub fn history(&self) -> Option<&Arc<History>> {
         self.history.as_ref()

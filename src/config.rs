@@ -93,6 +93,9 @@ pub struct Config {
     pub api_keys: Vec<String>,
     /// Serve an echo WebSocket on `/echo` (for conformance suites). Default off.
     pub echo: bool,
+    /// Serve the demo chat page (`/`), `/roomcast.js` and the dashboard (`/dashboard`) to
+    /// browsers. Default on.
+    pub pages: bool,
     /// Room history for envelope-mode offsets and resume; see [`HistoryConfig`]. Default off.
     pub history: HistoryConfig,
 }
@@ -127,6 +130,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             api_keys: Vec::new(),
             echo: false,
+            pages: true,
             history: HistoryConfig::default(),
         }
     }

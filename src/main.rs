@@ -251,6 +251,10 @@ struct Args {
     #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
     echo: bool,
 
+    /// Do not serve the demo chat page (/), /roomcast.js or the dashboard (/dashboard).
+    #[arg(long, env = "ROOMCAST_NO_PAGES", default_value_t = false)]
+    no_pages: bool,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "ROOMCAST_LOG", default_value = "info")]
     log: tracing::Level,
@@ -372,6 +376,7 @@ impl Args {
                 .collect(),
             api_keys: self.api_key.clone(),
             echo: self.echo,
+            pages: !self.no_pages,
             history: HistoryConfig {
                 size: self.history_size,
                 ttl: self.history_ttl,

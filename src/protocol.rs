@@ -63,6 +63,11 @@ pub enum Command<'a> {
         /// mode.
         id: Id<'a>,
     },
+    /// Version 2, both dialects: how many members `room` has, on every node together.
+    Presence {
+        /// The room's name as the client spelled it.
+        room: &'a str,
+    },
     /// Version 2: proves who the connection is (first message), or refreshes the token.
     Auth {
         /// The JWT.
@@ -242,6 +247,22 @@ pub fn room_reply(
         } else {
             r#","recovered":false"#
         });
+    }
+    json.push('}');
+    frame::text(&json)
+}
+
+/// The answer to a presence question, in both dialects: `{"type":"presence","room":R,
+/// "count":N}`, with `"complete":false` when the other nodes could not be asked (the count is
+/// then this node's alone).
+pub fn presence(room: &str, count: u64, complete: bool) -> Bytes {
+    let mut json = String::with_capacity(64 + room.len());
+    json.push_str(r#"{"type":"presence","room":"#);
+    push_json_string(&mut json, room);
+    json.push_str(r#","count":"#);
+    json.push_str(&count.to_string());
+    if !complete {
+        json.push_str(r#","complete":false"#);
     }
     json.push('}');
     frame::text(&json)
@@ -430,6 +451,9 @@ fn command<'i>(v: Value<'_, 'i>) -> Result<Command<'i>, ClientError> {
             room: required(Some(v), "roomId", "roomId")?,
             message: message(Some(v), "message", "message")?,
             id: request_id(Some(v)),
+        },
+        "presence" => Command::Presence {
+            room: required(Some(v), "room", "room")?,
         },
         "auth" => Command::Auth {
             token: message(Some(v), "token", "token")?,

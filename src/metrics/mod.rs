@@ -3,9 +3,15 @@
 //! Plain relaxed atomics: every counter is bumped once per message, per write or per connection,
 //! never once per recipient, so cross-core contention stays off the fan-out loop.
 
+mod histogram;
+mod process;
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+
+pub use self::histogram::{Histogram, HistogramSnapshot};
+pub use self::process::Process;
 
 /// The node's counters; one per node, shared by every task.
 #[derive(Debug, Default)]
@@ -35,6 +41,15 @@ pub struct Metrics {
     stream_reads: AtomicU64,
     stream_reads_refused: AtomicU64,
     history_repaired: AtomicU64,
+    presence_refused: AtomicU64,
+    /// Time to serve one message to a room's local members (every slice, the direct writes
+    /// included), µs: observed once per message.
+    pub fanout_us: Histogram,
+    /// Frames each socket write carried: how deep the outbox was when it was written.
+    /// Publishers' direct writes are added per broadcast, as single-frame writes.
+    pub write_frames: Histogram,
+    /// From accepting the connection to the session starting, µs (refusals not included).
+    pub handshake_us: Histogram,
 }
 
 /// Why a connection was refused before it became a session.
@@ -146,6 +161,14 @@ pub struct Snapshot {
     pub stream_reads_refused: u64,
     /// Messages read from a room's Redis stream to fill a gap in live traffic.
     pub history_repaired: u64,
+    /// Presence questions answered with this node's count alone: too many were queued.
+    pub presence_refused: u64,
+    /// See [`Metrics::fanout_us`].
+    pub fanout_us: HistogramSnapshot,
+    /// See [`Metrics::write_frames`].
+    pub write_frames: HistogramSnapshot,
+    /// See [`Metrics::handshake_us`].
+    pub handshake_us: HistogramSnapshot,
 }
 
 impl Metrics {
@@ -186,6 +209,10 @@ impl Metrics {
     /// A resume's stream read refused: too many queued.
     pub fn add_stream_read_refused(&self) {
         self.stream_reads_refused.fetch_add(1, Relaxed);
+    }
+    /// A presence question not sent to Redis: too many queued.
+    pub fn add_presence_refused(&self) {
+        self.presence_refused.fetch_add(1, Relaxed);
     }
     /// A message filled into a gap from the room's Redis stream.
     pub fn add_history_repaired(&self) {
@@ -254,6 +281,12 @@ impl Metrics {
 
     /// `writes` socket writes carrying `frames` whole frames and `bytes` bytes in all.
     pub fn add_writes(&self, writes: u64, frames: u64, bytes: u64) {
+        if writes > 1 {
+            // Publishers' direct writes, added once per broadcast: one frame each.
+            self.write_frames.observe_n(1, writes);
+        } else {
+            self.write_frames.observe(frames);
+        }
         self.writes.fetch_add(writes, Relaxed);
         self.frames_out.fetch_add(frames, Relaxed);
         self.bytes_out.fetch_add(bytes, Relaxed);
@@ -288,6 +321,10 @@ impl Metrics {
             stream_reads: self.stream_reads.load(Relaxed),
             stream_reads_refused: self.stream_reads_refused.load(Relaxed),
             history_repaired: self.history_repaired.load(Relaxed),
+            presence_refused: self.presence_refused.load(Relaxed),
+            fanout_us: self.fanout_us.snapshot(),
+            write_frames: self.write_frames.snapshot(),
+            handshake_us: self.handshake_us.snapshot(),
         }
     }
 }
@@ -350,6 +387,25 @@ impl Snapshot {
             let value = self.refused_by[refusal as usize];
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {value}", refusal.label());
         }
+        self.fanout_us.prometheus(
+            &mut out,
+            "roomcast_fanout_seconds",
+            "time to serve one message to its room's local members",
+            1e-6,
+        );
+        self.write_frames.prometheus(
+            &mut out,
+            "roomcast_write_frames",
+            "frames each socket write carried (the outbox depth it took)",
+            1.0,
+        );
+        self.handshake_us.prometheus(
+            &mut out,
+            "roomcast_handshake_seconds",
+            "from accepting a connection to its session starting",
+            1e-6,
+        );
+        Process::read().prometheus(&mut out);
         out
     }
 
@@ -414,8 +470,13 @@ impl Snapshot {
         ]
     }
 
-    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 10] {
+    fn backplane_counters(&self) -> [(&'static str, &'static str, u64); 11] {
         [
+            (
+                "roomcast_presence_incomplete_total",
+                "presence questions answered with this node's count alone: too many queued",
+                self.presence_refused,
+            ),
             (
                 "roomcast_history_stream_reads_total",
                 "reads of a room's Redis stream for resumes and gap repairs",

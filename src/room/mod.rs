@@ -19,6 +19,7 @@ use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -161,6 +162,7 @@ impl Room {
             slice: self.slice,
             next: 0,
             queued: 0,
+            started: None,
         }
     }
 }
@@ -189,12 +191,15 @@ pub struct Fanout {
     /// The index of the next member to serve, always at the start of a leaf.
     next: usize,
     queued: usize,
+    /// When the first slice began: the fan-out histogram's start.
+    started: Option<Instant>,
 }
 
 impl Fanout {
     /// Queues the frame for about one slice more members (whole leaves of the roster); returns
     /// true when every member has been served.
     pub fn step(&mut self, metrics: &Metrics) -> bool {
+        let started = *self.started.get_or_insert_with(Instant::now);
         let (skip, frame, room, stamp) = (self.skip, &self.frame, &self.room, &self.stamp);
         let envelope = &mut self.envelope;
         let mut budget = self.slice.max(1);
@@ -230,7 +235,13 @@ impl Fanout {
         // Counted once per slice, not per recipient.
         metrics.add_deliveries(queued as u64);
         self.queued += queued;
-        self.is_done()
+        let done = self.is_done();
+        if done {
+            metrics
+                .fanout_us
+                .observe(started.elapsed().as_micros() as u64);
+        }
+        done
     }
 
     /// Puts the message's place in the room's history into its envelope; before the first
@@ -527,6 +538,16 @@ impl Registry {
             ids.extend(map.keys().cloned());
         }
         ids
+    }
+
+    /// Every room with members here and how many it has (for presence across nodes).
+    pub fn room_counts(&self) -> Vec<(RoomId, usize)> {
+        let mut counts = Vec::with_capacity(self.room_count());
+        for shard in self.inner.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            counts.extend(map.iter().map(|(id, entry)| (id.clone(), entry.room.len())));
+        }
+        counts
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod api;
 mod live;
+mod pages;
 mod routes;
 
 use std::convert::Infallible;
@@ -83,6 +84,8 @@ pub(crate) struct NodeState {
     pub users: Arc<Users>,
     /// Every session, for stopping and draining.
     pub live: Live,
+    /// Dashboards streaming now (at most `pages::MAX_VIEWERS`).
+    pub viewers: Arc<std::sync::atomic::AtomicUsize>,
     next_id: AtomicU64,
 }
 
@@ -132,6 +135,7 @@ impl Shared {
             verifier,
             users,
             live: Live::new(),
+            viewers: Arc::default(),
             next_id: AtomicU64::new(1),
         })))
     }
@@ -239,6 +243,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Rece
                     peer,
                     shared: shared.clone(),
                     stop: stop.clone(),
+                    accepted: tokio::time::Instant::now(),
                 };
                 tokio::spawn(serve_http(stream, conn, handshake));
             }
@@ -257,6 +262,8 @@ struct Conn {
     peer: SocketAddr,
     shared: Shared,
     stop: watch::Receiver<bool>,
+    /// When the TCP connection was accepted: the handshake-time histogram starts here.
+    accepted: tokio::time::Instant,
 }
 
 /// Serves one HTTP connection. `_handshake` counts it against the handshake cap until it ends,

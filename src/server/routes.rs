@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Admitted, Conn, Shared, Slots};
+use super::{pages, Admitted, Conn, Shared, Slots};
 use crate::admission::client_address;
 use crate::auth::{handshake_token, AuthMode, Identity};
 use crate::metrics::Refusal;
@@ -37,7 +37,26 @@ use crate::session::{Access, Grant, Mode, Session};
 
 type Reply = Response<Full<Bytes>>;
 
-pub(super) async fn route(req: Request<Incoming>, conn: Conn) -> Reply {
+/// Every answer but the dashboard's stream is whole.
+pub(super) async fn route(req: Request<Incoming>, conn: Conn) -> pages::Reply {
+    let wants_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
+    if req.method() == Method::GET && !wants_upgrade && conn.shared.config.pages {
+        let path = req.uri().path();
+        if path == "/dashboard/events" {
+            return pages::events(&conn.shared, conn.stop.clone()).unwrap_or_else(|| {
+                let busy = "too many dashboards are open; retry later\n".to_owned();
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", busy)
+                    .map(http_body_util::Either::Left)
+            });
+        }
+        if let Some((content_type, body)) = pages::asset(path) {
+            return pages::page(content_type, body);
+        }
+    }
+    whole(req, conn).await.map(http_body_util::Either::Left)
+}
+
+async fn whole(req: Request<Incoming>, conn: Conn) -> Reply {
     let api = match *req.method() {
         Method::POST => req.uri().path().starts_with("/api/"),
         Method::GET => req.uri().path() == "/api/history",
@@ -434,7 +453,12 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
             HeaderValue::from_static(ENVELOPE_PROTOCOL),
         );
     }
-    let Conn { shared, stop, .. } = conn;
+    let Conn {
+        shared,
+        stop,
+        accepted,
+        ..
+    } = conn;
     // `then` keeps the task in one of two states, the upgrade (with what the session will
     // need) or the session, never both: an `async` block would keep a slot for every captured
     // value for the task's whole life, even once moved into the session, and this task's size
@@ -451,6 +475,8 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
         // drops, however it ends; on a failed upgrade they drop here.
         match stream {
             Some((stream, early)) => {
+                let waited = accepted.elapsed().as_micros() as u64;
+                shared.metrics.handshake_us.observe(waited);
                 let session = Session::run(stream, early, shared, admitted, mode);
                 // Held until the session is among the node's live ones, so a drain that
                 // began meanwhile waits for it.

@@ -115,7 +115,42 @@ impl Session {
                 self.acknowledge(id, offset);
                 Ok(())
             }
+            Command::Presence { room } => {
+                self.check_room_name(room)?;
+                // Whoever may join a room may see how full it is.
+                self.check(room, Op::Subscribe)?;
+                self.presence(room);
+                Ok(())
+            }
             Command::Auth { token } => self.authenticate(token),
+        }
+    }
+
+    /// Answers how many members `room` has: this node's count now, plus, across nodes, the
+    /// others' as Redis holds them (at most about a second old). The answer from Redis comes
+    /// on a task of its own that queues the reply, so the session never waits for it.
+    fn presence(&self, room: &str) {
+        let here = self.shared.registry.get(room).map_or(0, |r| r.len()) as u64;
+        let metrics = Arc::clone(&self.shared.metrics);
+        match self.shared.backplane.presence(room) {
+            Ok(None) => {
+                self.outbox
+                    .push(&protocol::presence(room, here, true), &metrics);
+            }
+            Err(()) => {
+                self.outbox
+                    .push(&protocol::presence(room, here, false), &metrics);
+            }
+            Ok(Some(others)) => {
+                let (outbox, room) = (Arc::clone(&self.outbox), room.to_owned());
+                tokio::spawn(async move {
+                    let reply = match others.await {
+                        Ok(others) => protocol::presence(&room, here + others, true),
+                        Err(_) => protocol::presence(&room, here, false),
+                    };
+                    outbox.push(&reply, &metrics);
+                });
+            }
         }
     }
 

@@ -21,6 +21,7 @@
 //! connection.
 
 mod inbox;
+mod presence;
 mod worker;
 
 use std::hash::BuildHasher;
@@ -57,7 +58,21 @@ enum Op {
     Unsubscribe(RoomId),
     Publish(Pending),
     Fetch(Fetch),
+    Presence(Presence),
 }
+
+/// A presence question: how many members room `room` has on the other nodes.
+struct Presence {
+    room: RoomId,
+    reply: oneshot::Sender<u64>,
+    /// Its place among the questions the node has queued ([`MAX_PRESENCE_QUESTIONS`]).
+    _slot: Slot,
+}
+
+/// Presence questions a node has queued for Redis at most; past it a question is answered
+/// with this node's count alone (`"complete":false`), counted. Each is one small script run;
+/// a session asks at the rate its inbound limit allows.
+const MAX_PRESENCE_QUESTIONS: u64 = 256;
 
 /// A read of part of a room's Redis stream (history across nodes). The answer goes to
 /// `reply`; a dropped `reply` (the link went down first) means it could not be read.
@@ -71,15 +86,16 @@ struct Fetch {
     /// A resume's place among the node's stream reads (`--redis-history-reads`), freed when
     /// the read is answered or dropped. `None` for a gap repair: the delivery task waits for
     /// its own, so there is one at a time by construction.
-    _slot: Option<ReadSlot>,
+    _slot: Option<Slot>,
 }
 
-/// One of the stream reads for resumes a node has queued or in flight.
-struct ReadSlot(Arc<State>);
+/// A place taken in one of the State's bounded queues of questions, given back on drop (the
+/// question answered, or dropped with the connection).
+struct Slot(Arc<State>, fn(&State) -> &Quota);
 
-impl Drop for ReadSlot {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.reads.give_back(0);
+        (self.1)(&self.0).give_back(0);
     }
 }
 
@@ -122,6 +138,8 @@ struct State {
     /// Stream reads for resumes queued or in flight (the byte side is unused): a storm of
     /// resumes costs Redis at most this many reads at a time, the rest are not recovered.
     reads: Quota,
+    /// Presence questions queued or in flight (the byte side is unused).
+    questions: Quota,
     born: Instant,
     /// Milliseconds since `born` when this node last heard its own probe.
     probe_heard: AtomicU64,
@@ -201,6 +219,7 @@ impl Bus {
             healthy: AtomicBool::new(false),
             queue: Quota::new(limits.queue_messages, limits.queue_bytes),
             reads: Quota::new(limits.history_reads, u64::MAX),
+            questions: Quota::new(MAX_PRESENCE_QUESTIONS, u64::MAX),
             born: Instant::now(),
             probe_heard: AtomicU64::new(0),
         });
@@ -220,6 +239,9 @@ impl Bus {
             prefix: Arc::clone(&prefix),
             metrics: Arc::clone(&metrics),
             script: None,
+            presence_scripts: None,
+            presence: presence::Book::default(),
+            presence_at: None,
             history: history.clone(),
         };
         let bus = Self {
@@ -285,7 +307,7 @@ impl Bus {
             self.metrics.add_stream_read_refused();
             return None;
         }
-        let slot = ReadSlot(Arc::clone(&self.state));
+        let slot = Slot(Arc::clone(&self.state), |s| &s.reads);
         let (reply, answer) = oneshot::channel();
         let fetch = Fetch {
             room: RoomId::new(room),
@@ -295,6 +317,26 @@ impl Bus {
             _slot: Some(slot),
         };
         self.ops.send(Op::Fetch(fetch)).ok()?;
+        Some(answer)
+    }
+
+    /// Asks how many members room `room` has on the other nodes; `None` while the link is
+    /// down or [`MAX_PRESENCE_QUESTIONS`] are queued (counted).
+    pub fn presence(&self, room: &str) -> Option<oneshot::Receiver<u64>> {
+        if !self.is_healthy() {
+            return None;
+        }
+        if !self.state.questions.try_take(0) {
+            self.metrics.add_presence_refused();
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        let ask = Presence {
+            room: RoomId::new(room),
+            reply,
+            _slot: Slot(Arc::clone(&self.state), |s| &s.questions),
+        };
+        self.ops.send(Op::Presence(ask)).ok()?;
         Some(answer)
     }
 
@@ -328,7 +370,7 @@ impl Bus {
 
 /// The channel every node listens on for fleet-wide commands (revocations).
 fn control_channel(prefix: &str) -> String {
-    format!("{prefix}{}control", protocol::RESERVED_PREFIX)
+    format!("{prefix}{}:control", protocol::RESERVED_PREFIX)
 }
 
 /// A node id unique enough to tell this process's publications from every other node's.

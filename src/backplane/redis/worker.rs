@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::inbox::{self, Delivery, Inbox};
+use super::presence;
 use super::{Op, Pending, State};
 use crate::frame;
 use crate::history::{History, HistoryConfig, Stamp};
@@ -146,13 +147,19 @@ pub(crate) struct Worker {
     pub(super) history: Option<(HistoryConfig, Arc<History>)>,
     /// The SHA of [`SEQUENCE`], loaded on every connection (a restarted Redis has forgotten it).
     pub(super) script: Option<String>,
+    /// The SHAs of the presence scripts (write, read), loaded on every connection.
+    pub(super) presence_scripts: Option<(String, String)>,
+    /// What this node last wrote of its rooms' member counts.
+    pub(super) presence: presence::Book,
+    /// When the member counts were last written.
+    pub(super) presence_at: Option<Instant>,
 }
 
 impl Worker {
     /// The node's own probe channel, in the reserved namespace no room can name.
     fn probe_channel(&self) -> String {
         format!(
-            "{}{}probe:{}",
+            "{}{}:probe:{}",
             self.prefix,
             protocol::RESERVED_PREFIX,
             self.node
@@ -165,7 +172,7 @@ impl Worker {
 
     /// A room's key in the reserved namespace behind the prefix: `offsets:` or `history:`.
     fn key(&self, kind: &str, room: &str) -> String {
-        format!("{}{}{kind}:{room}", self.prefix, protocol::RESERVED_PREFIX)
+        format!("{}{}:{kind}:{room}", self.prefix, protocol::RESERVED_PREFIX)
     }
 
     /// Runs until every sender is gone: connect, serve, and on failure tell the senders of
@@ -255,6 +262,11 @@ impl Worker {
                 Err(e) => return lost(e, false),
             }
         }
+        match self.load_presence(&mut conn).await {
+            Ok(shas) => self.presence_scripts = Some(shas),
+            Err(e) => return lost(e, false),
+        }
+        self.presence.forget();
         let probe = self.probe_channel();
         let control = super::control_channel(&self.prefix);
         if let Err(e) = timed("subscribe probe", sink.subscribe(&[&probe, &control])).await {
@@ -281,13 +293,66 @@ impl Worker {
         self.state.healthy.store(true, Ordering::Release);
         self.metrics.add_backplane_connect();
         tracing::info!(rooms = rooms.len(), "redis backplane connected");
-        self.serve(&mut conn, &mut sink, listener).await
+        self.serve(registry, &mut conn, &mut sink, listener).await
+    }
+
+    /// Loads the presence scripts (write, read).
+    async fn load_presence(
+        &self,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(String, String), LinkError> {
+        let mut shas = Vec::with_capacity(2);
+        for script in [presence::SET, presence::GET] {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).to_owned();
+            shas.push(timed("load script", load.query_async::<String>(conn)).await?);
+        }
+        let get = shas.pop().unwrap_or_default();
+        let set = shas.pop().unwrap_or_default();
+        Ok((set, get))
+    }
+
+    /// Writes the member counts that changed (every one, every 10 s) in one pipeline; at most
+    /// once per [`presence::PUSH_EVERY`].
+    async fn write_presence(
+        &mut self,
+        registry: &Registry,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), LinkError> {
+        let now = Instant::now();
+        if self
+            .presence_at
+            .is_some_and(|at| now.saturating_duration_since(at) < presence::PUSH_EVERY)
+        {
+            return Ok(());
+        }
+        self.presence_at = Some(now);
+        let Some((set, _)) = &self.presence_scripts else {
+            return Ok(());
+        };
+        let due = self.presence.due(registry.room_counts(), now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let ttl_ms = presence::TTL.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for (room, count) in &due {
+            pipe.cmd("EVALSHA")
+                .arg(set)
+                .arg(1)
+                .arg(self.key("presence", room.as_str()))
+                .arg(&*self.node)
+                .arg(*count)
+                .arg(ttl_ms)
+                .ignore();
+        }
+        timed("write presence", pipe.query_async::<()>(conn)).await
     }
 
     /// Serves one connection: one operation (or one pipeline of publishes) per turn, and the
     /// probe first whenever it is due, so a publish flood cannot starve it.
     async fn serve(
         &mut self,
+        registry: &Registry,
         conn: &mut MultiplexedConnection,
         sink: &mut PubSubSink,
         mut listener: JoinHandle<()>,
@@ -299,6 +364,9 @@ impl Worker {
                 biased;
                 _ = tick.tick() => {
                     if let Err(e) = self.probe(conn).await {
+                        break lost(e, true);
+                    }
+                    if let Err(e) = self.write_presence(registry, conn).await {
                         break lost(e, true);
                     }
                 }
@@ -351,6 +419,10 @@ impl Worker {
                     self.flush(conn, batch).await?;
                     timed("unsubscribe", sink.unsubscribe(self.channel(&room))).await?;
                 }
+                Op::Presence(ask) => {
+                    self.flush(conn, batch).await?;
+                    self.read_presence(conn, ask).await?;
+                }
                 Op::Fetch(fetch) => {
                     // After the subscribes before it (awaited above): the stream read now
                     // overlaps what this node receives from here on.
@@ -360,6 +432,26 @@ impl Worker {
             }
         }
         self.flush(conn, batch).await
+    }
+
+    /// Answers a presence question: the room's members on the other nodes.
+    async fn read_presence(
+        &self,
+        conn: &mut MultiplexedConnection,
+        ask: super::Presence,
+    ) -> Result<(), LinkError> {
+        let Some((_, get)) = &self.presence_scripts else {
+            return Ok(());
+        };
+        let read = redis::cmd("EVALSHA")
+            .arg(get)
+            .arg(1)
+            .arg(self.key("presence", ask.room.as_str()))
+            .arg(&*self.node)
+            .to_owned();
+        let others = timed("read presence", read.query_async::<u64>(conn)).await?;
+        let _ = ask.reply.send(others);
+        Ok(())
     }
 
     /// Reads the part of a room's stream `fetch` asks for and answers it. At most twice the
