@@ -34,3 +34,11 @@ build_floor() {
     (cd "$dir" && cargo build --release -q) >&2 || return 1
     echo "$dir/target/release/limit"
 }
+
+# need_browser: installs Debian's chromium and chromium-driver when chromedriver is missing
+# (the browser tests and scripts/screenshots.sh drive them). Needs root, as CI has.
+need_browser() {
+    if ! command -v chromedriver >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+    fi
+}

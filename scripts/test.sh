@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 if ! command -v redis-server >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq redis-server
 fi
+# tests/browser.rs drives headless chromium through chromedriver.
+source scripts/lib.sh
+need_browser
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
