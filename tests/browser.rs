@@ -257,3 +257,74 @@ async fn screenshots() {
         page.close().await.expect("close");
     }
 }
+
+/// `scripts/browser-latency.sh` runs this (ignored otherwise) against a node it started, with
+/// loadgen's clients in the same room: ten demo pages each send a message a second for 20 s,
+/// and every other page's arrival time is matched to the send time (both the browser's wall
+/// clock, one machine). Prints the median and p99 of those delays and each page's received
+/// and rendered counts, as JSON on one line starting `LATENCY `.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by scripts/browser-latency.sh"]
+async fn browser_latency() {
+    let base = std::env::var("ROOMCAST_HTTP").expect("ROOMCAST_HTTP=http://host:port");
+    let room = std::env::var("ROOMCAST_ROOM").unwrap_or_else(|_| "lg-0".to_owned());
+    let driver = Driver::start().await;
+    let mut pages = Vec::new();
+    for n in 0..10 {
+        let page = driver.browser().await;
+        let url = format!("{base}/?room={room}&name=page{n}&auto=1");
+        page.goto(&url).await.expect("open the page");
+        until(&page, "the join", "return document.body.dataset.joined === '1';").await;
+        pages.push(page);
+    }
+    for round in 0..20 {
+        for (n, page) in pages.iter().enumerate() {
+            say(page, &format!("m{round}-{n}")).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut sent = std::collections::HashMap::new();
+    let mut arrivals = Vec::new();
+    let mut counts = Vec::new();
+    for page in &pages {
+        let v = page
+            .execute(
+                "const d = window.roomcastDemo; return {sent: d.sent, received: d.received, \
+                 state: {received: d.state.received, rendered: d.state.rendered}};",
+                vec![],
+            )
+            .await
+            .expect("script runs");
+        for s in v["sent"].as_array().into_iter().flatten() {
+            let text = s["text"].as_str().unwrap_or_default().to_owned();
+            sent.insert(text, s["at"].as_f64().unwrap_or(f64::NAN));
+        }
+        for r in v["received"].as_array().into_iter().flatten() {
+            let text = r["text"].as_str().unwrap_or_default().to_owned();
+            arrivals.push((text, r["at"].as_f64().unwrap_or(f64::NAN)));
+        }
+        counts.push(v["state"].clone());
+    }
+    let mut delays: Vec<f64> = arrivals
+        .iter()
+        .filter_map(|(text, at)| sent.get(text).map(|sent_at| at - sent_at))
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    let at = |q: f64| delays[((q * delays.len() as f64).ceil() as usize).clamp(1, delays.len()) - 1];
+    let expected = sent.len() * (pages.len() - 1);
+    let report = serde_json::json!({
+        "sent": sent.len(),
+        "arrivals_matched": delays.len(),
+        "arrivals_expected": expected,
+        "median_ms": at(0.5),
+        "p99_ms": at(0.99),
+        "max_ms": delays.last(),
+        "pages": counts,
+    });
+    println!("LATENCY {report}");
+    assert_eq!(delays.len(), expected, "every page saw every other page's messages");
+    for page in pages {
+        page.close().await.expect("close");
+    }
+}
