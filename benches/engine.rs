@@ -382,7 +382,7 @@ impl Sockets {
             // tokio's `try_write` needs the reactor to have seen the socket writable once.
             runtime.block_on(server.writable()).expect("writable");
             let outbox = Arc::new(Outbox::new(ConnId(id), Limits { direct, ..LIMITS }));
-            assert!(outbox.attach(server).is_ok());
+            assert!(outbox.attach(server.into()).is_ok());
             room = Some(registry.join(ROOM, &outbox).expect("under the room cap"));
             members.push(outbox);
             clients.push(client);

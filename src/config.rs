@@ -93,6 +93,13 @@ pub struct Config {
     pub api_keys: Vec<String>,
     /// Serve an echo WebSocket on `/echo` (for conformance suites). Default off.
     pub echo: bool,
+    /// Serve `wss://` and `https://` with this certificate chain and key (PEM files), read
+    /// again on SIGHUP. Default none: plaintext.
+    pub tls: Option<TlsFiles>,
+    /// Serve the probes (`/healthz`, `/livez`, `/readyz`), `/metrics` and the dashboard on
+    /// this address (plaintext) instead of the public one. Default none: all on the public
+    /// address.
+    pub admin_listen: Option<SocketAddr>,
     /// Serve the demo chat page (`/`), `/roomcast.js` and the dashboard (`/dashboard`) to
     /// browsers. Default on.
     pub pages: bool,
@@ -131,6 +138,8 @@ impl Default for Config {
             api_keys: Vec::new(),
             echo: false,
             pages: true,
+            tls: None,
+            admin_listen: None,
             history: HistoryConfig::default(),
         }
     }
@@ -165,6 +174,15 @@ impl Default for RedisLimits {
             history_reads: 64,
         }
     }
+}
+
+/// A certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 /// A configuration value the node cannot run with; the message names the setting as its flag.

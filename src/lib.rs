@@ -11,8 +11,9 @@
 //!
 //! 1. **socket** — `server` accepts TCP, speaks HTTP/1.1 through hyper (`/healthz`,
 //!    `/metrics`) and upgrades `GET /` to WebSocket (handshake by fastwebsockets).
-//! 2. **session** — `session` runs each upgraded connection in one task (its `TcpStream` lives
-//!    in the connection's outbox, where publishers can write to it too): it parses client
+//! 2. **session** — `session` runs each upgraded connection in one task (its [`socket`] lives
+//!    in the connection's outbox, where publishers can write to it too; a TLS connection's is
+//!    the plaintext end of a pair that `server::tls` encrypts): it parses client
 //!    frames in place ([`frame`]), decodes the two JSON dialects ([`protocol`]) and keeps the
 //!    handles of the rooms the connection holds.
 //! 3. **backplane** — `backplane` carries a published message to every node's copy of the
@@ -66,6 +67,7 @@ pub mod protocol;
 pub mod room;
 mod server;
 mod session;
+pub mod socket;
 mod users;
 
 pub use backplane::RedisError;

@@ -251,6 +251,20 @@ struct Args {
     #[arg(long, env = "ROOMCAST_ECHO", default_value_t = false)]
     echo: bool,
 
+    /// Certificate chain (PEM) to serve wss:// and https:// with; needs --tls-key. Read again
+    /// on SIGHUP.
+    #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "ROOMCAST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// Serve /healthz, /livez, /readyz, /metrics and the dashboard on this address (plaintext)
+    /// instead of the public one.
+    #[arg(long, env = "ROOMCAST_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+
     /// Do not serve the demo chat page (/), /roomcast.js or the dashboard (/dashboard).
     #[arg(long, env = "ROOMCAST_NO_PAGES", default_value_t = false)]
     no_pages: bool,
@@ -377,6 +391,14 @@ impl Args {
             api_keys: self.api_key.clone(),
             echo: self.echo,
             pages: !self.no_pages,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(roomcast::config::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            admin_listen: self.admin_listen,
             history: HistoryConfig {
                 size: self.history_size,
                 ttl: self.history_ttl,

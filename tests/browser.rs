@@ -280,7 +280,12 @@ async fn browser_latency() {
         let page = driver.browser().await;
         let url = format!("{base}/?room={room}&name=page{n}&auto=1");
         page.goto(&url).await.expect("open the page");
-        until(&page, "the join", "return document.body.dataset.joined === '1';").await;
+        until(
+            &page,
+            "the join",
+            "return document.body.dataset.joined === '1';",
+        )
+        .await;
         pages.push(page);
     }
     for round in 0..20 {
@@ -317,7 +322,8 @@ async fn browser_latency() {
         .filter_map(|(text, at)| sent.get(text).map(|sent_at| at - sent_at))
         .collect();
     delays.sort_by(f64::total_cmp);
-    let at = |q: f64| delays[((q * delays.len() as f64).ceil() as usize).clamp(1, delays.len()) - 1];
+    let at =
+        |q: f64| delays[((q * delays.len() as f64).ceil() as usize).clamp(1, delays.len()) - 1];
     let expected = sent.len() * (pages.len() - 1);
     let report = serde_json::json!({
         "sent": sent.len(),
@@ -329,7 +335,11 @@ async fn browser_latency() {
         "pages": counts,
     });
     println!("LATENCY {report}");
-    assert_eq!(delays.len(), expected, "every page saw every other page's messages");
+    assert_eq!(
+        delays.len(),
+        expected,
+        "every page saw every other page's messages"
+    );
     for page in pages {
         page.close().await.expect("close");
     }

@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
+use crate::socket::Socket;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
 use crate::protocol::Format;
@@ -96,7 +96,7 @@ pub struct Outbox {
     id: ConnId,
     /// The connection's socket, set once by its session when it starts. `OnceLock`: written
     /// once, then read lock-free by every publisher.
-    stream: OnceLock<TcpStream>,
+    stream: OnceLock<Socket>,
     /// Frames queued and not yet taken by the writer. Never held across anything but a
     /// `push_back`, a `push_front` or a swap.
     queue: Mutex<Queue>,
@@ -175,7 +175,7 @@ const MAX_IOV: usize = 64;
 
 /// One `write` (or `writev`) of the front of `segs`; `None` when nothing was written (the
 /// socket is full or failed: the session finds out which on its own write).
-fn write_segments(stream: &TcpStream, segs: &VecDeque<Bytes>) -> Option<usize> {
+fn write_segments(stream: &Socket, segs: &VecDeque<Bytes>) -> Option<usize> {
     let written = if segs.len() == 1 {
         stream.try_write(&segs[0])
     } else {
@@ -243,12 +243,12 @@ impl Outbox {
 
     /// Hands the connection's socket over; the session does this once, as it starts. Until
     /// then every frame is queued. Gives the stream back if one was already attached.
-    pub fn attach(&self, stream: TcpStream) -> Result<(), TcpStream> {
+    pub fn attach(&self, stream: Socket) -> Result<(), Socket> {
         self.stream.set(stream)
     }
 
     /// The socket, once attached.
-    pub fn stream(&self) -> Option<&TcpStream> {
+    pub fn stream(&self) -> Option<&Socket> {
         self.stream.get()
     }
 
@@ -353,7 +353,7 @@ impl Outbox {
     /// Holding the right to write: one `write`. What does not go out (the rest of a partial
     /// write, or the whole frame when the socket is full or failed) is parked for the session,
     /// which sees the same error, if any, on its own write.
-    fn write_direct(&self, stream: &TcpStream, frame: &Bytes) -> Pushed {
+    fn write_direct(&self, stream: &Socket, frame: &Bytes) -> Pushed {
         match stream.try_write(frame) {
             Ok(n) if n == frame.len() => {
                 if self.word.finish_direct() {

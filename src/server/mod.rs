@@ -11,6 +11,9 @@
 mod api;
 mod live;
 mod pages;
+mod tls;
+
+pub use self::tls::TlsError;
 mod routes;
 
 use std::convert::Infallible;
@@ -23,7 +26,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use self::live::Live;
@@ -49,6 +52,12 @@ pub enum ServerError {
     /// An auth key cannot be used.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// SIGHUP (the TLS reload) cannot be listened for.
+    #[error("cannot listen for SIGHUP: {0}")]
+    Signal(#[source] std::io::Error),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -84,6 +93,8 @@ pub(crate) struct NodeState {
     pub users: Arc<Users>,
     /// Every session, for stopping and draining.
     pub live: Live,
+    /// `--tls-cert`/`--tls-key`: the public listener speaks TLS.
+    pub tls: Option<Arc<tls::Tls>>,
     /// Dashboards streaming now (at most `pages::MAX_VIEWERS`).
     pub viewers: Arc<std::sync::atomic::AtomicUsize>,
     next_id: AtomicU64,
@@ -122,6 +133,10 @@ impl Shared {
         let (registry, backplane) =
             Backplane::start(&config, Arc::clone(&metrics), Arc::clone(&users))?;
         let admission = Admission::new(config.addresses.clone(), config.max_handshakes);
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(tls::Tls::load(&files.cert, &files.key)?)),
+            None => None,
+        };
         let verifier = match config.auth.mode {
             AuthMode::Off => None,
             _ => Some(Arc::new(Verifier::new(&config.auth)?)),
@@ -135,6 +150,7 @@ impl Shared {
             verifier,
             users,
             live: Live::new(),
+            tls,
             viewers: Arc::default(),
             next_id: AtomicU64::new(1),
         })))
@@ -153,6 +169,11 @@ impl Shared {
 /// A bound, not yet running node: [`bind`](Self::bind), then [`run`](Self::run).
 pub struct Server {
     listener: TcpListener,
+    /// `--admin-listen`: the probes, metrics and dashboard, plaintext.
+    admin: Option<TcpListener>,
+    /// With TLS: SIGHUP, registered as the node binds, so a reload asked for as soon as the
+    /// node is up is never the signal's default (the end of the process).
+    hangups: Option<tokio::signal::unix::Signal>,
     shared: Shared,
 }
 
@@ -164,10 +185,26 @@ impl Server {
         config.validate()?;
         let addr = config.listen;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(listen(addr).map_err(|source| ServerError::Bind { addr, source })?),
+            None => None,
+        };
+        let shared = Shared::new(config)?;
+        let hangups = match &shared.tls {
+            Some(_) => Some(tls::hangups()?),
+            None => None,
+        };
         Ok(Self {
             listener,
-            shared: Shared::new(config)?,
+            admin,
+            hangups,
+            shared,
         })
+    }
+
+    /// The admin address bound (`--admin-listen`), with the port the OS chose for port 0.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address bound, with the port the OS chose for port 0.
@@ -181,9 +218,24 @@ impl Server {
     /// with 1001 within the drain timeout, while new arrivals are told 503.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let reloads = match (self.shared.tls.clone(), self.hangups) {
+            (Some(tls), Some(hangups)) => Some(tokio::spawn(tls::reload_on(hangups, tls))),
+            _ => None,
+        };
+        let public = Face::Public(self.shared.tls.clone());
+        let admin = async {
+            match &self.admin {
+                Some(listener) => accept_loop(listener, &self.shared, &stop_rx, Face::Admin).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = accept_loop(&self.listener, &self.shared, &stop_rx) => {}
+            _ = accept_loop(&self.listener, &self.shared, &stop_rx, public.clone()) => {}
+            _ = admin => {}
             _ = shutdown => {}
+        }
+        if let Some(reloads) = reloads {
+            reloads.abort();
         }
         drop(stop_rx);
         tracing::info!("shutting down: draining sessions");
@@ -192,7 +244,7 @@ impl Server {
         let (_draining_tx, draining) = watch::channel(true);
         let grace = self.shared.config.drain_timeout + Duration::from_secs(1);
         tokio::select! {
-            _ = accept_loop(&self.listener, &self.shared, &draining) => {}
+            _ = accept_loop(&self.listener, &self.shared, &draining, public) => {}
             drained = tokio::time::timeout(grace, async {
                 // HTTP connections (and upgrades not yet sessions) hold a receiver each.
                 stop_tx.closed().await;
@@ -225,7 +277,22 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
     Content-Length: 0\r\nConnection: close\r\n\r\n";
 
-async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Receiver<bool>) {
+/// Which listener a connection came in on.
+#[derive(Clone)]
+enum Face {
+    /// The public address: WebSocket sessions and everything else not on the admin address;
+    /// TLS when configured.
+    Public(Option<Arc<tls::Tls>>),
+    /// `--admin-listen`: probes, metrics and the dashboard only.
+    Admin,
+}
+
+async fn accept_loop(
+    listener: &TcpListener,
+    shared: &Shared,
+    stop: &watch::Receiver<bool>,
+    face: Face,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -244,8 +311,16 @@ async fn accept_loop(listener: &TcpListener, shared: &Shared, stop: &watch::Rece
                     shared: shared.clone(),
                     stop: stop.clone(),
                     accepted: tokio::time::Instant::now(),
+                    admin: matches!(face, Face::Admin),
                 };
-                tokio::spawn(serve_http(stream, conn, handshake));
+                match &face {
+                    Face::Public(Some(tls)) => {
+                        tokio::spawn(tls::serve(Arc::clone(tls), stream, conn, handshake));
+                    }
+                    Face::Public(None) | Face::Admin => {
+                        tokio::spawn(serve_http(stream, conn, handshake));
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.
@@ -264,11 +339,16 @@ struct Conn {
     stop: watch::Receiver<bool>,
     /// When the TCP connection was accepted: the handshake-time histogram starts here.
     accepted: tokio::time::Instant,
+    /// It came in on the admin address.
+    admin: bool,
 }
 
 /// Serves one HTTP connection. `_handshake` counts it against the handshake cap until it ends,
 /// which for an upgrade is as soon as the session has the socket.
-async fn serve_http(stream: TcpStream, conn: Conn, _handshake: Handshake) {
+async fn serve_http<S>(stream: S, conn: Conn, _handshake: Handshake)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut stop = conn.stop.clone();
     let header_timeout = conn.shared.config.header_timeout;
     let service = service_fn(move |req| {

@@ -24,7 +24,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, SEC_WEBSOCKET_PROTOC
 use hyper::upgrade::Upgraded;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
 use super::{pages, Admitted, Conn, Shared, Slots};
@@ -34,11 +34,31 @@ use crate::metrics::Refusal;
 use crate::outbox::{ConnId, Outbox};
 use crate::protocol::{Format, ENVELOPE_PROTOCOL};
 use crate::session::{Access, Grant, Mode, Session};
+use crate::socket::Socket;
 
 type Reply = Response<Full<Bytes>>;
 
+/// What an operator reads: served on `--admin-listen` when there is one, and then only there.
+fn for_operators(path: &str) -> bool {
+    matches!(
+        path,
+        "/healthz"
+            | "/livez"
+            | "/readyz"
+            | "/metrics"
+            | "/dashboard"
+            | "/dashboard.js"
+            | "/dashboard/events"
+    )
+}
+
 /// Every answer but the dashboard's stream is whole.
 pub(super) async fn route(req: Request<Incoming>, conn: Conn) -> pages::Reply {
+    let split = conn.shared.config.admin_listen.is_some();
+    if split && for_operators(req.uri().path()) != conn.admin {
+        let body = "not found\n".to_owned();
+        return text(StatusCode::NOT_FOUND, "text/plain", body).map(http_body_util::Either::Left);
+    }
     let wants_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
     if req.method() == Method::GET && !wants_upgrade && conn.shared.config.pages {
         let path = req.uri().path();
@@ -154,6 +174,9 @@ fn metrics(shared: &Shared) -> Reply {
         ),
     ];
     let mut body = shared.metrics.snapshot().prometheus(&gauges);
+    if let Some(tls) = &shared.tls {
+        tls.prometheus(&mut body);
+    }
     if let Some(history) = shared.backplane.history() {
         let stats = history.stats();
         for (name, kind, help, value) in [
@@ -489,16 +512,18 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
     response.map(|_| Full::new(Bytes::new()))
 }
 
-/// The TCP stream under a finished upgrade, with any bytes hyper read past the request.
-fn tcp_stream(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(TcpStream, Bytes)> {
-    match ws
-        .into_inner()
-        .into_inner()
-        .downcast::<TokioIo<TcpStream>>()
-    {
-        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+/// The socket under a finished upgrade (a plaintext connection's TCP stream, or a TLS
+/// connection's end of its pair), with any bytes hyper read past the request.
+fn tcp_stream(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(Socket, Bytes)> {
+    let upgraded = ws.into_inner().into_inner();
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Some((parts.io.into_inner().into(), parts.read_buf)),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<UnixStream>>() {
+        Ok(parts) => Some((parts.io.into_inner().into(), parts.read_buf)),
         Err(_) => {
-            tracing::error!("upgraded connection is not a TCP stream");
+            tracing::error!("upgraded connection is neither a TCP stream nor a TLS pair");
             None
         }
     }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::socket::Socket;
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 pub(crate) use self::access::{Access, Grant};
@@ -188,7 +188,7 @@ impl Future for Task {
 }
 
 impl Session {
-    fn new(stream: TcpStream, shared: Shared, admitted: Admitted, mode: Mode) -> Self {
+    fn new(stream: Socket, shared: Shared, admitted: Admitted, mode: Mode) -> Self {
         let Admitted {
             slots,
             outbox,
@@ -229,7 +229,7 @@ impl Session {
     /// (the connection's outbox, its access, its places under the caps, given back when the
     /// session drops). Must be called inside the runtime (the task's first poll is).
     pub fn run(
-        stream: TcpStream,
+        stream: Socket,
         early: Bytes,
         shared: Shared,
         admitted: Admitted,
@@ -533,7 +533,7 @@ impl Session {
     }
 
     /// The connection's socket, shared with publishers through the outbox.
-    fn stream(&self) -> &TcpStream {
+    fn stream(&self) -> &Socket {
         self.outbox
             .stream()
             .expect("Session::new attaches the stream before anything runs")
@@ -596,7 +596,7 @@ mod tests {
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
     use crate::config::Config;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
     use crate::outbox::ConnId;
@@ -632,7 +632,7 @@ mod tests {
         let shared = Shared::new(Config::default()).expect("shared state");
         let (stream, _client, addr) = accepted().await;
         let admitted = admitted(&shared, addr);
-        let mut session = Session::new(stream, shared.clone(), admitted, Mode::Rooms);
+        let mut session = Session::new(stream.into(), shared.clone(), admitted, Mode::Rooms);
         session.join("a").expect("join a");
         session.join("b").expect("join b");
         assert_eq!(shared.registry.room_count(), 2);
@@ -656,7 +656,7 @@ mod tests {
         let shared = Shared::new(Config::default()).expect("shared state");
         let (stream, _client, addr) = accepted().await;
         let admitted = admitted(&shared, addr);
-        let task = Session::run(stream, Bytes::new(), shared, admitted, Mode::Rooms);
+        let task = Session::run(stream.into(), Bytes::new(), shared, admitted, Mode::Rooms);
         let size = std::mem::size_of_val(&task);
         assert!(
             size <= BUDGET,

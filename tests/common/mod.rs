@@ -25,6 +25,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub struct Node {
     pub addr: SocketAddr,
+    /// `--admin-listen`'s address, when the config set one.
+    pub admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<()>,
 }
@@ -39,12 +41,14 @@ impl Node {
         tweak(&mut config);
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addr();
+        let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
         Self {
             addr,
+            admin,
             stop: Some(tx),
             task,
         }
