@@ -90,3 +90,4 @@ impl std::os::fd::AsFd for Socket {
         }
     }
 }
+
