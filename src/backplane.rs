@@ -21,6 +21,16 @@ use crate::users::Users;
 
 pub use self::redis::{Fetched, Queues, RedisError};
 
+/// Members of a room on the other nodes, for a presence answer.
+pub enum Others {
+    /// There are no other nodes (in-process bus).
+    None,
+    /// Redis will answer with their count.
+    Asked(tokio::sync::oneshot::Receiver<u64>),
+    /// They cannot be asked now (Redis down, or too many questions waiting).
+    Unknown,
+}
+
 /// Why a message could not be handed to the bus.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackplaneError {
@@ -138,13 +148,11 @@ impl Backplane {
         self.redis.as_ref()?.fetch(room, first)
     }
 
-    /// How many members `room` has on the other nodes, asked of Redis: `Ok(None)` without
-    /// Redis (this node is all there is), `Err(())` when the others cannot be asked now.
-    #[allow(clippy::result_unit_err)]
-    pub fn presence(&self, room: &str) -> Result<Option<tokio::sync::oneshot::Receiver<u64>>, ()> {
+    /// How many members `room` has on the other nodes (see [`Others`]).
+    pub fn presence(&self, room: &str) -> Others {
         match &self.redis {
-            None => Ok(None),
-            Some(bus) => bus.presence(room).map(Some).ok_or(()),
+            None => Others::None,
+            Some(bus) => bus.presence(room).map_or(Others::Unknown, Others::Asked),
         }
     }
 

@@ -90,4 +90,3 @@ impl std::os::fd::AsFd for Socket {
         }
     }
 }
-

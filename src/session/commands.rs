@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::{Mode, Session};
 use crate::auth::Op;
-use crate::backplane::{BackplaneError, Publish, Published};
+use crate::backplane::{BackplaneError, Others, Publish, Published};
 use crate::frame::{self, FrameError, OpCode};
 use crate::protocol::{self, ClientError, Command, Format, Id};
 use crate::room::Room;
@@ -132,26 +132,23 @@ impl Session {
     fn presence(&self, room: &str) {
         let here = self.shared.registry.get(room).map_or(0, |r| r.len()) as u64;
         let metrics = Arc::clone(&self.shared.metrics);
-        match self.shared.backplane.presence(room) {
-            Ok(None) => {
-                self.outbox
-                    .push(&protocol::presence(room, here, true), &metrics);
-            }
-            Err(()) => {
-                self.outbox
-                    .push(&protocol::presence(room, here, false), &metrics);
-            }
-            Ok(Some(others)) => {
+        let others = match self.shared.backplane.presence(room) {
+            Others::None => Some(0),
+            Others::Unknown => None,
+            Others::Asked(answer) => {
                 let (outbox, room) = (Arc::clone(&self.outbox), room.to_owned());
                 tokio::spawn(async move {
-                    let reply = match others.await {
+                    let reply = match answer.await {
                         Ok(others) => protocol::presence(&room, here + others, true),
                         Err(_) => protocol::presence(&room, here, false),
                     };
                     outbox.push(&reply, &metrics);
                 });
+                return;
             }
-        }
+        };
+        let reply = protocol::presence(room, here + others.unwrap_or(0), others.is_some());
+        self.outbox.push(&reply, &metrics);
     }
 
     fn leave(&mut self, room: &str) {

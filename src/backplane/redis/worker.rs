@@ -301,13 +301,17 @@ impl Worker {
         &self,
         conn: &mut MultiplexedConnection,
     ) -> Result<(String, String), LinkError> {
-        let mut shas = Vec::with_capacity(2);
-        for script in [presence::SET, presence::GET] {
-            let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).to_owned();
-            shas.push(timed("load script", load.query_async::<String>(conn)).await?);
-        }
-        let get = shas.pop().unwrap_or_default();
-        let set = shas.pop().unwrap_or_default();
+        let load = |script: &str| redis::cmd("SCRIPT").arg("LOAD").arg(script).to_owned();
+        let set = timed(
+            "load script",
+            load(presence::SET).query_async::<String>(conn),
+        )
+        .await?;
+        let get = timed(
+            "load script",
+            load(presence::GET).query_async::<String>(conn),
+        )
+        .await?;
         Ok((set, get))
     }
 
