@@ -5,6 +5,9 @@
 #   bash scripts/ab.sh /tmp/roomcast-old target/release/roomcast
 #   RUNS=5 RATE=5 bash scripts/ab.sh A_BIN B_BIN -- --dialect join   # extra loadgen flags after --
 #   SERVER_ARGS="--inbound-frames-per-sec 0 --inbound-fanout-per-sec 0" RATE=160 bash scripts/ab.sh A B
+#   B_ARGS="--tls-cert c.pem --tls-key k.pem" B_SCHEME=wss B_LOADGEN="--tls-ca c.pem" \
+#     bash scripts/ab.sh BIN BIN                    # one side over TLS (per-side server args,
+#                                                   # URL scheme and loadgen args: A_*, B_*)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -27,14 +30,18 @@ mkdir -p "$OUT"
 cargo build --release -q -p loadgen
 for run in $(seq 1 "$RUNS"); do
     for side in A B; do
-        bin=$A
-        [ "$side" = B ] && bin=$B
-        taskset -c "$SERVER_CPU" "$bin" --listen "127.0.0.1:$PORT" --log warn ${SERVER_ARGS:-} &
+        bin=$A side_args=${A_ARGS:-} scheme=${A_SCHEME:-ws} side_loadgen=${A_LOADGEN:-}
+        if [ "$side" = B ]; then
+            bin=$B side_args=${B_ARGS:-} scheme=${B_SCHEME:-ws} side_loadgen=${B_LOADGEN:-}
+        fi
+        # shellcheck disable=SC2086 # the argument lists are word-split on purpose
+        taskset -c "$SERVER_CPU" "$bin" --listen "127.0.0.1:$PORT" --log warn ${SERVER_ARGS:-} $side_args &
         pid=$!
         wait_for_port 127.0.0.1 "$PORT" 10
-        taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" \
+        # shellcheck disable=SC2086
+        taskset -c "$LOADGEN_CPU" target/release/loadgen --url "$scheme://127.0.0.1:$PORT" \
             --clients "$CLIENTS" --rooms "$ROOMS" --senders-per-room 2 --rate "$RATE" \
-            --duration "$DURATION" --server-pid "$pid" -q "$@" >"$OUT/$side-$run.txt" 2>&1 || true
+            --duration "$DURATION" --server-pid "$pid" -q $side_loadgen "$@" >"$OUT/$side-$run.txt" 2>&1 || true
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
         PORT=$((PORT + 1))

@@ -7,6 +7,8 @@
 #   bash scripts/idle-memory.sh                     # the release build of this checkout
 #   BIN=/path/to/other/roomcast bash scripts/idle-memory.sh
 #   SERVER=floor bash scripts/idle-memory.sh        # the raw-epoll floor, one epoll thread
+#   SERVER_ARGS="--tls-cert c.pem --tls-key k.pem" SCHEME=wss LOADGEN_ARGS="--tls-ca c.pem" \
+#     bash scripts/idle-memory.sh                   # over TLS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -23,15 +25,17 @@ if [ "${SERVER:-roomcast}" = floor ]; then
     PORT=$PORT WORKERS=1 taskset -c "$SERVER_CPU" "$BIN" >/dev/null 2>&1 &
 else
     BIN=${BIN:-target/release/roomcast}
-    taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 &
+    # shellcheck disable=SC2086 # SERVER_ARGS is word-split on purpose
+    taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 ${SERVER_ARGS:-} &
 fi
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 wait_for_port 127.0.0.1 "$PORT" 10
 before=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
-taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" --clients "$CLIENTS" \
+# shellcheck disable=SC2086 # LOADGEN_ARGS is word-split on purpose
+taskset -c "$LOADGEN_CPU" target/release/loadgen --url "${SCHEME:-ws}://127.0.0.1:$PORT" --clients "$CLIENTS" \
     --rooms "$ROOMS" --senders-per-room 1 --rate 0.01 --duration 5 --warmup 1 \
-    --connect-concurrency 128 --threads 1 -q >/dev/null
+    --connect-concurrency 128 --threads 1 -q ${LOADGEN_ARGS:-} >/dev/null
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$server/status")
 awk -v b="$before" -v p="$peak" -v n="$CLIENTS" -v bin="$BIN" 'BEGIN {
     printf "%s: RSS before %d kB, peak with %d clients %d kB, %.2f KiB per connection\n",

@@ -49,7 +49,7 @@ pub fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
 /// What the connect phase saw.
 #[derive(Debug, Clone)]
 pub struct ConnectPhase {
-    /// Per successful connect: TCP + upgrade + join, in µs.
+    /// Per successful connect: TCP (+ TLS handshake for wss://) + upgrade + join, in µs.
     pub hist: Histogram<u64>,
     /// Failed connects by reason.
     pub failures: BTreeMap<String, u64>,

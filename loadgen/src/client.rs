@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::envelope::{self, OffsetCounts, RoomPosition};
+use crate::tls::{self, ReadHalf, Transport, WriteHalf};
 use crate::ws::{self, HandshakeError, ProtocolError, Walk};
 use crate::Dialect;
 
@@ -239,6 +239,9 @@ pub struct Shared {
     pub reconnect_elsewhere: bool,
     /// Signs each client's token when the server requires one.
     pub tokens: Option<crate::token::Minter>,
+    /// The one TLS client configuration every `wss://` connection shares (`None` when no
+    /// --url is `wss://`).
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Shared {
@@ -302,7 +305,7 @@ pub struct ClientResult {
 
 pub struct Outcome {
     pub id: u32,
-    /// How long connect + upgrade + join took, or why it failed.
+    /// How long connect (+ TLS handshake for wss://) + upgrade + join took, or why it failed.
     pub result: Result<Duration, ConnectError>,
 }
 
@@ -315,6 +318,9 @@ pub enum ConnectError {
     Queued,
     #[error("connect: {0}")]
     Tcp(std::io::Error),
+    /// The TLS handshake of a `wss://` connection failed (a certificate not trusted, say).
+    #[error("tls: {0}")]
+    Tls(std::io::Error),
     #[error("handshake: write: {0}")]
     HandshakeWrite(std::io::Error),
     #[error("handshake: read: {0}")]
@@ -325,8 +331,18 @@ pub enum ConnectError {
     Handshake(#[from] HandshakeError),
     #[error("join: write: {0}")]
     JoinWrite(std::io::Error),
-    #[error("connect: timed out after {:.1} s (TCP + upgrade + join)", .0.as_secs_f64())]
-    Timeout(Duration),
+    /// The limit, and whether the connection was `wss://`.
+    #[error("connect: timed out after {:.1} s ({})", .0.as_secs_f64(), steps(.1))]
+    Timeout(Duration, bool),
+}
+
+/// What the connect time covers.
+fn steps(tls: &bool) -> &'static str {
+    if *tls {
+        "TCP + TLS + upgrade + join"
+    } else {
+        "TCP + upgrade + join"
+    }
 }
 
 /// Sliding-window record of the sequences seen from one sender, to tell a duplicate (seen
@@ -901,8 +917,9 @@ struct Dest<'a> {
     since: Option<(u64, &'a str)>,
 }
 
-/// TCP connect, upgrade, join (a resume from `since` when given). Leaves any bytes read past
-/// the upgrade response at the start of `rbuf` and returns how many.
+/// TCP connect, TLS handshake (`wss://`), upgrade, join (a resume from `since` when given).
+/// Leaves any bytes read past the upgrade response at the start of `rbuf` and returns how many,
+/// and how long all of it took (the TLS handshake included).
 async fn connect(
     a: &ClientArgs,
     Dest { addr, url, since }: Dest<'_>,
@@ -911,7 +928,7 @@ async fn connect(
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
     rng: &mut Rng,
-) -> Result<(TcpStream, usize, Duration), ConnectError> {
+) -> Result<(ReadHalf, WriteHalf, usize, Duration), ConnectError> {
     let sh = &a.shared;
     let _permit = tokio::select! {
         p = a.connect_permits.acquire() => p.map_err(|_| ConnectError::Aborted)?,
@@ -920,57 +937,84 @@ async fn connect(
     let started = Instant::now();
     let deadline = (started + sh.connect_timeout).min(phase_deadline);
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
+        let s = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
         // Deliveries are small frames; Nagle would add latency loadgen would then report.
         let _ = s.set_nodelay(true);
-        let token = sh.tokens.as_ref().map(|m| m.token(a.id));
-        let protocol = sh.envelope.then_some(envelope::PROTOCOL);
-        s.write_all(&ws::upgrade_request(
-            url,
-            rng.key(),
-            token.as_deref(),
-            protocol,
-        ))
-        .await
-        .map_err(ConnectError::HandshakeWrite)?;
-        let mut filled = 0;
-        let header_len = loop {
-            if filled == rbuf.len() {
-                if rbuf.len() >= ws::MAX_HANDSHAKE {
-                    return Err(HandshakeError::TooLarge.into());
-                }
-                rbuf.resize(ws::MAX_HANDSHAKE, 0);
-            }
-            let n = s
-                .read(&mut rbuf[filled..])
-                .await
-                .map_err(ConnectError::HandshakeRead)?;
-            if n == 0 {
-                return Err(ConnectError::ClosedBeforeUpgrade);
-            }
-            filled += n;
-            if let ws::Handshake::Done { header_len } = ws::check_handshake(&rbuf[..filled])? {
-                break header_len;
-            }
-        };
-        if let Some(p) = protocol {
-            // Without it every delivery would be bare and nothing could be checked.
-            ws::check_protocol(&rbuf[..header_len], p)?;
+        let to = (url, since);
+        if !url.tls {
+            return upgrade_and_join(s, a, to, rbuf, scratch, out, rng).await;
         }
-        rbuf.copy_within(header_len..filled, 0);
-        let wire = (sh.dialect, &*sh.room_prefix);
-        build_join(scratch, wire, a.id % sh.rooms, since);
-        out.clear();
-        ws::encode_frame(out, ws::OP_TEXT, scratch, rng.mask());
-        s.write_all(out).await.map_err(ConnectError::JoinWrite)?;
-        out.clear();
-        Ok((s, filled - header_len))
+        let (Some(connector), Ok(name)) = (&sh.tls, tls::server_name(url)) else {
+            // `run` checks both before any client starts.
+            let e = std::io::Error::other("no TLS configuration for this wss:// URL");
+            return Err(ConnectError::Tls(e));
+        };
+        // Boxed: the handshake's state stays off the connect future of every client.
+        let s = Box::pin(tls::handshake(connector, name, s))
+            .await
+            .map_err(ConnectError::Tls)?;
+        upgrade_and_join(s, a, to, rbuf, scratch, out, rng).await
     };
     match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(Ok((s, left))) => Ok((s, left, started.elapsed())),
+        Ok(Ok((r, w, left))) => Ok((r, w, left, started.elapsed())),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(ConnectError::Timeout(sh.connect_timeout)),
+        Err(_) => Err(ConnectError::Timeout(sh.connect_timeout, url.tls)),
     }
+}
+
+/// The upgrade and the join on a connected stream (plain TCP, or TLS over it). Returns the
+/// stream's halves and how many bytes past the upgrade response `rbuf` starts with.
+async fn upgrade_and_join<S: Transport>(
+    mut s: S,
+    a: &ClientArgs,
+    (url, since): (&ws::WsUrl, Option<(u64, &str)>),
+    rbuf: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    rng: &mut Rng,
+) -> Result<(ReadHalf, WriteHalf, usize), ConnectError> {
+    let sh = &a.shared;
+    let token = sh.tokens.as_ref().map(|m| m.token(a.id));
+    let protocol = sh.envelope.then_some(envelope::PROTOCOL);
+    let request = ws::upgrade_request(url, rng.key(), token.as_deref(), protocol);
+    tls::send_all(&mut s, &request)
+        .await
+        .map_err(ConnectError::HandshakeWrite)?;
+    let mut filled = 0;
+    let header_len = loop {
+        if filled == rbuf.len() {
+            if rbuf.len() >= ws::MAX_HANDSHAKE {
+                return Err(HandshakeError::TooLarge.into());
+            }
+            rbuf.resize(ws::MAX_HANDSHAKE, 0);
+        }
+        let n = s
+            .read(&mut rbuf[filled..])
+            .await
+            .map_err(ConnectError::HandshakeRead)?;
+        if n == 0 {
+            return Err(ConnectError::ClosedBeforeUpgrade);
+        }
+        filled += n;
+        if let ws::Handshake::Done { header_len } = ws::check_handshake(&rbuf[..filled])? {
+            break header_len;
+        }
+    };
+    if let Some(p) = protocol {
+        // Without it every delivery would be bare and nothing could be checked.
+        ws::check_protocol(&rbuf[..header_len], p)?;
+    }
+    rbuf.copy_within(header_len..filled, 0);
+    let wire = (sh.dialect, &*sh.room_prefix);
+    build_join(scratch, wire, a.id % sh.rooms, since);
+    out.clear();
+    ws::encode_frame(out, ws::OP_TEXT, scratch, rng.mask());
+    tls::send_all(&mut s, out)
+        .await
+        .map_err(ConnectError::JoinWrite)?;
+    out.clear();
+    let (r, w) = s.halves();
+    Ok((r, w, filled - header_len))
 }
 
 /// What a handler wants the connection loop to do next.
@@ -988,7 +1032,7 @@ struct Conn {
     is_sender: bool,
     sh: Arc<Shared>,
     st: ClientState,
-    wr: OwnedWriteHalf,
+    wr: WriteHalf,
     stop: watch::Receiver<bool>,
     rbuf: Vec<u8>,
     /// Unconsumed bytes are `rbuf[start..end]`.
@@ -1253,7 +1297,7 @@ impl Conn {
         sch.phases.first().map_or(0, |p| p.start_ns) + offset as u64
     }
 
-    async fn on_aux(&mut self, a: &ClientArgs, rd: &mut OwnedReadHalf) -> Next {
+    async fn on_aux(&mut self, a: &ClientArgs, rd: &mut ReadHalf) -> Next {
         match self.role {
             Role::Healthy => Next::Continue,
             Role::Stalled => self.stall_ping(rd).await,
@@ -1271,7 +1315,7 @@ impl Conn {
 
     /// A stalled client's only traffic: a ping now and then. When it cannot be written, the
     /// server has dropped the connection, and what it last sent is still unread.
-    async fn stall_ping(&mut self, rd: &mut OwnedReadHalf) -> Next {
+    async fn stall_ping(&mut self, rd: &mut ReadHalf) -> Next {
         self.next_ping = now_ns() + STALL_PING.as_nanos() as u64;
         self.out.clear();
         let mask = self.rng.mask();
@@ -1290,11 +1334,7 @@ impl Conn {
 
     /// Reads and skips everything buffered, looking for the server's close frame. `None`
     /// when the connection is still open and quiet at `deadline`; otherwise how it ended.
-    async fn drain_for_close(
-        &mut self,
-        rd: &mut OwnedReadHalf,
-        deadline: Instant,
-    ) -> Option<String> {
+    async fn drain_for_close(&mut self, rd: &mut ReadHalf, deadline: Instant) -> Option<String> {
         loop {
             let need = loop {
                 let h = match ws::next_frame(&mut self.rbuf[self.start..self.end]) {
@@ -1324,7 +1364,7 @@ impl Conn {
 
     /// Closes cleanly (our close, the server's answer), connects again and rejoins. A failed
     /// attempt leaves the client down until its next reconnect time.
-    async fn reconnect(&mut self, a: &ClientArgs, rd: &mut OwnedReadHalf) -> Next {
+    async fn reconnect(&mut self, a: &ClientArgs, rd: &mut ReadHalf) -> Next {
         if !self.down {
             self.out.clear();
             ws::encode_close(&mut self.out, 1000, self.rng.mask());
@@ -1385,8 +1425,7 @@ impl Conn {
             _ = self.stop.changed() => return Next::End(None),
         };
         match r {
-            Ok((s, left, _)) => {
-                let (r, w) = s.into_split();
+            Ok((r, w, left, _)) => {
                 *rd = r;
                 self.wr = w;
                 self.end = left;
@@ -1398,7 +1437,7 @@ impl Conn {
         Next::Continue
     }
 
-    async fn close(mut self, disconnect: Option<String>, rd: &mut OwnedReadHalf) -> ClientResult {
+    async fn close(mut self, disconnect: Option<String>, rd: &mut ReadHalf) -> ClientResult {
         let mut disconnect = disconnect;
         if disconnect.is_none() && self.stalled {
             // The server may have sent its close and not yet dropped the connection.
@@ -1484,27 +1523,26 @@ pub async fn client_task(a: ClientArgs) -> ClientResult {
         &mut b.rng,
     )
     .await;
-    let (stream, end) = match connected {
-        Ok((s, left, took)) => {
+    let (mut rd, wr, end) = match connected {
+        Ok((rd, wr, left, took)) => {
             let _ = a.outcomes.send(Outcome {
                 id,
                 result: Ok(took),
             });
-            (s, left)
+            (rd, wr, left)
         }
         Err(e) => {
             let _ = a.outcomes.send(Outcome { id, result: Err(e) });
             return st.into_result(false, None);
         }
     };
-    let (mut rd, wr) = stream.into_split();
     let mut c = Conn::new(&a, st, wr, b, end);
     let disconnect = c.serve(a, &mut rd).await;
     c.close(disconnect, &mut rd).await
 }
 
 impl Conn {
-    fn new(a: &ClientArgs, st: ClientState, wr: OwnedWriteHalf, b: Buffers, end: usize) -> Conn {
+    fn new(a: &ClientArgs, st: ClientState, wr: WriteHalf, b: Buffers, end: usize) -> Conn {
         let sh = Arc::clone(&a.shared);
         Conn {
             id: a.id,
@@ -1537,7 +1575,7 @@ impl Conn {
 
     /// The connection's life after the join: reads, sends, control messages, stall pings and
     /// reconnects, until loadgen stops it or it ends. Returns why it ended, if not stopped.
-    async fn serve(&mut self, mut a: ClientArgs, rd: &mut OwnedReadHalf) -> Option<String> {
+    async fn serve(&mut self, mut a: ClientArgs, rd: &mut ReadHalf) -> Option<String> {
         let far = Instant::now() + Duration::from_secs(86_400);
         let sleep = tokio::time::sleep_until(far);
         tokio::pin!(sleep);

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::ws;
+use crate::{tls, ws};
 
 /// Wire dialect used to join and send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +29,7 @@ impl Dialect {
 /// One load test. The field docs name the command-line flag that sets each.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `--url`: servers (ws:// only); clients are spread over them round-robin.
+    /// `--url`: servers (`ws://` or `wss://`); clients are spread over them round-robin.
     pub urls: Vec<String>,
     /// `--clients`: number of WebSocket connections.
     pub clients: usize,
@@ -54,7 +54,8 @@ pub struct Config {
     pub room_prefix: String,
     /// `--connect-concurrency`: connection attempts in flight at once.
     pub connect_concurrency: usize,
-    /// `--connect-timeout`: per-connection limit for TCP connect + upgrade + join.
+    /// `--connect-timeout`: per-connection limit for TCP connect (+ TLS handshake for
+    /// `wss://`) + upgrade + join.
     pub connect_timeout: Duration,
     /// `--json`: also write the report as JSON to this file.
     pub json: Option<PathBuf>,
@@ -107,6 +108,10 @@ pub struct Config {
     /// `--split-rooms`: report the latency of rooms `0..split_rooms` and of the rest apart
     /// (flooders go to rooms 0, 1, ...); 0 is off.
     pub split_rooms: u32,
+    /// `--tls-ca`: PEM file of the CA certificates `wss://` servers are checked against.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tls-insecure`: accept any certificate from a `wss://` server (local benchmarks).
+    pub tls_insecure: bool,
 }
 
 impl Default for Config {
@@ -146,6 +151,8 @@ impl Default for Config {
             pingers: 0,
             flood_payload: 1000,
             split_rooms: 0,
+            tls_ca: None,
+            tls_insecure: false,
         }
     }
 }
@@ -157,6 +164,20 @@ pub enum ConfigError {
     NoUrl,
     #[error("--resume needs --envelope (offsets come only in envelopes)")]
     ResumeWithoutEnvelope,
+    /// A `wss://` URL and nothing to check its server's certificate against.
+    #[error(
+        "{0}: wss:// needs --tls-ca PATH (PEM file of the CA that signed the server's \
+         certificate) or --tls-insecure (no certificate check; local benchmarks only): \
+         loadgen has no system roots"
+    )]
+    NoTrust(String),
+    #[error("--tls-ca and --tls-insecure cannot be used together")]
+    TwoTrusts,
+    /// The hostile clients speak plain `ws://` only.
+    #[error(
+        "{0}: --flooders and --pingers speak ws:// only; run hostile clients against ws:// URLs"
+    )]
+    HostileTls(String),
     #[error("{flag} must be {range}")]
     OutOfRange {
         flag: &'static str,
@@ -182,10 +203,30 @@ impl Config {
         }
     }
 
+    /// What `wss://` servers' certificates are checked against, if anything.
+    pub fn tls_trust(&self) -> Option<tls::Trust> {
+        match (&self.tls_ca, self.tls_insecure) {
+            (Some(ca), false) => Some(tls::Trust::Ca(ca.clone())),
+            (None, true) => Some(tls::Trust::Insecure),
+            _ => None,
+        }
+    }
+
     /// Checks every range `run` relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.urls.is_empty() {
             return Err(ConfigError::NoUrl);
+        }
+        if self.tls_ca.is_some() && self.tls_insecure {
+            return Err(ConfigError::TwoTrusts);
+        }
+        if let Some(wss) = self.urls.iter().find(|u| ws::WsUrl::is_tls(u)) {
+            if self.tls_trust().is_none() {
+                return Err(ConfigError::NoTrust(wss.clone()));
+            }
+            if self.flooders + self.pingers > 0 {
+                return Err(ConfigError::HostileTls(wss.clone()));
+            }
         }
         if self.resume && !self.envelope {
             return Err(ConfigError::ResumeWithoutEnvelope);
@@ -315,5 +356,50 @@ mod tests {
             with(|c| c.threads = Some(0)),
             "--threads must be at least 1"
         );
+    }
+
+    /// A wss:// URL needs something to check the server's certificate against, and no
+    /// hostile clients; ws:// runs need neither.
+    #[test]
+    fn wss_needs_a_trust_and_no_hostile_clients() {
+        let wss = |f: fn(&mut Config)| {
+            let mut c = Config {
+                urls: vec!["ws://a:1".into(), "wss://127.0.0.1:8443/".into()],
+                ..Config::default()
+            };
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        let err = wss(|_| {}).unwrap_err();
+        assert!(
+            err.starts_with("wss://127.0.0.1:8443/: wss:// needs --tls-ca PATH")
+                && err.contains("--tls-insecure")
+                && err.ends_with("loadgen has no system roots"),
+            "{err}"
+        );
+        assert_eq!(wss(|c| c.tls_ca = Some("ca.pem".into())), Ok(()));
+        assert_eq!(wss(|c| c.tls_insecure = true), Ok(()));
+        assert_eq!(
+            wss(|c| {
+                c.tls_insecure = true;
+                c.tls_ca = Some("ca.pem".into());
+            }),
+            Err("--tls-ca and --tls-insecure cannot be used together".into())
+        );
+        let err = wss(|c| {
+            c.tls_insecure = true;
+            c.pingers = 1;
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("--flooders and --pingers speak ws:// only"),
+            "{err}"
+        );
+        let plain = Config {
+            flooders: 2,
+            ..Config::default()
+        };
+        assert_eq!(plain.validate(), Ok(()));
+        assert_eq!(plain.tls_trust(), None);
     }
 }

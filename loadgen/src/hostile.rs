@@ -4,6 +4,9 @@
 //! from the start of sending to the end of the drain; the healthy clients' figures are computed
 //! exactly as without them (flood messages are not loadgen messages, so receivers count them
 //! as stray frames and check nothing else differently).
+//!
+//! They speak plain `ws://` only: `Config::validate` refuses them beside a `wss://` URL rather
+//! than half-support TLS here.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,8 @@
 //! Where things are: `config` (what a run is asked to do; the command line is in main.rs),
 //! `run` (the run's phases, in the order [`run`] calls them), `client` (one simulated
 //! connection), `envelope` (`--envelope`: reading envelopes, room offsets and resumes), `ws`
-//! (loadgen's own WebSocket codec, independent of the server's on purpose), `assemble`
+//! (loadgen's own WebSocket codec, independent of the server's on purpose), `tls` (`wss://`:
+//! the shared rustls client configuration and the plain-or-TLS connection halves), `assemble`
 //! (measurements to [`Report`]), `report` (the report's data and text), `plot` (the SVG
 //! plots), `sys` (/proc readings and OS limits), `progress` (what the terminal shows).
 
@@ -22,6 +23,7 @@ pub mod progress;
 pub mod report;
 mod run;
 pub mod sys;
+pub mod tls;
 pub mod token;
 pub mod ws;
 
@@ -37,6 +39,8 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Url(#[from] ws::UrlError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("{url}: cannot resolve: {source}")]
     Resolve { url: String, source: std::io::Error },
     #[error("{url}: no address")]
@@ -77,7 +81,9 @@ pub async fn run(cfg: Config) -> Result<Report> {
     let rss = run::RssSampler::start(&cfg.server_pids, cfg.rss_every, started);
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
 
-    let mut clients = run::Clients::spawn(&cfg, &targets, run::new_shared(&cfg, threads));
+    let mut shared = run::new_shared(&cfg, threads);
+    shared.tls = targets.tls();
+    let mut clients = run::Clients::spawn(&cfg, &targets, shared);
     let mut connect = clients.collect_connects(&cfg).await?;
     let plan = clients.publish_plan(&cfg, &connect.connected_ids);
     connect.not_ready = clients.await_readiness(&cfg, &plan).await;

@@ -12,7 +12,8 @@ use loadgen::{parse_duration, Config, Dialect};
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version, args_override_self = true)]
 struct Args {
-    /// Server URL (ws:// only); repeat or comma-separate to spread clients round-robin.
+    /// Server URL, ws://HOST[:PORT][/PATH] or wss://HOST[:PORT][/PATH] (wss:// needs
+    /// --tls-ca or --tls-insecure); repeat or comma-separate to spread clients round-robin.
     #[arg(
         long = "url",
         env = "LOADGEN_URL",
@@ -63,7 +64,8 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
 
-    /// Per-connection limit for TCP connect + upgrade + join.
+    /// Per-connection limit for TCP connect (+ TLS handshake for wss://) + upgrade + join; the
+    /// connect times reported cover the same.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     connect_timeout: Duration,
 
@@ -174,6 +176,17 @@ struct Args {
     /// rooms with a flooder, one per flooder in turn; 0 turns it off).
     #[arg(long)]
     split_rooms: Option<u32>,
+
+    /// For wss:// URLs: PEM file with one or more CA certificates; the servers' certificates
+    /// must chain to one of them and name the URL's host (DNS name or IP address). loadgen
+    /// has no system roots: a wss:// URL needs this or --tls-insecure.
+    #[arg(long, value_name = "PATH", conflicts_with = "tls_insecure")]
+    tls_ca: Option<PathBuf>,
+
+    /// For wss:// URLs: accept any server certificate, unchecked (handshake signatures are
+    /// still verified). For local benchmarks only: it gives no protection at all.
+    #[arg(long)]
+    tls_insecure: bool,
 }
 
 /// The command line's names for [`Dialect`] (the library stays free of clap).
@@ -225,6 +238,8 @@ impl From<Args> for Config {
             split_rooms: a.split_rooms.unwrap_or(a.flooders.min(a.rooms) as u32),
             pingers: a.pingers,
             flood_payload: a.flood_payload,
+            tls_ca: a.tls_ca,
+            tls_insecure: a.tls_insecure,
         }
     }
 }
@@ -350,6 +365,25 @@ mod tests {
         let c = parse(&["--envelope"]);
         assert!(c.envelope && !c.resume);
         assert!(parse(&["--resume", "--envelope"]).resume);
+    }
+
+    #[test]
+    fn tls_flags() {
+        let c = parse(&["--url", "wss://127.0.0.1:8443", "--tls-ca", "ca.pem"]);
+        assert_eq!(c.urls, ["wss://127.0.0.1:8443"]);
+        assert_eq!(c.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert!(!c.tls_insecure);
+        assert_eq!(c.validate(), Ok(()));
+        let c = parse(&["--url", "wss://h,ws://g", "--tls-insecure"]);
+        assert!(c.tls_insecure && c.tls_ca.is_none());
+        assert_eq!(c.validate(), Ok(()));
+        let err = Args::try_parse_from(["loadgen", "--tls-ca", "a", "--tls-insecure"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let c = parse(&["--url", "wss://127.0.0.1:8443"]);
+        assert!(matches!(
+            c.validate(),
+            Err(loadgen::ConfigError::NoTrust(u)) if u == "wss://127.0.0.1:8443"
+        ));
     }
 
     #[test]

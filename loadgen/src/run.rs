@@ -21,7 +21,7 @@ use crate::client::{
 };
 use crate::progress::Progress;
 use crate::report::RssSample;
-use crate::{sys, ws, Config, Dialect, Error, Result};
+use crate::{sys, tls, ws, Config, ConfigError, Dialect, Error, Result};
 
 /// Readiness probes are resent this often until every member has seen one.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -34,6 +34,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Targets {
     urls: Vec<Arc<ws::WsUrl>>,
     addrs: Vec<SocketAddr>,
+    /// Built once when any --url is `wss://`, shared by every connection.
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Targets {
@@ -44,16 +46,33 @@ impl Targets {
     pub(crate) fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
+
+    /// The TLS client configuration of the `wss://` URLs, if there are any.
+    pub(crate) fn tls(&self) -> Option<tokio_rustls::TlsConnector> {
+        self.tls.clone()
+    }
 }
 
-/// Parses and resolves every --url.
+/// Parses and resolves every --url; with a `wss://` one, builds the one TLS client
+/// configuration of the run (reading --tls-ca) and checks each TLS server name.
 pub(crate) async fn resolve(cfg: &Config) -> Result<Targets> {
     let mut t = Targets {
         urls: Vec::new(),
         addrs: Vec::new(),
+        tls: None,
     };
     for u in &cfg.urls {
         let url = ws::WsUrl::parse(u)?;
+        if url.tls {
+            tls::server_name(&url)?;
+            if t.tls.is_none() {
+                // `validate` made sure there is a trust to build it from.
+                let trust = cfg
+                    .tls_trust()
+                    .ok_or_else(|| ConfigError::NoTrust(u.clone()))?;
+                t.tls = Some(tls::connector(&trust)?);
+            }
+        }
         let addr = tokio::net::lookup_host(url.socket_addr_string())
             .await
             .map_err(|source| Error::Resolve {
@@ -136,6 +155,8 @@ pub(crate) fn new_shared(cfg: &Config, threads: usize) -> Shared {
             .token_secret
             .as_deref()
             .map(|s| crate::token::Minter::new(s, Duration::from_secs(86_400), &cfg.room_prefix)),
+        // Set by `crate::run` from the resolved targets.
+        tls: None,
     }
 }
 

@@ -29,9 +29,7 @@ pub const MAX_HANDSHAKE: usize = 16 << 10;
 /// A `--url` loadgen cannot use; each names the URL as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("{0}: wss:// is not supported (loadgen speaks plain ws:// only)")]
-    Tls(String),
-    #[error("{0}: URL must start with ws://")]
+    #[error("{0}: URL must start with ws:// or wss://")]
     NotWs(String),
     #[error("{0}: unterminated IPv6 address")]
     UnterminatedIpv6(String),
@@ -77,9 +75,11 @@ pub enum HandshakeError {
     },
 }
 
-/// A parsed `ws://` URL.
+/// A parsed `ws://` or `wss://` URL.
 #[derive(Debug, Clone)]
 pub struct WsUrl {
+    /// `wss://`: TLS under the WebSocket (the host is also the TLS server name).
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// Path and query, always starting with `/`.
@@ -90,13 +90,14 @@ pub struct WsUrl {
 
 impl WsUrl {
     pub fn parse(s: &str) -> Result<WsUrl, UrlError> {
-        let rest = if let Some(r) = s.strip_prefix("ws://") {
-            r
-        } else if s.starts_with("wss://") {
-            return Err(UrlError::Tls(s.to_string()));
+        let (tls, rest) = if let Some(r) = s.strip_prefix("ws://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("wss://") {
+            (true, r)
         } else {
             return Err(UrlError::NotWs(s.to_string()));
         };
+        let default_port = if tls { 443 } else { 80 };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -107,14 +108,14 @@ impl WsUrl {
                 .ok_or_else(|| UrlError::UnterminatedIpv6(s.to_string()))?;
             let port = match v6[end + 1..].strip_prefix(':') {
                 Some(p) => p.parse::<u16>().ok(),
-                None if v6.len() == end + 1 => Some(80),
+                None if v6.len() == end + 1 => Some(default_port),
                 None => None,
             };
             (v6[..end].to_string(), port)
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (h.to_string(), p.parse::<u16>().ok()),
-                None => (authority.to_string(), Some(80)),
+                None => (authority.to_string(), Some(default_port)),
             }
         };
         let port = port.ok_or_else(|| UrlError::BadPort(s.to_string()))?;
@@ -124,11 +125,17 @@ impl WsUrl {
         // The authority as typed is a valid Host header, default port or not.
         let host_header = authority.to_string();
         Ok(WsUrl {
+            tls,
             host,
             port,
             path: path.to_string(),
             host_header,
         })
+    }
+
+    /// Whether `s` is a `wss://` URL (for checks made before URLs are parsed).
+    pub fn is_tls(s: &str) -> bool {
+        s.starts_with("wss://")
     }
 
     /// `host:port` suitable for `lookup_host` (IPv6 hosts get their brackets back).
@@ -419,8 +426,22 @@ mod tests {
         let u = WsUrl::parse("ws://[::1]:9000/").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 9000));
         assert_eq!(u.socket_addr_string(), "[::1]:9000");
-        assert!(WsUrl::parse("wss://x").is_err());
-        assert!(WsUrl::parse("http://x").is_err());
+        assert!(!u.tls);
+        let u = WsUrl::parse("wss://example.org/ws").unwrap();
+        assert!(u.tls && WsUrl::is_tls("wss://example.org/ws"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("example.org", 443, "/ws")
+        );
+        assert_eq!(u.host_header, "example.org");
+        let u = WsUrl::parse("wss://[::1]:9443").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "::1", 9443));
+        let u = WsUrl::parse("wss://[::1]").unwrap();
+        assert_eq!(u.port, 443);
+        assert!(!WsUrl::is_tls("ws://x"));
+        let err = WsUrl::parse("http://x").unwrap_err().to_string();
+        assert_eq!(err, "http://x: URL must start with ws:// or wss://");
+        assert!(WsUrl::parse("wss://:443").is_err());
         assert!(WsUrl::parse("ws://x:notaport").is_err());
     }
 

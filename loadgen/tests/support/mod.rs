@@ -1,5 +1,6 @@
 //! A deliberately faulty WebSocket room server (subscribe and join dialects), shared by the
-//! fault tests and the `fault_server` example.
+//! fault tests, the wss:// tests and the `fault_server` example. It serves `ws://`, or
+//! `wss://` with a certificate from a test CA of its own ([`TestCa`]).
 
 // The tests and the example each use a different part of this module.
 #![allow(dead_code)]
@@ -9,8 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Clone, Copy, Debug)]
@@ -86,12 +91,76 @@ impl Server {
     }
 }
 
+/// A certificate authority of the test's own, and a server certificate it signed for
+/// 127.0.0.1 and localhost (rcgen, on ring).
+pub struct TestCa {
+    /// The CA certificate as PEM: what `--tls-ca` reads.
+    pub ca_pem: String,
+    /// A TLS server with the signed certificate (ALPN http/1.1, like roomcast).
+    pub acceptor: TlsAcceptor,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let key = KeyPair::generate().expect("server key");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+            .expect("server params");
+        let cert = params
+            .signed_by(&key, &ca, &ca_key)
+            .expect("server certificate");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .expect("server config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TestCa {
+            ca_pem: ca.pem(),
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+
+    /// Writes the CA certificate to a file of the test's own and returns its path.
+    pub fn write_ca(&self, tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "loadgen-tls-{tag}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp folder");
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).expect("CA file");
+        path
+    }
+}
+
 /// Starts the server on 127.0.0.1:0 and returns its ws:// URL.
 pub async fn start_server(fault: Fault) -> String {
     start_server_on("127.0.0.1:0", fault).await
 }
 
+/// Starts the server on 127.0.0.1:0 speaking TLS only, with `ca`'s server certificate, and
+/// returns its wss:// URL.
+pub async fn start_tls_server(fault: Fault, ca: &TestCa) -> String {
+    serve("127.0.0.1:0", fault, Some(ca.acceptor.clone())).await
+}
+
 pub async fn start_server_on(bind: &str, fault: Fault) -> String {
+    serve(bind, fault, None).await
+}
+
+/// Serves `ws://` on `bind`, or `wss://` (TLS only) with `tls`; returns the URL.
+pub async fn serve(bind: &str, fault: Fault, tls: Option<TlsAcceptor>) -> String {
     let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let srv = Arc::new(Server {
@@ -100,19 +169,35 @@ pub async fn start_server_on(bind: &str, fault: Fault) -> String {
         sends: AtomicU64::new(0),
         messages: AtomicU64::new(0),
     });
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     tokio::spawn(async move {
         let mut next_id = 0u64;
         while let Ok((stream, _)) = listener.accept().await {
             next_id += 1;
-            tokio::spawn(session(stream, Arc::clone(&srv), next_id));
+            tokio::spawn(accept(stream, tls.clone(), Arc::clone(&srv), next_id));
         }
     });
-    format!("ws://{addr}")
+    format!("{scheme}://{addr}")
 }
 
-async fn session(stream: TcpStream, srv: Arc<Server>, id: u64) {
+/// One connection: the TLS handshake first when the server speaks TLS.
+async fn accept(stream: TcpStream, tls: Option<TlsAcceptor>, srv: Arc<Server>, id: u64) {
     // Without this, Nagle plus delayed ACKs add tens of ms to the latency loadgen reports.
     let _ = stream.set_nodelay(true);
+    match tls {
+        None => session(stream, srv, id).await,
+        Some(acceptor) => {
+            if let Ok(stream) = acceptor.accept(stream).await {
+                session(stream, srv, id).await;
+            }
+        }
+    }
+}
+
+async fn session<S>(stream: S, srv: Arc<Server>, id: u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
         return;
     };
