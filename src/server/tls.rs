@@ -173,31 +173,56 @@ async fn pump(secured: tokio_rustls::server::TlsStream<TcpStream>, plain: UnixSt
     let (from_client, to_client) = tokio::io::split(secured);
     let (from_session, to_session) = plain.into_split();
     let ended = tokio::select! {
-        ended = one_way(from_client, to_session) => ended,
-        ended = one_way(from_session, to_client) => ended,
+        ended = inward(from_client, to_session) => ended,
+        ended = outward(from_session, to_client) => ended,
     };
     if let Err(e) = ended {
         tracing::debug!("TLS connection ended: {e}");
     }
 }
 
-/// Bytes one direction of a pump moves per read: a batch of frames, one TLS record or so.
-const PUMP_CHUNK: usize = 16 * 1024;
+/// What the client sends, decrypted, to the session. Client messages are small, and rustls
+/// keeps a record's plaintext until it is read, so 1 KiB per read costs a large message only
+/// more turns; it is kept for the connection's life (16 KiB in each direction measured 28.9
+/// KiB RSS per idle TLS connection).
+const INWARD_CHUNK: usize = 1024;
+/// What the session (and its publishers) wrote, per read on the way out: dozens of frames.
+/// Allocated only while there is something to move, so an idle connection holds none.
+const OUTWARD_CHUNK: usize = 4 * 1024;
 
-/// Moves what `from` yields to `to`, flushing after each read so a TLS record goes out with
-/// each batch (rustls holds written plaintext until flushed), until `from` ends.
-async fn one_way(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
+async fn inward(
+    mut from: tokio::io::ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>,
+    mut to: tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut chunk = vec![0u8; PUMP_CHUNK];
+    let mut chunk = [0u8; INWARD_CHUNK];
     loop {
         let n = from.read(&mut chunk).await?;
         if n == 0 {
             return to.shutdown().await;
         }
         to.write_all(&chunk[..n]).await?;
+    }
+}
+
+/// Moves what the session wrote to the client, flushing after each batch so a TLS record
+/// goes out with it (rustls holds written plaintext until flushed), until the session ends.
+async fn outward(
+    from: tokio::net::unix::OwnedReadHalf,
+    mut to: tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        from.readable().await?;
+        let mut chunk = vec![0u8; OUTWARD_CHUNK];
+        let n = match from.try_read(&mut chunk) {
+            Ok(0) => return to.shutdown().await,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&chunk[..n]).await?;
+        drop(chunk);
         to.flush().await?;
     }
 }
