@@ -7,7 +7,12 @@
 //! | `GET /readyz` | 200 when accepting and the backplane (if any) is healthy, else 503: the readiness probe |
 //! | `GET /healthz` | JSON figures for people and dashboards; 503 "degraded" while the backplane is down |
 //! | `GET /metrics` | Prometheus text |
-//! | `POST /api/...` | the trusted server API (`api`) |
+//! | `GET /`, `/demo.js`, `/roomcast.js`, `/dashboard`, `/dashboard.js` (no upgrade) | the demo page, its client and the dashboard (`pages`) |
+//! | `GET /dashboard/events` | the dashboard's figures, one Server-Sent Event a second |
+//! | `POST /api/...`, `GET /api/history` | the trusted server API (`api`) |
+//!
+//! With `--admin-listen`, the probes, `/metrics` and the dashboard answer only on the admin
+//! address, and everything else only on the public one (404 elsewhere).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -488,7 +493,7 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
     // is paid by every idle connection (about 200 bytes here).
     tokio::spawn(upgrading.then(move |upgraded| {
         let stream = match upgraded {
-            Ok(ws) => tcp_stream(ws),
+            Ok(ws) => socket_of(ws),
             Err(e) => {
                 tracing::debug!("upgrade failed: {e}");
                 None
@@ -514,7 +519,7 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
 
 /// The socket under a finished upgrade (a plaintext connection's TCP stream, or a TLS
 /// connection's end of its pair), with any bytes hyper read past the request.
-fn tcp_stream(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(Socket, Bytes)> {
+fn socket_of(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(Socket, Bytes)> {
     let upgraded = ws.into_inner().into_inner();
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => return Some((parts.io.into_inner().into(), parts.read_buf)),
