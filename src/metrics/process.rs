@@ -24,8 +24,27 @@ const TICKS_PER_SECOND: f64 = 100.0;
 const PAGE_BYTES: u64 = 4096;
 
 impl Process {
-    /// Reads `/proc/self` now.
+    /// Reads `/proc/self` now. Counting open descriptors lists `/proc/self/fd`, one entry per
+    /// connection: fine for a scrape every few seconds; the dashboard's once-a-second figures
+    /// use [`read_usage`](Self::read_usage).
     pub fn read() -> Self {
+        let mut p = Self::read_usage();
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            p.open_fds = dir.count() as u64;
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            p.max_fds = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+        }
+        p
+    }
+
+    /// Memory, CPU time and start time only (two small files), without the descriptors.
+    pub fn read_usage() -> Self {
         let mut p = Self::default();
         if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
             let resident = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok());
@@ -41,17 +60,6 @@ impl Process {
             let (utime, stime) = (field(14).unwrap_or(0), field(15).unwrap_or(0));
             p.cpu_seconds = (utime + stime) as f64 / TICKS_PER_SECOND;
             p.start_time_seconds = start_time(field(22).unwrap_or(0));
-        }
-        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-            p.open_fds = dir.count() as u64;
-        }
-        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-            p.max_fds = limits
-                .lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
         }
         p
     }

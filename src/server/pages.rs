@@ -171,7 +171,7 @@ fn figures(shared: &Shared, m: &Snapshot, fanout: &HistogramSnapshot) -> serde_j
             "count": fanout.count(),
         })
     });
-    let process = Process::read();
+    let process = Process::read_usage();
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
