@@ -6,7 +6,9 @@
 //! and fans out. Reading is far cheaper than fan-out, so the first stage keeps up with Redis
 //! and Redis's output buffer for this node stays near empty: a node that cannot keep up loses
 //! messages here, counted, instead of being cut off by Redis's `client-output-buffer-limit
-//! pubsub` (32 MB by default) and losing everything queued there, uncounted.
+//! pubsub` (32 MB by default) and losing everything queued there, uncounted. With history, what
+//! was lost here is read back from the room's Redis stream before the next message of the room
+//! is delivered (`Repair`).
 
 use std::sync::Arc;
 
@@ -65,8 +67,9 @@ impl Inbox {
         self.quota.used()
     }
 
-    /// The one place a message from Redis is given up on this node. (Resume with offsets will
-    /// turn this into a gap notice for the room's members.)
+    /// The one place a message from Redis is given up on this node. With history, the room's
+    /// next message shows the gap and `Repair` fills it from the room's stream (or, when the
+    /// stream no longer holds it, the room's envelope members are told `gap`).
     fn drop_message(&self, channel: &str) {
         self.metrics.add_backplane_dropped();
         tracing::debug!(channel, "fan-out is behind: dropped a message from Redis");
