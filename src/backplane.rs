@@ -141,10 +141,15 @@ impl Backplane {
         ))
     }
 
-    /// Asks Redis for room `room`'s stream from offset `first` on (history across nodes);
+    /// Asks Redis for room `room`'s stream from offset `first` on (`None`: its newest entry
+    /// only) (history across nodes);
     /// `None` without Redis or history, while the link is down, or past
     /// `--redis-history-reads`.
-    pub fn fetch(&self, room: &str, first: u64) -> Option<tokio::sync::oneshot::Receiver<Fetched>> {
+    pub fn fetch(
+        &self,
+        room: &str,
+        first: Option<u64>,
+    ) -> Option<tokio::sync::oneshot::Receiver<Fetched>> {
         self.redis.as_ref()?.fetch(room, first)
     }
 

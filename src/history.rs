@@ -314,6 +314,22 @@ impl History {
         (follows && stamp.offset > state.next).then(|| (state.next, stamp.offset - 1))
     }
 
+    /// Marks `room`'s log as following room opening `opening` with nothing kept: its Redis
+    /// stream was read after this node subscribed and was empty, so the room has no history
+    /// yet and the next plain join need not read it again. The first message to arrive starts
+    /// the log ([`Continuity::First`]).
+    pub fn follow(&self, (room, opening): (&str, u64)) {
+        let log = self.log(room);
+        let mut state = lock(&log.state);
+        if state.fed_by != Some(opening) {
+            self.bytes.fetch_sub(state.bytes, Relaxed);
+            state.kept.clear();
+            state.bytes = 0;
+            state.epoch = None;
+            state.fed_by = Some(opening);
+        }
+    }
+
     /// Empties the log to start again in `epoch`, fed by room opening `opening`.
     fn restart(&self, state: &mut State, epoch: &Arc<str>, opening: u64) {
         self.bytes.fetch_sub(state.bytes, Relaxed);
@@ -364,6 +380,11 @@ impl History {
             self.offsets == Offsets::Local || state.fed_by.is_some() && state.fed_by == opening;
         let latest = if following { state.latest() } else { None };
         let Some(from) = from else {
+            if ask == Ask::Cluster && self.offsets == Offsets::Decided && !following {
+                // A plain join where this node's log does not say where the room is: the
+                // caller reads the stream's newest entry first.
+                return Attach::Behind;
+            }
             return Attach::Joined(join(Joining {
                 replay: Vec::new(),
                 latest,
@@ -956,6 +977,46 @@ mod tests {
         let gaps = history.stats().gaps;
         assert_eq!(append_in(&history, 2, stamp(9, "e2")), Continuity::First);
         assert_eq!(history.stats().gaps, gaps);
+    }
+
+    #[test]
+    fn a_log_marked_following_answers_plain_joins_without_asking_again() {
+        let config = HistoryConfig {
+            size: 10,
+            ttl: Duration::ZERO,
+            max_bytes: 1 << 20,
+        };
+        let history = History::new(config, Offsets::Decided).expect("history on");
+        let budget = Budget {
+            frames: 10,
+            bytes: 1 << 20,
+        };
+        let plain =
+            |h: &History| h.attach("r", None, budget, (Ask::Cluster, Some(1)), |j| j.latest);
+        assert!(
+            matches!(plain(&history), Attach::Behind),
+            "not following: ask the stream"
+        );
+        history.follow(("r", 1));
+        let Attach::Joined(latest) = plain(&history) else {
+            panic!("following: joins at once")
+        };
+        assert_eq!(latest, None, "no history yet, no position");
+        let stamp = Stamp {
+            offset: 1,
+            epoch: Arc::from("e"),
+        };
+        assert_eq!(append_in(&history, 1, stamp.clone()), Continuity::First);
+        let Attach::Joined(latest) = plain(&history) else {
+            panic!("joins at once")
+        };
+        assert_eq!(latest, Some(stamp));
+        // Marking again (a late answer) does not empty a log that is already fed.
+        history.follow(("r", 1));
+        assert_eq!(
+            history.read("r", 0, 10).map(|(_, kept)| kept.len()),
+            Some(1)
+        );
     }
 
     fn append_in(history: &History, opening: u64, stamp: Stamp) -> Continuity {

@@ -748,3 +748,48 @@ async fn with_history_a_redis_restart_with_persistence_keeps_the_epoch_and_resum
     redis.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plain join on a node that has never had the room still learns where the room is: the
+/// node reads the stream's newest entry, so `subscribed` carries the room's offset and epoch,
+/// and a member that drops before its first delivery can resume from there, on any node.
+#[tokio::test]
+async fn with_history_a_plain_join_where_the_room_never_was_is_told_its_position() {
+    let redis = Redis::start().await;
+    let (a, b) = history_cluster(&redis).await;
+    let mut sender = a.envelope_client().await;
+    send(&mut sender, &subscribe("q")).await;
+    recv_json(&mut sender).await;
+    redis.wait_numsub("q", 1).await;
+    for n in 1..=3 {
+        send(&mut sender, &send_message("q", &n.to_string())).await;
+    }
+    let (_, epoch, _) = envelopes(&mut sender, 3).await.remove(2);
+
+    let mut joiner = b.envelope_client().await;
+    send(&mut joiner, &subscribe("q")).await;
+    let answer = recv_json(&mut joiner).await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    assert_eq!(
+        (answer["offset"].as_u64(), answer["epoch"].as_str()),
+        (Some(3), Some(epoch.as_str())),
+        "{answer}"
+    );
+    assert!(
+        answer.get("recovered").is_none(),
+        "a plain join is not a resume: {answer}"
+    );
+    drop(joiner);
+
+    // Published while it is away; it resumes from the position its join was told, on a.
+    redis.wait_numsub("q", 1).await;
+    for n in 4..=5 {
+        send(&mut sender, &send_message("q", &n.to_string())).await;
+    }
+    assert_eq!(envelopes(&mut sender, 2).await[1].0, 5);
+    let mut back = a.envelope_client().await;
+    let since = serde_json::json!({"type": "SUBSCRIBE", "room": "q", "since": {"offset": 3, "epoch": epoch}});
+    send(&mut back, &since.to_string()).await;
+    let replayed: Vec<u64> = envelopes(&mut back, 2).await.iter().map(|e| e.0).collect();
+    assert_eq!(replayed, [4, 5]);
+    assert_eq!(recv_json(&mut back).await["recovered"], true);
+}

@@ -30,10 +30,15 @@ use crate::room::Pin as RoomPin;
 /// Most messages in one chunk of a replay.
 const CHUNK_FRAMES: usize = 64;
 
-/// A resume not finished: the room, and the last offset the member has.
+/// A resume not finished: the room, and the last offset the member has. Also a plain join
+/// on a node whose log does not follow the room (offsets decided in Redis): it reads the
+/// stream's newest entry so that the `subscribed` answer can say where the room is.
 pub(super) struct Resume {
     room: String,
-    from: Position,
+    /// The member's position; `None` for a plain join until the stream named the newest.
+    from: Option<Position>,
+    /// A plain join, not a resume: the answer says nothing of `recovered`.
+    plain: bool,
     /// The room's Redis stream being read.
     fetching: Option<oneshot::Receiver<Fetched>>,
     /// The stream was read (or cannot be): a log that still does not reach back means the
@@ -86,28 +91,44 @@ impl Session {
                 room,
                 None,
                 self.replay_budget(),
-                (Ask::Nobody, self.opening(room)),
-                |joining| self.joined(room, &joining),
+                (Ask::Cluster, self.opening(room)),
+                |joining| self.joined(room, &joining, true),
             ) {
                 Attach::Joined(result) => result,
-                Attach::More(_) | Attach::Behind => Ok(()),
+                Attach::Behind => {
+                    self.queue_resume(Resume {
+                        room: room.to_owned(),
+                        from: None,
+                        plain: true,
+                        fetching: None,
+                        asked: false,
+                        pin: None,
+                    });
+                    Ok(())
+                }
+                Attach::More(_) => Ok(()),
             };
         };
-        let resume = Resume {
+        self.queue_resume(Resume {
             room: room.to_owned(),
-            from: Position {
+            from: Some(Position {
                 epoch: Arc::from(since.epoch),
                 offset: since.offset,
-            },
+            }),
+            plain: false,
             fetching: None,
             asked: false,
             pin: None,
-        };
+        });
+        Ok(())
+    }
+
+    /// Puts `resume` behind the others in progress and serves what can be served now.
+    fn queue_resume(&mut self, resume: Resume) {
         self.resumes
             .get_or_insert_with(Box::default)
             .push_back(resume);
         self.continue_resumes();
-        Ok(())
     }
 
     /// Serves the resumes in progress, a chunk at a time while the outbox is empty: called
@@ -182,18 +203,21 @@ impl Session {
         };
         let step = history.attach(
             &resume.room,
-            Some(&resume.from),
+            resume.from.as_ref(),
             self.replay_budget(),
             (ask, self.opening(&resume.room)),
-            |joining| self.joined(&resume.room, &joining),
+            |joining| self.joined(&resume.room, &joining, resume.plain),
         );
         match step {
             Attach::Joined(result) => result.map(|()| Step::Joined),
             Attach::More(chunk) => {
-                let epoch = Arc::clone(&resume.from.epoch);
-                self.replay(&resume.room, &chunk, &epoch);
-                if let Some(last) = chunk.last() {
-                    resume.from.offset = last.offset;
+                // `More` needs a position: only a resume, or a plain join that has one, gets it.
+                if let Some(from) = resume.from.as_mut() {
+                    let epoch = Arc::clone(&from.epoch);
+                    if let Some(last) = chunk.last() {
+                        from.offset = last.offset;
+                    }
+                    self.replay(&resume.room, &chunk, &epoch);
                 }
                 Ok(Step::More)
             }
@@ -208,10 +232,9 @@ impl Session {
                 resume.asked = true;
                 // From the member's own offset: the entry there shows the stream is the
                 // member's history (same epoch), the rest is what it missed.
-                resume.fetching = self
-                    .shared
-                    .backplane
-                    .fetch(&resume.room, resume.from.offset);
+                // A plain join asks for the newest entry: where the room is.
+                let first = resume.from.as_ref().map(|from| from.offset);
+                resume.fetching = self.shared.backplane.fetch(&resume.room, first);
                 Ok(Step::Asked)
             }
         }
@@ -242,27 +265,38 @@ impl Session {
         let opening = self.shared.registry.get(&resume.room).map(|r| r.opening());
         if let (Some(stream), Some(opening)) = (answer, opening) {
             let stream: Vec<_> = stream.into_iter().map(|r| (r.stamp, r.frame)).collect();
-            history.seed((&resume.room, opening), &resume.from, &stream);
+            if resume.from.is_none() {
+                // A plain join: the newest entry is where the member starts. None: the room
+                // has no history yet; the member joins without a position, and the node's
+                // log follows the room from here so later joins need not ask again.
+                resume.from = stream.last().map(|(stamp, _)| Position {
+                    epoch: Arc::clone(&stamp.epoch),
+                    offset: stamp.offset,
+                });
+                if resume.from.is_none() {
+                    history.follow((&resume.room, opening));
+                }
+            }
+            if let Some(from) = &resume.from {
+                history.seed((&resume.room, opening), from, &stream);
+            }
         }
         self.continue_resumes();
     }
 
     /// Under the room's log: joins, queues the rest of the replay and the answer.
-    fn joined(&mut self, room: &str, joining: &Joining) -> Result<(), ClientError> {
+    /// A `plain` join answers without `recovered` and is not counted as a resume.
+    fn joined(&mut self, room: &str, joining: &Joining, plain: bool) -> Result<(), ClientError> {
         self.join_now(room)?;
         if let Some(latest) = &joining.latest {
             self.replay(room, &joining.replay, &latest.epoch);
         }
-        if let Some(recovered) = joining.recovered {
+        let recovered = joining.recovered.filter(|_| !plain);
+        if let Some(recovered) = recovered {
             self.shared.metrics.add_resume(recovered);
         }
         self.answer(|| {
-            protocol::room_reply(
-                "subscribed",
-                room,
-                joining.latest.as_ref(),
-                joining.recovered,
-            )
+            protocol::room_reply("subscribed", room, joining.latest.as_ref(), recovered)
         });
         Ok(())
     }

@@ -286,7 +286,7 @@ impl Repair {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let fetch = super::Fetch {
             room: self.arrived.room.id().clone(),
-            first,
+            first: Some(first),
             last: Some(last),
             reply,
             _slot: None,

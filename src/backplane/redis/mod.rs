@@ -78,8 +78,8 @@ const MAX_PRESENCE_QUESTIONS: u64 = 256;
 /// `reply`; a dropped `reply` (the link went down first) means it could not be read.
 struct Fetch {
     room: RoomId,
-    /// The first offset wanted.
-    first: u64,
+    /// The first offset wanted; `None`: only the newest entry.
+    first: Option<u64>,
     /// The last one (`None`: to the end of the stream).
     last: Option<u64>,
     reply: oneshot::Sender<Fetched>,
@@ -296,10 +296,11 @@ impl Bus {
         self.enqueue(pending)
     }
 
-    /// Asks for what room `room`'s Redis stream holds from offset `first` on, read after every
+    /// Asks for what room `room`'s Redis stream holds from offset `first` on (`None`: its
+    /// newest entry only), read after every
     /// subscribe queued before this call has taken effect. `None` while the link is down, or
     /// when `--redis-history-reads` reads are already queued (counted).
-    pub fn fetch(&self, room: &str, first: u64) -> Option<oneshot::Receiver<Fetched>> {
+    pub fn fetch(&self, room: &str, first: Option<u64>) -> Option<oneshot::Receiver<Fetched>> {
         if !self.is_healthy() || !self.sequenced {
             return None;
         }

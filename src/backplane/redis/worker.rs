@@ -458,7 +458,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Reads the part of a room's stream `fetch` asks for and answers it. At most twice the
+    /// Reads the part of a room's stream `fetch` asks for (or its newest entry) and answers
+    /// it. At most twice the
     /// history size: `MAXLEN ~` lets a stream run past its size by up to one radix-tree node
     /// (100 entries by default), and a longer read could not be kept anyway.
     async fn read_stream(
@@ -467,16 +468,28 @@ impl Worker {
         fetch: super::Fetch,
     ) -> Result<(), LinkError> {
         let size = self.history.as_ref().map_or(0, |(config, _)| config.size);
-        let last = fetch
-            .last
-            .map_or_else(|| "+".to_owned(), |last| format!("{last}-0"));
-        let range = redis::cmd("XRANGE")
-            .arg(self.key("history", fetch.room.as_str()))
-            .arg(format!("{}-0", fetch.first.max(1)))
-            .arg(last)
-            .arg("COUNT")
-            .arg(2 * size.max(1))
-            .to_owned();
+        let key = self.key("history", fetch.room.as_str());
+        let range = match fetch.first {
+            Some(first) => {
+                let last = fetch
+                    .last
+                    .map_or_else(|| "+".to_owned(), |last| format!("{last}-0"));
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(format!("{}-0", first.max(1)))
+                    .arg(last)
+                    .arg("COUNT")
+                    .arg(2 * size.max(1))
+                    .to_owned()
+            }
+            None => redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .to_owned(),
+        };
         let entries = timed("read history", range.query_async::<StreamEntries>(conn)).await?;
         self.metrics.add_stream_read();
         let _ = fetch.reply.send(fetched(entries, &self.node));
