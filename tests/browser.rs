@@ -105,6 +105,24 @@ async fn chat_page(driver: &Driver, node: &Node, room: &str, name: &str) -> Clie
     page
 }
 
+/// Waits until `page` shows a message whose text is exactly `text`.
+async fn until_shown(page: &Client, text: &str) {
+    let script = format!(
+        "return Array.from(document.querySelectorAll('#messages .message')).some(e => e.textContent === {});",
+        serde_json::Value::from(text)
+    );
+    until(page, text, &script).await;
+}
+
+/// Opens the dashboard of `node`.
+async fn dashboard_page(driver: &Driver, node: &Node) -> Client {
+    let page = driver.browser().await;
+    page.goto(&format!("http://{}/dashboard", node.addr))
+        .await
+        .expect("open the dashboard");
+    page
+}
+
 /// Types `text` on `page` and sends it.
 async fn say(page: &Client, text: &str) {
     let input = page.find(Locator::Id("text")).await.expect("#text");
@@ -137,21 +155,12 @@ async fn two_pages_chat_and_markup_shows_as_text() {
     let bob = chat_page(&driver, &node, "b1", "bob").await;
 
     say(&alice, "hello bob").await;
-    until(
-        &bob,
-        "alice's message on bob's page",
-        "return Array.from(document.querySelectorAll('#messages .message')).some(e => e.textContent === 'alice: hello bob');",
-    )
-    .await;
+    until_shown(&bob, "alice: hello bob").await;
 
     let markup = "<img src=x onerror=alert(1)>";
     say(&alice, markup).await;
     let expected = format!("alice: {markup}");
-    let script = format!(
-        "return Array.from(document.querySelectorAll('#messages .message')).some(e => e.textContent === {});",
-        serde_json::Value::from(expected.as_str())
-    );
-    until(&bob, "the markup message", &script).await;
+    until_shown(&bob, &expected).await;
     assert!(shown(&bob).await.contains(&expected));
     let images = bob
         .execute(
@@ -176,11 +185,7 @@ async fn the_dashboard_counts_the_open_pages_and_sees_messages() {
     let driver = Driver::start().await;
     let first = chat_page(&driver, &node, "d1", "ann").await;
     let second = chat_page(&driver, &node, "d1", "ben").await;
-    let dashboard = driver.browser().await;
-    dashboard
-        .goto(&format!("http://{}/dashboard", node.addr))
-        .await
-        .expect("open the dashboard");
+    let dashboard = dashboard_page(&driver, &node).await;
     // The pages are the node's only WebSocket connections (the dashboard streams over HTTP).
     until(
         &dashboard,
@@ -224,11 +229,7 @@ async fn screenshots() {
     let driver = Driver::start().await;
     let alice = chat_page(&driver, &node, "lobby", "alice").await;
     let bob = chat_page(&driver, &node, "lobby", "bob").await;
-    let dashboard = driver.browser().await;
-    dashboard
-        .goto(&format!("http://{}/dashboard", node.addr))
-        .await
-        .expect("open the dashboard");
+    let dashboard = dashboard_page(&driver, &node).await;
     let mut busy = Vec::new();
     for n in 0..40 {
         let mut ws = node.client().await;

@@ -289,6 +289,23 @@ async fn history_cluster_with(
     (a, b)
 }
 
+/// Kills Redis, waits until both nodes have noticed, starts it again (with whatever data
+/// its flags keep) and waits until both are connected for the second time.
+async fn restart_redis(redis: &mut Redis, nodes: [&Node; 2]) {
+    redis.kill();
+    for node in nodes {
+        node.wait_health("degraded", |h| h["status"] == "degraded")
+            .await;
+    }
+    redis.spawn().await;
+    for node in nodes {
+        node.wait_health("reconnected", |h| {
+            h["status"] == "ok" && h["backplane_connects"] == 2
+        })
+        .await;
+    }
+}
+
 /// One envelope client on each node, both in room `h` and Redis subscribed for it on both.
 async fn members_in_h(redis: &Redis, a: &Node, b: &Node) -> (Ws, Ws) {
     let (mut on_a, mut on_b) = (a.envelope_client().await, b.envelope_client().await);
@@ -403,18 +420,7 @@ async fn with_history_a_redis_restart_without_data_is_announced_as_a_gap() {
     assert_eq!(envelopes(&mut on_b, 5).await, before);
     let old_epoch = before[0].1.clone();
 
-    redis.kill();
-    for node in [&a, &b] {
-        node.wait_health("degraded", |h| h["status"] == "degraded")
-            .await;
-    }
-    redis.spawn().await;
-    for node in [&a, &b] {
-        node.wait_health("reconnected", |h| {
-            h["status"] == "ok" && h["backplane_connects"] == 2
-        })
-        .await;
-    }
+    restart_redis(&mut redis, [&a, &b]).await;
     redis.wait_numsub("h", 2).await;
     send(&mut sender, &send_message("h", "after")).await;
     for ws in [&mut on_a, &mut on_b] {
@@ -717,16 +723,7 @@ async fn with_history_a_redis_restart_with_persistence_keeps_the_epoch_and_resum
     let before = envelopes(&mut sender, 5).await;
     let epoch = before[0].1.clone();
 
-    redis.kill();
-    a.wait_health("degraded", |h| h["status"] == "degraded")
-        .await;
-    redis.spawn().await;
-    for node in [&a, &b] {
-        node.wait_health("reconnected", |h| {
-            h["status"] == "ok" && h["backplane_connects"] == 2
-        })
-        .await;
-    }
+    restart_redis(&mut redis, [&a, &b]).await;
     let mut back = b.envelope_client().await;
     let since = serde_json::json!({"type": "SUBSCRIBE", "room": "p", "since": {"offset": 2, "epoch": epoch}});
     send(&mut back, &since.to_string()).await;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
-use hyper::{Response, StatusCode};
+use hyper::Response;
 use tokio::sync::watch;
 use tokio::time::Interval;
 
@@ -91,7 +91,6 @@ pub(super) fn events(shared: &Shared, stop: watch::Receiver<bool>) -> Option<Rep
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    *res.status_mut() = StatusCode::OK;
     Some(res)
 }
 
