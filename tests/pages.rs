@@ -120,6 +120,11 @@ async fn the_dashboard_stream_reports_the_node_and_caps_its_viewers() {
     }
     let (_, status, _) = first_event(&node).await;
     assert!(status.contains(" 503 "), "one viewer too many: {status}");
+    let (_, metrics) = node.get("/metrics").await;
+    assert!(
+        metrics.contains(&format!("roomcast_dashboard_viewers {MAX_VIEWERS}\n")),
+        "the viewers gauge"
+    );
     // A viewer that leaves gives its place back.
     drop(open.pop());
     let deadline = tokio::time::Instant::now() + PATIENCE;

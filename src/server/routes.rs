@@ -158,6 +158,11 @@ fn metrics(shared: &Shared) -> Reply {
             shared.admission.tracked() as u64,
         ),
         (
+            "roomcast_dashboard_viewers",
+            "dashboard event streams open (at most 16)",
+            shared.viewers.load(Ordering::Relaxed) as u64,
+        ),
+        (
             "roomcast_backplane_queue_messages",
             "accepted publishes waiting for Redis",
             queues.outgoing.0,
