@@ -188,40 +188,44 @@ fn metrics(shared: &Shared) -> Reply {
         tls.prometheus(&mut body);
     }
     if let Some(history) = shared.backplane.history() {
-        let stats = history.stats();
-        for (name, kind, help, value) in [
-            (
-                "roomcast_history_bytes",
-                "gauge",
-                "bytes of room history held",
-                stats.bytes,
-            ),
-            (
-                "roomcast_history_rooms",
-                "gauge",
-                "rooms with history",
-                stats.rooms,
-            ),
-            (
-                "roomcast_history_evicted_rooms_total",
-                "counter",
-                "rooms whose history was evicted to stay under --history-max-bytes",
-                stats.evicted,
-            ),
-            (
-                "roomcast_history_gaps_total",
-                "counter",
-                "messages from Redis whose offset did not follow their room's last one here",
-                stats.gaps,
-            ),
-        ] {
-            let _ = writeln!(
-                body,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
+        history_metrics(&history.stats(), &mut body);
     }
     text(StatusCode::OK, "text/plain; version=0.0.4", body)
+}
+
+/// The room-history series, when history is on.
+fn history_metrics(stats: &crate::history::HistoryStats, body: &mut String) {
+    for (name, kind, help, value) in [
+        (
+            "roomcast_history_bytes",
+            "gauge",
+            "bytes of room history held",
+            stats.bytes,
+        ),
+        (
+            "roomcast_history_rooms",
+            "gauge",
+            "rooms with history",
+            stats.rooms,
+        ),
+        (
+            "roomcast_history_evicted_rooms_total",
+            "counter",
+            "rooms whose history was evicted to stay under --history-max-bytes",
+            stats.evicted,
+        ),
+        (
+            "roomcast_history_gaps_total",
+            "counter",
+            "messages from Redis whose offset did not follow their room's last one here",
+            stats.gaps,
+        ),
+    ] {
+        let _ = writeln!(
+            body,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
 }
 
 fn healthz(shared: &Shared) -> Reply {
