@@ -9,6 +9,7 @@
 //! cannot hold the drain open.
 
 mod api;
+mod head;
 mod live;
 mod pages;
 mod tls;
@@ -318,7 +319,7 @@ async fn accept_loop(
                         tokio::spawn(tls::serve(Arc::clone(tls), stream, conn, handshake));
                     }
                     Face::Public(None) | Face::Admin => {
-                        tokio::spawn(serve_http(stream, conn, handshake));
+                        tokio::spawn(head::serve(stream, conn, handshake));
                     }
                 }
             }
@@ -343,14 +344,14 @@ struct Conn {
     admin: bool,
 }
 
-/// Serves one HTTP connection. `_handshake` counts it against the handshake cap until it ends,
-/// which for an upgrade is as soon as the session has the socket.
-async fn serve_http<S>(stream: S, conn: Conn, _handshake: Handshake)
+/// Serves one HTTP connection through hyper, which allows `header_timeout` for each request
+/// head: what is left of the configured timeout after `head` read the first one's start, so
+/// a slow first head is dropped on the clock that began at its first byte.
+async fn serve_http<S>(stream: S, conn: Conn, header_timeout: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut stop = conn.stop.clone();
-    let header_timeout = conn.shared.config.header_timeout;
     let service = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(routes::route(req, conn).await) }

@@ -20,10 +20,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::WebSocket;
 use futures_util::future::Either;
 use futures_util::FutureExt;
-use http_body_util::Full;
+use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL};
 use hyper::upgrade::Upgraded;
@@ -32,6 +33,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
+use super::head::Rewind;
 use super::{pages, Admitted, Conn, Shared, Slots};
 use crate::admission::client_address;
 use crate::auth::{handshake_token, AuthMode, Identity};
@@ -41,7 +43,7 @@ use crate::protocol::{Format, ENVELOPE_PROTOCOL};
 use crate::session::{Access, Grant, Mode, Session};
 use crate::socket::Socket;
 
-type Reply = Response<Full<Bytes>>;
+pub(super) type Reply = Response<Full<Bytes>>;
 
 /// What an operator reads: served on `--admin-listen` when there is one, and then only there.
 fn for_operators(path: &str) -> bool {
@@ -357,7 +359,7 @@ fn client(peer: SocketAddr, headers: &HeaderMap, shared: &Shared) -> std::net::I
 /// Checks, in order: draining, the origin, the token, the address's attempt rate and
 /// connection cap, the node's connection cap, the user's cap. Past them all the socket becomes
 /// a session.
-fn admit(req: &Request<Incoming>, conn: &Conn) -> Result<Admitted, Refusal> {
+fn admit<B>(req: &Request<B>, conn: &Conn) -> Result<Admitted, Refusal> {
     let shared = &conn.shared;
     if *conn.stop.borrow() {
         return Err(Refusal::Draining);
@@ -419,10 +421,7 @@ fn check_origin(headers: &HeaderMap, shared: &Shared) -> Result<(), Refusal> {
 
 /// The identity the handshake's token proves: `None` without a token (or with auth off), 401
 /// for a bad one. The token is never logged.
-fn handshake_identity(
-    req: &Request<Incoming>,
-    shared: &Shared,
-) -> Result<Option<Identity>, Refusal> {
+fn handshake_identity<B>(req: &Request<B>, shared: &Shared) -> Result<Option<Identity>, Refusal> {
     let Some(verifier) = &shared.verifier else {
         return Ok(None);
     };
@@ -473,29 +472,14 @@ fn access(
 }
 
 fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
-    let admitted = match admit(&req, &conn) {
-        Ok(admitted) => admitted,
-        Err(why) => return refuse(&conn.shared, why),
+    let Accepted {
+        response,
+        upgrading,
+        admitted,
+    } = match accept(&mut req, &conn) {
+        Ok(accepted) => accepted,
+        Err(refusal) => return *refusal,
     };
-    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(pair) => pair,
-        Err(e) => {
-            let body = format!("bad WebSocket upgrade: {e}\n");
-            return text(StatusCode::BAD_REQUEST, "text/plain", body);
-        }
-    };
-    if admitted.outbox.format() == Format::Envelope {
-        response.headers_mut().insert(
-            SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(ENVELOPE_PROTOCOL),
-        );
-    }
-    let Conn {
-        shared,
-        stop,
-        accepted,
-        ..
-    } = conn;
     // `then` keeps the task in one of two states, the upgrade (with what the session will
     // need) or the session, never both: an `async` block would keep a slot for every captured
     // value for the task's whole life, even once moved into the session, and this task's size
@@ -511,31 +495,89 @@ fn upgrade(mut req: Request<Incoming>, conn: Conn, mode: Mode) -> Reply {
         // The session owns the slots from here, so they are given back when the session
         // drops, however it ends; on a failed upgrade they drop here.
         match stream {
-            Some((stream, early)) => {
-                let waited = accepted.elapsed().as_micros() as u64;
-                shared.metrics.handshake_us.observe(waited);
-                let session = Session::run(stream, early, shared, admitted, mode);
-                // Held until the session is among the node's live ones, so a drain that
-                // began meanwhile waits for it.
-                drop(stop);
-                Either::Left(session)
-            }
+            Some((stream, early)) => Either::Left(start(stream, early, conn, admitted, mode)),
             None => Either::Right(std::future::ready(())),
         }
     }));
     response.map(|_| Full::new(Bytes::new()))
 }
 
+/// An admitted WebSocket upgrade.
+pub(super) struct Accepted {
+    /// The 101 to answer it with, naming our subprotocol when the client offered it.
+    pub(super) response: Response<Empty<Bytes>>,
+    /// hyper's wait for the socket (never ready when `head` served the request itself).
+    pub(super) upgrading: UpgradeFut,
+    /// What the session starts with.
+    pub(super) admitted: Admitted,
+}
+
+/// Admits a WebSocket upgrade, or gives the answer that refuses it.
+pub(super) fn accept<B>(req: &mut Request<B>, conn: &Conn) -> Result<Accepted, Box<Reply>> {
+    let admitted = admit(req, conn).map_err(|why| Box::new(refuse(&conn.shared, why)))?;
+    let (mut response, upgrading) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
+        let body = format!("bad WebSocket upgrade: {e}\n");
+        Box::new(text(StatusCode::BAD_REQUEST, "text/plain", body))
+    })?;
+    if admitted.outbox.format() == Format::Envelope {
+        response.headers_mut().insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(ENVELOPE_PROTOCOL),
+        );
+    }
+    Ok(Accepted {
+        response,
+        upgrading,
+        admitted,
+    })
+}
+
+/// The session of an upgraded `stream`, the handshake's time recorded. `early` holds what
+/// was read past the request.
+pub(super) fn start(
+    stream: Socket,
+    early: Bytes,
+    conn: Conn,
+    admitted: Admitted,
+    mode: Mode,
+) -> impl std::future::Future<Output = ()> {
+    let Conn {
+        shared,
+        stop,
+        accepted,
+        ..
+    } = conn;
+    let waited = accepted.elapsed().as_micros() as u64;
+    shared.metrics.handshake_us.observe(waited);
+    let session = Session::run(stream, early, shared, admitted, mode);
+    // Held until the session is among the node's live ones, so a drain that began meanwhile
+    // waits for it.
+    drop(stop);
+    session
+}
+
 /// The socket under a finished upgrade (a plaintext connection's TCP stream, or a TLS
-/// connection's end of its pair), with any bytes hyper read past the request.
+/// connection's end of its pair), with any bytes read past the request: those [`Rewind`] had
+/// not handed to hyper yet, then those hyper had read.
 fn socket_of(ws: WebSocket<TokioIo<Upgraded>>) -> Option<(Socket, Bytes)> {
+    fn joined<S: Into<Socket>>(
+        parts: hyper::upgrade::Parts<TokioIo<Rewind<S>>>,
+    ) -> (Socket, Bytes) {
+        let (stream, unread) = parts.io.into_inner().into_parts();
+        let early = if unread.is_empty() {
+            parts.read_buf
+        } else {
+            [unread, parts.read_buf].concat().into()
+        };
+        (stream.into(), early)
+    }
     let upgraded = ws.into_inner().into_inner();
-    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => return Some((parts.io.into_inner().into(), parts.read_buf)),
+    let upgraded = match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        Ok(parts) => return Some(joined(parts)),
         Err(upgraded) => upgraded,
     };
-    match upgraded.downcast::<TokioIo<UnixStream>>() {
-        Ok(parts) => Some((parts.io.into_inner().into(), parts.read_buf)),
+    match upgraded.downcast::<TokioIo<Rewind<UnixStream>>>() {
+        Ok(parts) => Some(joined(parts)),
         Err(_) => {
             tracing::error!("upgraded connection is neither a TCP stream nor a TLS pair");
             None

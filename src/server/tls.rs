@@ -24,7 +24,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_rustls::TlsAcceptor;
 
-use super::{serve_http, Conn, Handshake};
+use super::{head, Conn, Handshake};
 
 /// Each direction of the pair holds about this much (the kernel doubles `SO_SNDBUF`): enough
 /// for a burst of frames, small beside the outbox's 1 MiB bound.
@@ -153,7 +153,7 @@ pub(super) async fn serve(tls: Arc<Tls>, stream: TcpStream, conn: Conn, handshak
         }
     };
     tokio::spawn(pump(secured, theirs));
-    serve_http(ours, conn, handshake).await;
+    head::serve(ours, conn, handshake).await;
 }
 
 /// A connected pair with small buffers.
