@@ -73,8 +73,14 @@ const ROOM: &str = "room-17";
 /// A typical chat line: 64 bytes of JSON-safe ASCII (no escapes, so serde_json can borrow too).
 const MESSAGE: &str = "The quick brown fox jumps over the lazy dog, then naps: 0123456.";
 
+/// One bound shared by every outbox, as on a node.
+fn limits() -> Arc<Limits> {
+    static SHARED: std::sync::LazyLock<Arc<Limits>> = std::sync::LazyLock::new(|| Arc::new(LIMITS));
+    Arc::clone(&SHARED)
+}
+
 fn member(id: u64) -> Arc<Outbox> {
-    Arc::new(Outbox::new(ConnId(id), LIMITS))
+    Arc::new(Outbox::new(ConnId(id), limits()))
 }
 
 /// A room of `registry` and the members whose outboxes a benchmark drains.
@@ -371,6 +377,7 @@ impl Sockets {
         let addr = listener.local_addr().expect("addr");
         let registry = Registry::new(None);
         let (mut members, mut clients, mut room) = (Vec::new(), Vec::new(), None);
+        let limits = Arc::new(Limits { direct, ..LIMITS });
         for id in 0..n as u64 {
             let client = std::net::TcpStream::connect(addr).expect("connect");
             client.set_nonblocking(true).expect("nonblocking");
@@ -381,7 +388,7 @@ impl Sockets {
             let server = tokio::net::TcpStream::from_std(server).expect("register");
             // tokio's `try_write` needs the reactor to have seen the socket writable once.
             runtime.block_on(server.writable()).expect("writable");
-            let outbox = Arc::new(Outbox::new(ConnId(id), Limits { direct, ..LIMITS }));
+            let outbox = Arc::new(Outbox::new(ConnId(id), Arc::clone(&limits)));
             assert!(outbox.attach(server.into()).is_ok());
             room = Some(registry.join(ROOM, &outbox).expect("under the room cap"));
             members.push(outbox);

@@ -160,8 +160,18 @@ struct Shard {
 /// One open connection counted against its address; given back on drop.
 #[derive(Debug)]
 pub(crate) struct AddressSlot {
-    admission: Arc<Admission>,
+    /// `None` once handed over.
+    admission: Option<Arc<Admission>>,
     key: IpAddr,
+}
+
+impl AddressSlot {
+    /// Ends this guard without giving the slot back, and returns the key its new holder gives
+    /// it back with ([`Admission::give_back`]).
+    pub(crate) fn hand_over(mut self) -> IpAddr {
+        self.admission = None;
+        self.key
+    }
 }
 
 /// One HTTP connection counted as a handshake in progress; given back on drop.
@@ -207,7 +217,7 @@ impl Admission {
         );
         if per_ip == 0 && rate == 0 {
             return Ok(AddressSlot {
-                admission: Arc::clone(self),
+                admission: Some(Arc::clone(self)),
                 key: key(client),
             });
         }
@@ -237,7 +247,7 @@ impl Admission {
         }
         count.open += 1;
         Ok(AddressSlot {
-            admission: Arc::clone(self),
+            admission: Some(Arc::clone(self)),
             key,
         })
     }
@@ -248,6 +258,14 @@ impl Admission {
         self.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives back an address slot handed over by [`AddressSlot::hand_over`].
+    pub(crate) fn give_back(&self, key: IpAddr) {
+        let limits = &self.limits;
+        if limits.max_connections_per_ip > 0 || limits.max_connect_rate_per_ip > 0 {
+            self.release(key);
+        }
     }
 
     fn release(&self, key: IpAddr) {
@@ -293,9 +311,8 @@ impl Shard {
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let limits = &self.admission.limits;
-        if limits.max_connections_per_ip > 0 || limits.max_connect_rate_per_ip > 0 {
-            self.admission.release(self.key);
+        if let Some(admission) = self.admission.take() {
+            admission.give_back(self.key);
         }
     }
 }

@@ -79,10 +79,54 @@ pub enum Admit {
     Close,
 }
 
+/// A connection's [`Inbound`] state, held only while it differs from a fresh one: fresh
+/// buckets are full with no refusal counted, so letting go of buckets that are full again
+/// changes nothing a client can see, and an idle connection pays 8 bytes here instead of 64.
+#[derive(Debug, Default)]
+pub struct Buckets(Option<Box<Inbound>>);
+
+impl Buckets {
+    /// See [`Inbound::admit`].
+    pub fn admit(&mut self, limits: &InboundLimits, len: usize, now: Instant) -> Admit {
+        self.held(limits, now).admit(limits, len, now)
+    }
+
+    /// See [`Inbound::charge_fanout`].
+    pub fn charge_fanout(
+        &mut self,
+        limits: &InboundLimits,
+        deliveries: usize,
+        now: Instant,
+    ) -> Option<Instant> {
+        if limits.fanout_per_sec == 0 {
+            return None;
+        }
+        self.held(limits, now)
+            .charge_fanout(limits, deliveries, now)
+    }
+
+    /// When the held buckets are full again with no refusal left in the window, if nothing is
+    /// charged before: from then on [`let_go`](Self::let_go) changes nothing. `None` when none
+    /// are held (or they never will be full: a limit too large to count time in).
+    pub fn full_at(&self, limits: &InboundLimits) -> Option<Instant> {
+        self.0.as_ref()?.full_at(limits)
+    }
+
+    /// Drops the buckets; call at or after [`full_at`](Self::full_at).
+    pub fn let_go(&mut self) {
+        self.0 = None;
+    }
+
+    fn held(&mut self, limits: &InboundLimits, now: Instant) -> &mut Inbound {
+        self.0
+            .get_or_insert_with(|| Box::new(Inbound::new(limits, now)))
+    }
+}
+
 /// One connection's two buckets and its refusal count. The limits themselves live in the
 /// node's config and are passed in, so each of the 100,000 connections a node may hold keeps
 /// only its own 64 bytes here.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Inbound {
     frames: f64,
     bytes: f64,
@@ -162,6 +206,43 @@ impl Inbound {
         self.fanout = refill(self.fanout, fanout, limits.fanout_burst as f64, elapsed);
     }
 
+    /// See [`Buckets::full_at`].
+    fn full_at(&self, limits: &InboundLimits) -> Option<Instant> {
+        let waits = [
+            (
+                self.frames,
+                f64::from(limits.frames_per_sec),
+                f64::from(limits.frames_burst),
+            ),
+            (
+                self.bytes,
+                limits.bytes_per_sec as f64,
+                limits.bytes_burst as f64,
+            ),
+            (
+                self.fanout,
+                limits.fanout_per_sec as f64,
+                limits.fanout_burst as f64,
+            ),
+        ]
+        .map(|(tokens, rate, burst)| {
+            if rate == 0.0 || tokens >= burst {
+                Some(Duration::ZERO)
+            } else {
+                Duration::try_from_secs_f64((burst - tokens) / rate).ok()
+            }
+        });
+        let mut longest = Duration::ZERO;
+        for wait in waits {
+            longest = longest.max(wait?);
+        }
+        let mut at = self.refilled.checked_add(longest)?;
+        if self.refusals > 0 {
+            at = at.max(self.window_start.checked_add(REJECT_WINDOW)?);
+        }
+        Some(at)
+    }
+
     fn refuse(&mut self, limits: &InboundLimits, now: Instant) -> Admit {
         if now.saturating_duration_since(self.window_start) >= REJECT_WINDOW {
             self.window_start = now;
@@ -210,6 +291,58 @@ mod tests {
             fanout_per_sec: 100,
             fanout_burst: 300,
         }
+    }
+
+    /// What `n` frames of 300 bytes get at `at`.
+    fn verdicts(buckets: &mut Buckets, l: &InboundLimits, at: Instant, n: usize) -> Vec<Admit> {
+        (0..n).map(|_| buckets.admit(l, 300, at)).collect()
+    }
+
+    /// Letting go of the buckets must change nothing a client can see: at `full_at` held
+    /// buckets answer as fresh ones do, and 100 ms before it they would not.
+    #[test]
+    fn buckets_are_let_go_only_when_fresh_ones_would_answer_the_same() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Throttle);
+        let mut held = Buckets::default();
+        assert_eq!(
+            held.full_at(&l),
+            None,
+            "nothing held before the first frame"
+        );
+        assert_eq!(verdicts(&mut held, &l, t0, 3), [Admit::Yes; 3]);
+        // 900 of 1,000 bytes spent at 1,000 a second: full after 900 ms (the frames, 3 at 10
+        // a second, after 300); the fan-out bucket, 200 of 300 at 100 a second, after 2 s.
+        assert_eq!(held.full_at(&l), Some(t0 + Duration::from_millis(900)));
+        assert_eq!(held.charge_fanout(&l, 200, t0), None);
+        let full = t0 + Duration::from_secs(2);
+        assert_eq!(held.full_at(&l), Some(full));
+        for (at, same) in [(full - Duration::from_millis(100), false), (full, true)] {
+            let mut kept = Buckets(held.0.clone());
+            let mut fresh = Buckets::default();
+            let kept_says = (
+                verdicts(&mut kept, &l, at, 4),
+                kept.charge_fanout(&l, 300, at),
+            );
+            let fresh_says = (
+                verdicts(&mut fresh, &l, at, 4),
+                fresh.charge_fanout(&l, 300, at),
+            );
+            assert_eq!(kept_says == fresh_says, same, "at {:?}", at - t0);
+        }
+    }
+
+    /// A refusal is remembered for its window: the buckets are kept until it has passed.
+    #[test]
+    fn buckets_with_a_refusal_are_kept_for_its_window() {
+        let t0 = Instant::now();
+        let l = limits(RatePolicy::Reject);
+        let mut held = Buckets::default();
+        let mut says = verdicts(&mut held, &l, t0, 4);
+        assert_eq!(says.pop(), Some(Admit::Refuse));
+        assert_eq!(held.full_at(&l), Some(t0 + REJECT_WINDOW));
+        held.let_go();
+        assert_eq!(held.full_at(&l), None);
     }
 
     /// Frames of one read are admitted at the read's instant and their fan-out is charged

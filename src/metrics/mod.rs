@@ -179,7 +179,12 @@ impl Metrics {
         self.connections
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .ok()
-            .map(|_| ConnectionSlot(Arc::clone(self)))
+            .map(|_| ConnectionSlot(Some(Arc::clone(self))))
+    }
+    /// Gives back a connection slot taken with [`try_connection_slot`](Self::try_connection_slot)
+    /// and handed over.
+    pub(crate) fn release_connection(&self) {
+        self.connections.fetch_sub(1, Relaxed);
     }
     /// One client message received.
     pub fn add_message_in(&self) {
@@ -331,11 +336,21 @@ impl Metrics {
 
 /// One taken connection slot (see [`Metrics::try_connection_slot`]).
 #[derive(Debug)]
-pub struct ConnectionSlot(Arc<Metrics>);
+pub struct ConnectionSlot(Option<Arc<Metrics>>);
+
+impl ConnectionSlot {
+    /// Ends this guard without giving the slot back: its new holder does, with
+    /// [`Metrics::release_connection`].
+    pub(crate) fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Relaxed);
+        if let Some(metrics) = self.0.take() {
+            metrics.release_connection();
+        }
     }
 }
 

@@ -559,12 +559,12 @@ mod tests {
     fn member(id: u64) -> Arc<Outbox> {
         Arc::new(Outbox::new(
             ConnId(id),
-            Limits {
+            Arc::new(Limits {
                 max_frames: 16,
                 max_bytes: 1 << 20,
                 policy: SlowConsumer::Close,
                 direct: true,
-            },
+            }),
         ))
     }
 

@@ -257,12 +257,12 @@ mod tests {
     use crate::outbox::{Limits, Outbox, SlowConsumer};
 
     fn member(id: u64) -> Member {
-        let limits = Limits {
+        let limits = Arc::new(Limits {
             max_frames: 1,
             max_bytes: 1,
             policy: SlowConsumer::Close,
             direct: true,
-        };
+        });
         Member {
             id: ConnId(id),
             outbox: Arc::new(Outbox::new(ConnId(id), limits)),

@@ -100,14 +100,14 @@ mod tests {
 
     #[tokio::test]
     async fn stopping_reaches_present_and_later_sessions_and_the_drain_waits_for_the_last() {
-        let limits = Limits {
+        let limits = Arc::new(Limits {
             max_frames: 8,
             max_bytes: 1024,
             policy: SlowConsumer::Close,
             direct: true,
-        };
+        });
         let live = Live::new();
-        let first = Arc::new(Outbox::new(ConnId(1), limits));
+        let first = Arc::new(Outbox::new(ConnId(1), Arc::clone(&limits)));
         assert!(live.insert(&first));
         live.stop_all();
         assert!(first.is_stopping());

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::moment::Moment;
 use super::Session;
 use crate::auth::{self, Grants, Identity, Op};
 use crate::frame::close_code;
@@ -132,7 +133,7 @@ impl Session {
             }
         };
         self.access = Access::Granted(Box::new(Grant::of(&identity, user)));
-        self.access_deadline = self.access.deadline();
+        self.access_deadline = self.access.deadline().map(Moment::of);
         self.leave_ungranted();
         Ok(())
     }

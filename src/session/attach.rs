@@ -125,9 +125,7 @@ impl Session {
 
     /// Puts `resume` behind the others in progress and serves what can be served now.
     fn queue_resume(&mut self, resume: Resume) {
-        self.resumes
-            .get_or_insert_with(Box::default)
-            .push_back(resume);
+        self.rare_mut().resumes.push_back(resume);
         self.continue_resumes();
     }
 
@@ -138,22 +136,18 @@ impl Session {
             return;
         };
         while self.outbox.pending().0 == 0 {
-            let Some(mut resume) = self.resumes.as_mut().and_then(|q| q.pop_front()) else {
+            let Some(mut resume) = self.rare.as_mut().and_then(|r| r.resumes.pop_front()) else {
                 break;
             };
             if resume.fetching.is_some() {
                 // Waiting for Redis: the answer wakes the session (`poll_fetch`).
-                self.resumes
-                    .get_or_insert_with(Box::default)
-                    .push_front(resume);
+                self.rare_mut().resumes.push_front(resume);
                 break;
             }
             match self.resume_step(&history, &mut resume) {
                 Ok(Step::Joined) => {}
                 Ok(step) => {
-                    self.resumes
-                        .get_or_insert_with(Box::default)
-                        .push_front(resume);
+                    self.rare_mut().resumes.push_front(resume);
                     if step == Step::More {
                         // Come back when what was queued is written (a direct write leaves
                         // the outbox empty, and the loop goes on at once).
@@ -165,9 +159,7 @@ impl Session {
                 }
             }
         }
-        if self.resumes.as_ref().is_some_and(|q| q.is_empty()) {
-            self.resumes = None;
-        }
+        self.tidy_rare();
     }
 
     /// Which opening of `room` this node has (`None`: not open here).
@@ -177,9 +169,8 @@ impl Session {
 
     /// Whether a resume of `room` is in progress.
     pub(super) fn resuming(&self, room: &str) -> bool {
-        self.resumes
-            .as_ref()
-            .is_some_and(|q| q.iter().any(|r| r.room == room))
+        self.rare()
+            .is_some_and(|rare| rare.resumes.iter().any(|r| r.room == room))
     }
 
     /// Drops a resume in progress (the client left the room before it finished).
@@ -189,9 +180,10 @@ impl Session {
 
     /// Keeps only the resumes in progress whose room passes `keep`.
     pub(super) fn retain_resumes(&mut self, keep: impl Fn(&str) -> bool) {
-        if let Some(queue) = self.resumes.as_mut() {
-            queue.retain(|r| keep(&r.room));
+        if let Some(rare) = self.rare.as_mut() {
+            rare.resumes.retain(|r| keep(&r.room));
         }
+        self.tidy_rare();
     }
 
     /// One step of a resume: a chunk, the join, or the question to Redis.
@@ -246,7 +238,7 @@ impl Session {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Fetched>> {
-        let waiting = self.resumes.as_mut().and_then(|q| q.front_mut());
+        let waiting = self.rare.as_mut().and_then(|r| r.resumes.front_mut());
         let Some(rx) = waiting.and_then(|r| r.fetching.as_mut()) else {
             return std::task::Poll::Pending;
         };
@@ -257,7 +249,7 @@ impl Session {
     pub(super) fn fetched(&mut self, answer: Option<Fetched>) {
         let (Some(history), Some(resume)) = (
             self.shared.backplane.history().cloned(),
-            self.resumes.as_mut().and_then(|q| q.front_mut()),
+            self.rare.as_mut().and_then(|r| r.resumes.front_mut()),
         ) else {
             return;
         };

@@ -152,8 +152,7 @@ impl Session {
     }
 
     fn leave(&mut self, room: &str) {
-        if let Some(at) = self.rooms.iter().position(|r| r.id().as_str() == room) {
-            let held = self.rooms.remove(at);
+        if let Some(held) = self.rooms.remove(room) {
             self.shared.registry.leave(&held, self.outbox.id());
         }
     }
@@ -200,7 +199,9 @@ impl Session {
         if published.rest.is_some() {
             self.shared.metrics.add_fanout_yield();
         }
-        self.fanout = published.rest;
+        if let Some(rest) = published.rest {
+            self.rare_mut().fanout = Some(rest);
+        }
     }
 
     pub(super) fn held(&self, name: &str) -> Option<&Arc<Room>> {
@@ -232,7 +233,7 @@ impl Session {
     pub(super) fn check_join(&self, name: &str) -> Result<(), ClientError> {
         self.check_room_name(name)?;
         let max = self.shared.config.max_rooms_per_connection;
-        let resuming = self.resumes.as_ref().map_or(0, |q| q.len());
+        let resuming = self.rare().map_or(0, |r| r.resumes.len());
         if self.rooms.len() + resuming >= max {
             return Err(ClientError::Limit(format!(
                 "a connection may hold at most {max} rooms"

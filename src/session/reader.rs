@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::moment::Moment;
 use super::{End, Input, Session, Throttle, CLOSE_TIMEOUT};
 use crate::frame::{self, close_code, FrameError, Header, OpCode};
 use crate::inbound::Admit;
@@ -108,7 +109,7 @@ impl Session {
     fn parse(&mut self, buf: &mut [u8], now: Instant) -> usize {
         let max = self.shared.config.max_message_bytes;
         let mut at = 0;
-        while self.framing() && self.throttle.is_none() && self.fanout.is_none() {
+        while self.framing() && !self.paused() {
             let header = match frame::parse_header(&buf[at..], max) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
@@ -126,7 +127,7 @@ impl Session {
                 break;
             }
             // Only a complete frame is a sign of life.
-            self.last_heard = now;
+            self.last_heard = Moment::of(now);
             self.ping_sent = None;
             let payload = frame::unmask(&mut buf[at..end], &header);
             let handled = match verdict {
@@ -153,7 +154,7 @@ impl Session {
             Admit::Yes => Verdict::Handle,
             Admit::WaitUntil(until) => {
                 self.shared.metrics.add_throttled();
-                self.throttle = Some(Box::new(Throttle { since: now, until }));
+                self.rare_mut().throttle = Some(Throttle { since: now, until });
                 Verdict::Stop
             }
             Admit::Refuse => Verdict::Skip,
@@ -172,7 +173,7 @@ impl Session {
         let limits = &self.shared.config.inbound;
         if let Some(until) = self.inbound.charge_fanout(limits, deliveries, now) {
             self.shared.metrics.add_throttled();
-            self.throttle = Some(Box::new(Throttle { since: now, until }));
+            self.rare_mut().throttle = Some(Throttle { since: now, until });
         }
     }
 
@@ -183,29 +184,28 @@ impl Session {
         let first_refusal = match opcode {
             OpCode::Ping | OpCode::Pong | OpCode::Close => false,
             OpCode::Text | OpCode::Binary => {
-                if self.partial.is_some() {
+                if self.partial().is_some() {
                     return Err(FrameError::UnfinishedMessage);
                 }
                 if !fin {
-                    self.partial = Some(Box::new(Partial {
+                    self.rare_mut().partial = Some(Partial {
                         opcode,
                         data: Vec::new(),
                         started: now,
                         refused: true,
-                    }));
+                    });
                 }
                 true
             }
             OpCode::Continuation => {
                 let partial = self
-                    .partial
-                    .as_mut()
+                    .partial_mut()
                     .ok_or(FrameError::UnexpectedContinuation)?;
                 let first = !partial.refused;
                 partial.refused = true;
                 partial.data = Vec::new();
                 if fin {
-                    self.partial = None;
+                    self.take_partial();
                 }
                 first
             }
@@ -262,18 +262,18 @@ impl Session {
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation if self.closing() => {}
             OpCode::Text | OpCode::Binary => {
-                if self.partial.is_some() {
+                if self.partial().is_some() {
                     return Err(FrameError::UnfinishedMessage);
                 }
                 if fin {
                     self.on_message(opcode, payload)?;
                 } else {
-                    self.partial = Some(Box::new(Partial {
+                    self.rare_mut().partial = Some(Partial {
                         opcode,
                         data: payload.to_vec(),
                         started: now,
                         refused: false,
-                    }));
+                    });
                 }
             }
             OpCode::Continuation => self.on_continuation(fin, payload, max)?,
@@ -283,8 +283,7 @@ impl Session {
 
     fn on_continuation(&mut self, fin: bool, payload: &[u8], max: usize) -> Result<(), FrameError> {
         let partial = self
-            .partial
-            .as_mut()
+            .partial_mut()
             .ok_or(FrameError::UnexpectedContinuation)?;
         if !partial.refused {
             if partial.data.len() + payload.len() > max {
@@ -293,7 +292,7 @@ impl Session {
             partial.data.extend_from_slice(payload);
         }
         if fin {
-            if let Some(mut whole) = self.partial.take() {
+            if let Some(mut whole) = self.take_partial() {
                 if !whole.refused {
                     self.on_message(whole.opcode, &mut whole.data)?;
                 }
