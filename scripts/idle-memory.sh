@@ -2,7 +2,9 @@
 # Server memory per idle connection: RSS before any client, and the peak RSS while CLIENTS
 # clients sit connected in ROOMS rooms with one sender per room at 0.01 msg/s (so every client
 # has received a message and its outbox has been used, then all is quiet). Server pinned to
-# SERVER_CPU with one worker thread, loadgen to LOADGEN_CPU.
+# SERVER_CPU with one worker thread, loadgen to LOADGEN_CPU, transparent huge pages off for the
+# server (`scripts/no-thp`: RSS then counts what the clients cost, 4 KiB at a time); THP=on
+# leaves them as the system has them.
 #
 #   bash scripts/idle-memory.sh                     # the release build of this checkout
 #   BIN=/path/to/other/roomcast bash scripts/idle-memory.sh
@@ -20,13 +22,15 @@ LOADGEN_CPU=${LOADGEN_CPU:-1}
 PORT=${PORT:-18090}
 
 cargo build --release -q -p roomcast -p loadgen
+wrap=scripts/no-thp
+[ "${THP:-off}" = on ] && wrap=
 if [ "${SERVER:-roomcast}" = floor ]; then
     BIN=$(build_floor)
-    PORT=$PORT WORKERS=1 taskset -c "$SERVER_CPU" "$BIN" >/dev/null 2>&1 &
+    PORT=$PORT WORKERS=1 $wrap taskset -c "$SERVER_CPU" "$BIN" >/dev/null 2>&1 &
 else
     BIN=${BIN:-target/release/roomcast}
     # shellcheck disable=SC2086 # SERVER_ARGS is word-split on purpose
-    taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 ${SERVER_ARGS:-} &
+    $wrap taskset -c "$SERVER_CPU" "$BIN" --listen "127.0.0.1:$PORT" --log warn --threads 1 ${SERVER_ARGS:-} &
 fi
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
