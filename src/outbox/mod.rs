@@ -242,6 +242,11 @@ impl Outbox {
         self.id
     }
 
+    /// The connection id, borrowed (for sets of outboxes searched by id).
+    pub(crate) fn id_ref(&self) -> &ConnId {
+        &self.id
+    }
+
     /// Hands the connection's socket over; the session does this once, as it starts. Until
     /// then every frame is queued. Gives the stream back if one was already attached.
     pub fn attach(&self, stream: Socket) -> Result<(), Socket> {
