@@ -9,8 +9,9 @@
 //!                                                             (outbox)   (session)
 //! ```
 //!
-//! 1. **socket** — `server` accepts TCP, speaks HTTP/1.1 through hyper (`/healthz`,
-//!    `/metrics`) and upgrades `GET /` to WebSocket (handshake by fastwebsockets).
+//! 1. **socket** — `server` accepts TCP and reads the request head itself (`server::head`): a
+//!    plain `GET /` upgrade is answered there (accept key by fastwebsockets), with no HTTP
+//!    buffers kept; everything else (`/healthz`, `/metrics`, pages, the API) goes to hyper.
 //! 2. **session** — `session` runs each upgraded connection in one task (its [`socket`] lives
 //!    in the connection's outbox, where publishers can write to it too; a TLS connection's is
 //!    the plaintext end of a pair that `server::tls` encrypts): it parses client

@@ -71,12 +71,16 @@ where
         Ok(Ok(Head::Upgrade { request, mode, len })) => {
             let early = Bytes::copy_from_slice(&buf[len..]);
             drop(buf);
-            upgrade(stream, *request, early, conn, mode).await;
+            // Boxed for the same reason, for the moment it runs: the answer and its write
+            // are 1.5 KiB of state, and the wait for the head above is most of a handshake.
+            Box::pin(upgrade(stream, *request, early, conn, mode)).await;
         }
         Ok(Ok(Head::Other)) => {
             // The header clock started at this head's first read; hyper gets what is left.
             let left = timeout.saturating_sub(started.elapsed());
-            serve_http(Rewind::new(stream, buf), conn, left).await;
+            // Boxed: hyper's connection state is kilobytes, and inline it would make every
+            // handshake's task that large, upgrades served here included.
+            Box::pin(serve_http(Rewind::new(stream, buf), conn, left)).await;
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The listener: accepts TCP, speaks HTTP/1.1 through hyper (`routes`: probes, metrics,
-//! upgrades), hands upgraded sockets to sessions, and runs graceful shutdown.
+//! The listener: accepts TCP, reads each connection's request head (`head`: a plain WebSocket
+//! upgrade is answered there), speaks HTTP/1.1 through hyper for the rest (`routes`: probes,
+//! metrics, pages, the API, unusual upgrades), hands upgraded sockets to sessions, and runs
+//! graceful shutdown.
 //!
 //! Shutdown follows axum's pattern: every connection task holds a clone of a `watch::Receiver`;
 //! the node flips it to `true` and waits (bounded by the drain timeout) until every receiver is

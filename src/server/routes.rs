@@ -2,7 +2,7 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `GET /` with upgrade headers | the WebSocket session, after the checks in [`upgrade`] |
+//! | `GET /` with upgrade headers | the WebSocket session, after the checks in [`accept`] (a plain upgrade is served by `head`, before hyper) |
 //! | `GET /livez` | 200 while the process serves HTTP: the liveness probe (never fails for Redis) |
 //! | `GET /readyz` | 200 when accepting and the backplane (if any) is healthy, else 503: the readiness probe |
 //! | `GET /healthz` | JSON figures for people and dashboards; 503 "degraded" while the backplane is down |
