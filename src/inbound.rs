@@ -244,7 +244,9 @@ impl Inbound {
     }
 
     fn refuse(&mut self, limits: &InboundLimits, now: Instant) -> Admit {
-        if now.saturating_duration_since(self.window_start) >= REJECT_WINDOW {
+        // A window starts at its first refusal, whenever the buckets were made: so buckets let
+        // go and made afresh (`Buckets`) count refusals as kept ones would.
+        if self.refusals == 0 || now.saturating_duration_since(self.window_start) >= REJECT_WINDOW {
             self.window_start = now;
             self.refusals = 0;
         }

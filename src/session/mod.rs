@@ -499,10 +499,7 @@ impl Session {
     /// left unread in the tail is handled before the socket is read again.
     fn end_throttle(&mut self, throttle: Throttle, now: Instant) {
         let paused = now.saturating_duration_since(throttle.since);
-        if let Some(rare) = self.rare.as_mut() {
-            rare.throttle = None;
-        }
-        self.tidy_rare();
+        self.clear_throttle();
         self.last_heard = Moment::of(self.last_heard.after(paused));
         if let Some(sent) = self.ping_sent.as_mut() {
             *sent = Moment::of(sent.after(paused));
@@ -567,10 +564,7 @@ impl Session {
             *now = (*now).max(input);
             return;
         }
-        if let Some(rare) = self.rare.as_mut() {
-            rare.throttle = None;
-        }
-        self.tidy_rare();
+        self.clear_throttle();
         let _ = self.take_pong();
         self.outbox.close_with(frame::close(code, reason));
         self.phase = Phase::Closing {
@@ -598,6 +592,13 @@ impl Session {
 
     fn throttle(&self) -> Option<&Throttle> {
         self.rare()?.throttle.as_ref()
+    }
+
+    fn clear_throttle(&mut self) {
+        if let Some(rare) = self.rare.as_mut() {
+            rare.throttle = None;
+        }
+        self.tidy_rare();
     }
 
     fn partial(&self) -> Option<&Partial> {
