@@ -99,6 +99,7 @@ impl Buckets {
         now: Instant,
     ) -> Option<Instant> {
         if limits.fanout_per_sec == 0 {
+            // Checked here too, so that a bucket that is off makes no allocation.
             return None;
         }
         self.held(limits, now)

@@ -744,6 +744,36 @@ mod tests {
         assert_eq!(shared.metrics.snapshot().connections, 0, "slot leaked");
     }
 
+    /// The inbound buckets an idle connection would otherwise keep are let go by the session's
+    /// own timer once they are full and the client has been quiet: a frame read a second ago
+    /// (its instant passed in, so no test waits) leaves buckets that the next timer turn drops.
+    #[tokio::test]
+    async fn a_quiet_clients_buckets_are_let_go_on_the_next_timer_turn() {
+        let shared = Shared::new(Config::default()).expect("shared state");
+        let (stream, _client, addr) = accepted().await;
+        let admitted = admitted(&shared, addr);
+        let mut session = Session::new(stream.into(), shared.clone(), admitted, Mode::Rooms);
+        let limits = shared.config.inbound;
+        assert_eq!(
+            session.inbound.full_at(&limits),
+            None,
+            "none before a frame"
+        );
+        let a_second_ago = Instant::now() - Duration::from_secs(1);
+        let mut ping = frame::encode_client(0x89, b"", [1, 2, 3, 4]);
+        session.ingest(&mut ping, a_second_ago);
+        assert!(
+            session.inbound.full_at(&limits).is_some(),
+            "a frame was charged"
+        );
+        assert!(
+            session.next_wake() <= Instant::now(),
+            "the timer is due now"
+        );
+        session.on_timer().expect("the session goes on");
+        assert_eq!(session.inbound.full_at(&limits), None, "let go");
+    }
+
     /// The task is the largest thing an idle connection holds, and fields added to the
     /// session land in it: this says when it grows. tokio adds 104 bytes and rounds the task
     /// up to a multiple of 128 (heaptrack saw 504-byte allocations for a 400-byte future), so

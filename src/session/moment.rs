@@ -12,10 +12,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The instant every moment counts from: the first use of this clock.
+/// The instant every moment counts from: an hour before the first use of this clock (or the
+/// clock's own start, if sooner), so that instants taken shortly before that first use, such
+/// as the start of a read, still count exactly.
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    })
 }
 
 /// An instant, to the microsecond; ordered as instants are.
@@ -25,7 +30,7 @@ pub(super) struct Moment(NonZeroU64);
 impl Moment {
     /// `at`, rounded down to the microsecond: a deadline read back is never later than the one
     /// set, so its timer never fires late. An instant from before the epoch becomes the epoch;
-    /// the session's are all from its own start or later, after the epoch.
+    /// the session's are all from its own start or shortly before, after the epoch.
     pub(super) fn of(at: Instant) -> Self {
         let micros = at.saturating_duration_since(epoch()).as_micros();
         let micros = u64::try_from(micros).unwrap_or(u64::MAX - 1);
@@ -52,9 +57,7 @@ mod tests {
 
     #[test]
     fn a_moment_reads_back_within_a_microsecond_and_never_later() {
-        // The epoch is set by the first use; instants from before it read back as it.
-        let _ = Moment::now();
-        let base = Instant::now();
+        let base = Instant::now() - Duration::from_secs(1);
         for nanos in [0, 1, 999, 1_000, 1_001, 123_456_789, 86_400_000_000_123] {
             let at = base + Duration::from_nanos(nanos);
             let back = Moment::of(at).instant();
