@@ -61,13 +61,17 @@ use serde_json::Value;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The server's default outbox bound (`--outbox-frames`, `--outbox-bytes`, `--slow-consumer`).
-const LIMITS: Limits = Limits {
-    max_frames: 4096,
-    max_bytes: 1 << 20,
-    policy: SlowConsumer::Close,
-    direct: true,
-};
+/// The server's default outbox bound (`--outbox-frames`, `--outbox-bytes`, `--slow-consumer`),
+/// with direct writes on or off.
+fn limits_with(direct: bool) -> Limits {
+    Limits {
+        max_frames: 4096,
+        max_bytes: 1 << 20,
+        policy: SlowConsumer::Close,
+        direct,
+        metrics: Arc::default(),
+    }
+}
 
 const ROOM: &str = "room-17";
 /// A typical chat line: 64 bytes of JSON-safe ASCII (no escapes, so serde_json can borrow too).
@@ -75,7 +79,8 @@ const MESSAGE: &str = "The quick brown fox jumps over the lazy dog, then naps: 0
 
 /// One bound shared by every outbox, as on a node.
 fn limits() -> Arc<Limits> {
-    static SHARED: std::sync::LazyLock<Arc<Limits>> = std::sync::LazyLock::new(|| Arc::new(LIMITS));
+    static SHARED: std::sync::LazyLock<Arc<Limits>> =
+        std::sync::LazyLock::new(|| Arc::new(limits_with(true)));
     Arc::clone(&SHARED)
 }
 
@@ -377,7 +382,7 @@ impl Sockets {
         let addr = listener.local_addr().expect("addr");
         let registry = Registry::new(None);
         let (mut members, mut clients, mut room) = (Vec::new(), Vec::new(), None);
-        let limits = Arc::new(Limits { direct, ..LIMITS });
+        let limits = Arc::new(limits_with(direct));
         for id in 0..n as u64 {
             let client = std::net::TcpStream::connect(addr).expect("connect");
             client.set_nonblocking(true).expect("nonblocking");

@@ -17,6 +17,8 @@
 #   RUNS=3 RATES=5 SERVERS="roomcast roomcast-queued floor" SERVER_THREADS= bash scripts/compare.sh
 #       # roomcast-queued[:N] is roomcast with --direct-write false: every frame goes through
 #       # the recipient's session, as before direct writes
+#   RUNS=3 RATES=160 SERVERS="old=/tmp/roomcast-old roomcast floor" SERVER_THREADS= bash scripts/compare.sh
+#       # LABEL=PATH[:N] is the roomcast binary at PATH (two builds in one run), reported as LABEL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -63,7 +65,15 @@ if [[ "$DIALECT" == subscribe && " $SERVERS " == *" node "* ]]; then
 fi
 
 start_server() {
-    local name=$1
+    local name=$1 bin=${ROOMCAST_BIN:-target/release/roomcast}
+    if [[ "$name" == *=* ]]; then
+        bin=${name#*=}
+        name=roomcast
+        if [[ "$bin" =~ ^(.*):([0-9]+)$ ]]; then
+            bin=${BASH_REMATCH[1]}
+            name=roomcast:${BASH_REMATCH[2]}
+        fi
+    fi
     case "$name" in
         roomcast | roomcast:* | roomcast-queued | roomcast-queued:*)
             # The ladder's senders reach 160 msg/s into rooms of 200, past the default inbound
@@ -74,7 +84,7 @@ start_server() {
             [[ "$name" == *:* ]] && n=${name#*:}
             [[ -n "$n" ]] && threads=(--threads "$n")
             [[ "$name" == roomcast-queued* ]] && threads+=(--direct-write false)
-            taskset -c "$SERVER_CPU" "${ROOMCAST_BIN:-target/release/roomcast}" --listen "127.0.0.1:$PORT" \
+            taskset -c "$SERVER_CPU" "$bin" --listen "127.0.0.1:$PORT" \
                 "${threads[@]}" --log warn --inbound-frames-per-sec 1000 --inbound-frames-burst 2000 \
                 --inbound-fanout-per-sec 0 &
             ;;
@@ -99,8 +109,9 @@ start_server() {
 
 for run in $(seq 1 "$RUNS"); do
 for rate in ${RATES//,/ }; do
-    for name in $SERVERS; do
-        start_server "$name"
+    for entry in $SERVERS; do
+        name=${entry%%=*}
+        start_server "$entry"
         echo "== $name, $DIALECT, rate $rate/s per sender, run $run" >&2
         taskset -c "$LOADGEN_CPU" target/release/loadgen --url "ws://127.0.0.1:$PORT" \
             --clients "$CLIENTS" --rooms "$ROOMS" --senders-per-room "$SENDERS" \
@@ -120,7 +131,8 @@ done
 
 python3 - "$OUT" "$DIALECT" "$RATES" "$RUNS" $SERVERS <<'PY'
 import json, os, statistics, sys
-out, dialect, rates, runs, servers = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4]), sys.argv[5:]
+out, dialect, rates, runs = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+servers = [entry.split("=")[0] for entry in sys.argv[5:]]
 def med(xs, fmt):
     xs = [x for x in xs if x is not None]
     if not xs:

@@ -27,10 +27,12 @@
 //! 5. **fan-out** — the message is framed once into a `Bytes` ([`frame::text`]); every
 //!    recipient gets a clone of it (a reference-count bump, never a copy). A recipient whose
 //!    socket is idle is claimed through its [`outbox`]'s ownership word (one compare-and-swap)
-//!    and written by the publisher itself when its step ends ([`outbox::DeferredWrites`]): one
-//!    `write`, no task woken, and under load each claimed socket gets everything owed to it in
-//!    one `writev`. Otherwise the frame is queued in the outbox, under that outbox's own mutex
-//!    for one `push_back`, a lock no other recipient shares.
+//!    and written by the publisher's worker when its pass ends, as it runs out of tasks
+//!    ([`outbox::DeferredWrites`], [`outbox::end_of_pass`]): one `write`, no task woken, and
+//!    under load each claimed socket gets everything owed to it in one `writev`, as the floor's
+//!    event loop flushes once per pass. Later frames for a socket the same thread claimed are
+//!    copied behind the claim (no lock, no atomic write). Otherwise the frame is queued in the
+//!    outbox, under that outbox's own mutex for one `push`, a lock no other recipient shares.
 //! 6. **writer** — each session writes what its outbox queued (what arrived while someone else
 //!    wrote, the rest of a write the socket did not take, its own replies) in batches, many
 //!    frames per `writev`.
@@ -73,4 +75,4 @@ mod users;
 
 pub use backplane::RedisError;
 pub use config::{Config, ConfigError};
-pub use server::{Server, ServerError};
+pub use server::{runtime, Server, ServerError};

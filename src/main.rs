@@ -415,20 +415,7 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(args.log)
         .with_target(false)
         .init();
-    // With one thread, a current-thread runtime runs every task here: no work stealing and no
-    // wake-ups across threads.
-    let mut runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if args.threads > 1 {
-        runtime.worker_threads(args.threads);
-    }
-    let runtime = runtime
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = roomcast::runtime(args.threads).context("starting the runtime")?;
     runtime.block_on(async {
         warn_if_open(&config);
         let server = Server::bind(config).await?;

@@ -2,7 +2,9 @@
 //! (the real file), and beside it the same steps `src/outbox/mod.rs` takes around it, written
 //! against a fake socket that takes a few bytes per write and would block when its budget is
 //! spent. Two publishers (one writing at once, one deferring its writes to the end of its
-//! step, as fan-out does) race a session that drains, waits for the socket and closes.
+//! pass, as fan-out does, and appending its later frames to its own claim) race a session
+//! that drains, waits for the socket and closes; a third publisher moves between their
+//! threads mid-claim, as a session stolen by another worker does.
 //!
 //! Checked in every interleaving: the bytes on the wire parse into whole frames (no frame
 //! torn or interleaved with another), each publisher's frames arrive in its order, the close
@@ -13,7 +15,7 @@
 use std::collections::VecDeque;
 
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use loom::sync::{Arc, Mutex};
+use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 use roomcast_model::word::{Claim, State, Word};
 
@@ -94,10 +96,18 @@ impl Conn {
         }
     }
 
-    /// `Outbox::deliver_later`: claims an idle socket, to be written by `write_claimed`.
-    fn deliver_later(&self, f: Vec<u8>, owed: &mut Vec<Vec<u8>>) {
-        if self.word.try_direct() {
-            owed.push(f);
+    /// `Outbox::deliver_later`: claims an idle socket, to be written by `write_claimed`; a
+    /// frame for a socket this thread has claimed already is appended to the claim while
+    /// nothing was queued since, else queued behind it.
+    fn deliver_later(&self, f: Vec<u8>, claim: &mut Option<Vec<u8>>) {
+        if let Some(owed) = claim {
+            if self.word.appendable() {
+                owed.extend(f);
+            } else {
+                self.enqueue(f);
+            }
+        } else if self.word.try_direct() {
+            *claim = Some(f);
         } else {
             self.enqueue(f);
         }
@@ -115,7 +125,8 @@ impl Conn {
         }
     }
 
-    /// `Outbox::write_claimed`, one write attempt per segment.
+    /// `Outbox::write_claimed`: what the claim owes (its frames, one after the other), then
+    /// what was queued behind it, in one write.
     fn write_claimed(&self, first: Vec<u8>) {
         if !self.word.queued() {
             return self.write_direct(first);
@@ -276,17 +287,26 @@ fn parse(mut wire: &[u8]) -> Vec<(u8, u8)> {
 }
 
 /// Publishers (publisher 1 only when `both`) and the session; `deferred` makes publisher 2
-/// claim and write at the end of its step, with its second frame for the same socket queued
-/// behind its own claim.
-fn run(deferred: bool, close: bool, both: bool) {
+/// claim and write at the end of its step, with its second frame for the same socket
+/// appended to its own claim (or queued behind it). `migrating` adds publisher 4, a session
+/// moved between threads by work stealing: its first frame is published on publisher 1's
+/// thread, its second, after that, on publisher 2's while publisher 2 holds its claim.
+fn run(deferred: bool, close: bool, both: bool, migrating: bool) {
     let conn = Arc::new(Conn::new());
     let done = Arc::new(AtomicUsize::new(0));
+    // A condition variable, not a spin: loom bounds the branches of a spinning model.
+    let moved = Arc::new((Mutex::new(false), Condvar::new()));
     let p1 = {
-        let (conn, done) = (conn.clone(), done.clone());
+        let (conn, done, moved) = (conn.clone(), done.clone(), moved.clone());
         thread::spawn(move || {
             if both {
                 conn.deliver(frame(1, 0, 3));
                 conn.deliver(frame(1, 1, 1));
+            }
+            if migrating {
+                conn.deliver(frame(4, 0, 1));
+                *moved.0.lock().unwrap() = true;
+                moved.1.notify_one();
             }
             done.fetch_add(1, Ordering::Release);
         })
@@ -295,11 +315,19 @@ fn run(deferred: bool, close: bool, both: bool) {
         let (conn, done) = (conn.clone(), done.clone());
         thread::spawn(move || {
             if deferred {
-                let mut owed = Vec::new();
-                conn.deliver_later(frame(2, 0, 2), &mut owed);
-                conn.deliver_later(frame(2, 1, 0), &mut owed);
-                for f in owed {
-                    conn.write_claimed(f);
+                let mut claim = None;
+                conn.deliver_later(frame(2, 0, 2), &mut claim);
+                conn.deliver_later(frame(2, 1, 0), &mut claim);
+                if migrating {
+                    let mut published = moved.0.lock().unwrap();
+                    while !*published {
+                        published = moved.1.wait(published).unwrap();
+                    }
+                    drop(published);
+                    conn.deliver_later(frame(4, 1, 0), &mut claim);
+                }
+                if let Some(owed) = claim {
+                    conn.write_claimed(owed);
                 }
             } else {
                 conn.deliver(frame(2, 0, 2));
@@ -339,13 +367,13 @@ fn run(deferred: bool, close: bool, both: bool) {
     assert!(pong.is_none(), "the session's pong was never written");
     let wire = conn.socket.wire.lock().unwrap().0.clone();
     let frames = parse(&wire);
-    for tag in [1, 2, 3] {
+    for tag in [1, 2, 3, 4] {
         let seqs: Vec<u8> = frames.iter().filter(|f| f.0 == tag).map(|f| f.1).collect();
         let expected: Vec<u8> = if tag == 3 {
             vec![0]
-        } else if tag == 1 && !both {
+        } else if (tag == 1 && !both) || (tag == 4 && !migrating) {
             vec![]
-        } else if tag == 1 || deferred {
+        } else if tag == 1 || tag == 4 || deferred {
             vec![0, 1]
         } else {
             vec![0]
@@ -367,22 +395,30 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 
 #[test]
 fn direct_publishers_and_a_draining_session() {
-    model(|| run(false, false, true));
+    model(|| run(false, false, true, false));
 }
 
 #[test]
 fn direct_publishers_and_a_closing_session() {
-    model(|| run(false, true, true));
+    model(|| run(false, true, true, false));
 }
 
 #[test]
 fn a_deferring_publisher_and_a_closing_session() {
-    model(|| run(true, true, true));
+    model(|| run(true, true, true, false));
 }
 
 /// The session's pong against one deferring publisher alone: no later frame comes to wake the
 /// session, so the hand-over as the publisher finishes is the only way the pong gets out.
 #[test]
 fn the_sessions_pong_while_a_publisher_holds_the_socket() {
-    model(|| run(true, false, false));
+    model(|| run(true, false, false, false));
+}
+
+/// A publisher's frames published from two threads in turn (its session moved between
+/// workers) while the second thread holds a claim: the second frame must not be appended
+/// ahead of the first, which the first thread had to queue.
+#[test]
+fn a_publisher_moved_between_threads_keeps_its_order() {
+    model(|| run(true, false, false, true));
 }

@@ -281,17 +281,15 @@ impl Metrics {
     }
     /// One socket write that carried `frames` whole or partial frames and `bytes` bytes.
     pub fn add_write(&self, frames: u64, bytes: u64) {
-        self.add_writes(1, frames, bytes);
+        self.write_frames.observe(frames);
+        self.add_writes(1, frames, bytes, 0);
     }
 
-    /// `writes` socket writes carrying `frames` whole frames and `bytes` bytes in all.
-    pub fn add_writes(&self, writes: u64, frames: u64, bytes: u64) {
-        if writes > 1 {
-            // Publishers' direct writes, added once per broadcast: one frame each.
-            self.write_frames.observe_n(1, writes);
-        } else {
-            self.write_frames.observe(frames);
-        }
+    /// `writes` socket writes carrying `frames` whole frames and `bytes` bytes in all, of which
+    /// `single` carried at most one frame each and are not yet in the frames-per-write
+    /// histogram (publishers add the rest to it as they write).
+    pub fn add_writes(&self, writes: u64, frames: u64, bytes: u64, single: u64) {
+        self.write_frames.observe_n(1, single);
         self.writes.fetch_add(writes, Relaxed);
         self.frames_out.fetch_add(frames, Relaxed);
         self.bytes_out.fetch_add(bytes, Relaxed);

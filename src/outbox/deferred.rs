@@ -1,110 +1,259 @@
-//! Direct writes deferred to the end of a publisher's step, so that load coalesces them.
+//! Direct writes deferred to the end of the worker's pass, so that load coalesces them.
 //!
 //! Writing each frame the moment it is published costs one `write` per delivery whatever the
 //! load: at 160 msg/s per sender that capped the node at a sixth of what queueing through the
 //! sessions reached (RESULTS.md). So a broadcast claims each idle recipient's socket and only
-//! notes the frame; the writes happen when the publisher's step ends (a session's read, a
-//! slice of a large room, a message from Redis). By then the claimed sockets may have more
-//! frames queued behind the claim (this publisher's next messages from the same read, other
-//! publishers' frames), and each socket gets all of them in one `writev`. At light load a step
-//! holds one message and this is the plain direct write; under load a read holds many
-//! messages and the frames per write grow with it, as in an event loop that flushes once per
-//! pass.
+//! notes the frame; the writes happen later, and by then a claimed socket may be owed more
+//! frames (this publisher's next messages, other publishers' messages in the same pass), which
+//! all go out in one `writev`. This is the floor's event loop: read everything that is ready,
+//! append to each recipient's buffer, then flush every dirty socket once per pass.
 //!
-//! The notes live in a thread-local list, opened by [`DeferredWrites::begin`] and written out by the
-//! outermost [`DeferredWrites::finish`] (or its `Drop`). `DeferredWrites` is not `Send`, so a task cannot hold
-//! one across an `.await` (its future would not be `Send` and would not spawn): a claim can
-//! never outlive the step that made it, nor move to another worker's list.
+//! When "later" is: a runtime worker calls [`end_of_pass`] as it runs out of tasks and is about
+//! to wait for the kernel (tokio's `on_thread_park` hook, which the server's runtime sets);
+//! everything this thread claimed since the last pass is written then. Until a thread has
+//! seen that hook (another runtime, a test's, a thread outside any runtime) each publisher's
+//! step writes its own claims when it ends, as before. A pass that runs long (a busy worker
+//! may poll the kernel between tasks without ever parking) is cut at the end of the first
+//! step that finds the oldest claim older than [`HOLD`]: a claim waits at most that long past
+//! the step that made it, plus the step that writes it.
+//!
+//! A frame for a socket this thread has already claimed is appended to the claim: copied into
+//! the claim's buffer, with no lock and no atomic write ([`Outbox::deliver_later`]). At 160
+//! msg/s the queue's lock, push and wake per delivery were the largest user-space cost (7 %).
+//!
+//! The list is thread-local, opened by [`DeferredWrites::begin`] around each publisher step.
+//! `DeferredWrites` is not `Send`, so a task cannot hold one across an `.await` (its future
+//! would not be `Send` and would not spawn): a claim never moves to another thread's list,
+//! and the hook never runs in the middle of a step.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::owing::Owing;
 use super::{Outbox, Writes};
 use crate::metrics::Metrics;
 
-/// Sockets claimed during the current batch on this thread, each with the first frame owed.
+/// How long claims may wait, past the step that left them, for a worker that does not park.
+/// A worker that always has another task ready (the node is saturated) never parks, so this
+/// is then the length of its pass: measured at 160 msg/s per sender (RESULTS.md), 1 ms cut
+/// the passes short and doubled the tail against the floor's, while 5 and 20 ms did equally
+/// well. A worker that is not saturated parks within one pass and never waits this long.
+pub const HOLD: Duration = Duration::from_millis(5);
+
+/// A socket this thread claimed, with the frames owed to it.
+pub(crate) struct Claimed {
+    outbox: Arc<Outbox>,
+    /// The frame that claimed the socket, written from its shared `Bytes` (no copy).
+    first: Bytes,
+    /// Frames appended since, copied one after the other (a buffer from [`Claims::spare`]).
+    more: Vec<u8>,
+    /// How many frames `more` holds.
+    more_frames: u32,
+}
+
+impl Claimed {
+    /// Frames and bytes owed by this claim.
+    pub(crate) fn owed(&self) -> (u64, u64) {
+        (
+            1 + u64::from(self.more_frames),
+            (self.first.len() + self.more.len()) as u64,
+        )
+    }
+}
+
+/// The sockets this thread claimed in the current pass, and buffers kept for the next claims.
 #[derive(Default)]
-struct Claims {
+pub(crate) struct Claims {
+    list: Vec<Claimed>,
+    /// Emptied `more` buffers, so that a loaded pass neither allocates nor grows one per
+    /// claim. At most [`SPARE_BYTES`] of capacity in all.
+    spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
+}
+
+/// Capacity kept in spare buffers per thread: a pass at 160 msg/s owes a claim about 70
+/// frames of 66 bytes, so 1 MiB keeps about 200 claims' buffers.
+const SPARE_BYTES: usize = 1 << 20;
+/// A fresh buffer's capacity: 15 chat-sized frames before it first grows.
+const FIRST_BUFFER: usize = 1024;
+
+impl Claims {
+    /// Notes a claim on `outbox`, owing `first`; returns its place in the list.
+    pub(crate) fn push(&mut self, outbox: &Arc<Outbox>, first: &Bytes) -> usize {
+        self.list.push(Claimed {
+            outbox: Arc::clone(outbox),
+            first: first.clone(),
+            more: Vec::new(),
+            more_frames: 0,
+        });
+        self.list.len() - 1
+    }
+
+    /// The claim at `at`, when it is this thread's claim on `outbox`.
+    pub(crate) fn get(&self, at: usize, outbox: &Arc<Outbox>) -> Option<&Claimed> {
+        self.list.get(at).filter(|c| Arc::ptr_eq(&c.outbox, outbox))
+    }
+
+    /// Owes `frame` to the claim at `at` too, behind everything it owes so far.
+    pub(crate) fn append(&mut self, at: usize, frame: &[u8]) {
+        let claim = &mut self.list[at];
+        if claim.more.capacity() == 0 {
+            claim.more = match self.spare.pop() {
+                Some(buffer) => {
+                    self.spare_bytes -= buffer.capacity();
+                    buffer
+                }
+                None => Vec::with_capacity(FIRST_BUFFER.max(frame.len())),
+            };
+        }
+        claim.more.extend_from_slice(frame);
+        claim.more_frames += 1;
+    }
+
+    /// Keeps an emptied buffer for a later claim, within [`SPARE_BYTES`].
+    fn recycle(&mut self, mut buffer: Vec<u8>) {
+        if buffer.capacity() > 0 && self.spare_bytes + buffer.capacity() <= SPARE_BYTES {
+            buffer.clear();
+            self.spare_bytes += buffer.capacity();
+            self.spare.push(buffer);
+        }
+    }
+}
+
+/// What this thread claimed and has not written yet.
+#[derive(Default)]
+struct Pass {
+    /// Open [`DeferredWrites`] on this thread (they nest).
     depth: u32,
-    owed: Vec<(Arc<Outbox>, Bytes)>,
-    /// Reused by every flush: frames taken from a claimed socket's queue.
+    claims: Claims,
+    /// Reused by every flush: the frames of one claimed socket.
     scratch: VecDeque<Bytes>,
+    /// This thread's runtime calls [`end_of_pass`]: steps may leave their claims to it.
+    ends_at_park: bool,
+    /// When the oldest claim still owed was left by its step.
+    since: Option<Instant>,
 }
 
 thread_local! {
-    static CLAIMS: RefCell<Claims> = RefCell::new(Claims::default());
+    static PASS: RefCell<Pass> = RefCell::new(Pass::default());
 }
 
-/// Runs `f` on this thread's claims.
-fn with_claims<R>(f: impl FnOnce(&mut Claims) -> R) -> R {
-    CLAIMS.with_borrow_mut(f)
+/// Runs `f` on this thread's pass.
+fn with_pass<R>(f: impl FnOnce(&mut Pass) -> R) -> R {
+    PASS.with_borrow_mut(f)
 }
 
 /// One publisher step during which direct writes are noted, not made. Nests: the outermost
-/// batch writes everything out.
+/// writes everything out, or leaves it to the end of the pass.
 pub struct DeferredWrites {
-    finished: bool,
     /// Not `Send`: see the module docs.
     _here: PhantomData<*const ()>,
 }
 
 impl DeferredWrites {
-    /// Opens a batch on this thread.
+    /// Opens a step on this thread.
     pub fn begin() -> Self {
-        with_claims(|c| c.depth += 1);
-        Self {
-            finished: false,
-            _here: PhantomData,
-        }
+        with_pass(|p| p.depth += 1);
+        Self { _here: PhantomData }
     }
 
-    /// Closes the batch; the outermost one writes every claimed socket and counts the writes.
-    pub fn finish(mut self, metrics: &Metrics) {
-        self.finished = true;
-        close(Some(metrics));
-    }
+    /// Closes the step (dropping it does the same, so an early return or a panic still writes
+    /// what was claimed: a claimed socket nobody writes would stall its connection).
+    pub fn finish(self) {}
 }
 
 impl Drop for DeferredWrites {
-    /// A batch left by an early return or a panic still writes what it claimed (uncounted):
-    /// a claimed socket nobody writes would stall its connection.
     fn drop(&mut self) {
-        if !self.finished {
-            close(None);
+        let due = with_pass(|p| {
+            p.depth -= 1;
+            if p.depth > 0 || p.claims.list.is_empty() {
+                return None;
+            }
+            if p.ends_at_park {
+                let now = Instant::now();
+                let since = *p.since.get_or_insert(now);
+                if now.duration_since(since) < HOLD {
+                    return None;
+                }
+            }
+            Some(p.take())
+        });
+        if let Some((claims, scratch)) = due {
+            write_out(claims, scratch);
         }
     }
 }
 
-fn close(metrics: Option<&Metrics>) {
-    let work = with_claims(|c| {
-        c.depth -= 1;
-        (c.depth == 0 && !c.owed.is_empty())
-            .then(|| (std::mem::take(&mut c.owed), std::mem::take(&mut c.scratch)))
-    });
-    let Some((mut owed, mut scratch)) = work else {
-        return;
-    };
+impl Pass {
+    fn take(&mut self) -> (Claims, VecDeque<Bytes>) {
+        self.since = None;
+        (
+            std::mem::take(&mut self.claims),
+            std::mem::take(&mut self.scratch),
+        )
+    }
+}
+
+/// The end of a worker's pass: writes every socket this thread claimed. The server's runtime
+/// calls it before a worker parks (`on_thread_park`) and as a worker stops; from then on this
+/// thread's steps leave their claims to it. Only a runtime that calls it on every park may
+/// call it at all: a thread marked so and never called again would hold its claims until
+/// its next step.
+pub fn end_of_pass() {
+    with_pass(|p| p.ends_at_park = true);
+    write_claims();
+}
+
+/// Writes what this thread claimed, now: for a task about to yield to the runtime in the
+/// middle of a long broadcast (`yield_now` does not let the worker park, so the end of the
+/// pass could be far off). Outside a step; a no-op inside one.
+pub fn write_claims() {
+    let due = with_pass(|p| (p.depth == 0 && !p.claims.list.is_empty()).then(|| p.take()));
+    if let Some((claims, scratch)) = due {
+        write_out(claims, scratch);
+    }
+}
+
+/// Writes each claim, counting the writes into each outbox's node.
+fn write_out(mut claims: Claims, mut scratch: VecDeque<Bytes>) {
     let mut writes = Writes::default();
-    for (outbox, first) in owed.drain(..) {
-        outbox.write_claimed(first, &mut scratch, &mut writes);
-    }
-    if let Some(metrics) = metrics {
-        writes.publish(metrics);
-    }
-    // Keep the storage for the next batch on this thread.
-    with_claims(|c| {
-        if c.owed.capacity() < owed.capacity() {
-            c.owed = owed;
+    let mut counted: Option<Arc<Metrics>> = None;
+    let mut list = std::mem::take(&mut claims.list);
+    for claim in list.drain(..) {
+        let Claimed {
+            outbox,
+            first,
+            more,
+            more_frames,
+        } = claim;
+        let metrics = &outbox.limits.metrics;
+        if let Some(m) = counted.take_if(|m| !Arc::ptr_eq(m, metrics)) {
+            std::mem::take(&mut writes).publish(&m);
         }
-        c.scratch = scratch;
+        counted.get_or_insert_with(|| Arc::clone(metrics));
+        let owing = Owing::new(first, &more, more_frames, &mut scratch);
+        outbox.write_claimed(owing, &mut writes);
+        claims.recycle(more);
+    }
+    if let Some(m) = counted {
+        writes.publish(&m);
+    }
+    claims.list = list;
+    // Keep the storage for the next pass on this thread.
+    with_pass(|p| {
+        p.claims.list = claims.list;
+        p.claims.spare = claims.spare;
+        p.claims.spare_bytes = claims.spare_bytes;
+        p.scratch = scratch;
     });
 }
 
-/// Runs `f` on this thread's list of claimed sockets (inside a [`DeferredWrites`]).
-pub(crate) fn with_owed<R>(f: impl FnOnce(&mut Vec<(Arc<Outbox>, Bytes)>) -> R) -> R {
-    with_claims(|c| f(&mut c.owed))
+/// Runs `f` on this thread's claimed sockets (inside a [`DeferredWrites`]).
+pub(crate) fn with_claims<R>(f: impl FnOnce(&mut Claims) -> R) -> R {
+    with_pass(|p| f(&mut p.claims))
 }

@@ -19,11 +19,11 @@
 //! together.
 
 mod deferred;
+mod owing;
 mod word;
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
@@ -33,8 +33,9 @@ use futures_util::task::AtomicWaker;
 
 use crate::metrics::Metrics;
 use crate::protocol::Format;
-pub(crate) use deferred::with_owed;
-pub use deferred::DeferredWrites;
+pub use deferred::{end_of_pass, write_claims, DeferredWrites, HOLD};
+pub(crate) use deferred::{with_claims, Claimed, Claims};
+use owing::Owing;
 pub use word::Claim;
 use word::{State, Word};
 
@@ -51,8 +52,8 @@ pub enum SlowConsumer {
     Drop,
 }
 
-/// The bound on one outbox and what happens past it.
-#[derive(Debug, Clone, Copy)]
+/// The bound on one outbox and what happens past it, shared by all of a node's outboxes.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Frames pending (queued or taken and not yet released) at most.
     pub max_frames: u64,
@@ -63,6 +64,9 @@ pub struct Limits {
     /// Whether a publisher may write to an idle socket itself (`--direct-write`); when false
     /// every frame is queued for the session, as before direct writes existed.
     pub direct: bool,
+    /// The node's counters, where writes to these outboxes made at the end of a worker's pass
+    /// are counted: by then the step that claimed the socket, and its `&Metrics`, are gone.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The pending word packs the frame count above `BYTE_BITS` bits of byte count.
@@ -103,6 +107,11 @@ pub struct Outbox {
     pending: AtomicU64,
     /// Who may write to the socket, and the connection's state ([`word`]).
     word: Word,
+    /// While a publisher's thread holds a claim on the socket: the claim's place in that
+    /// thread's list ([`deferred`]), so that its later frames for this connection are owed
+    /// there instead of queued. A hint, written only by the claim's holder: a thread trusts it
+    /// only when the place it names in its own list is a claim on this very outbox.
+    claimed_at: AtomicU32,
     /// A wake-up was sent and the session has not seen it yet (a permit, like `Notify`'s).
     signaled: AtomicBool,
     /// What the connection's deliveries look like; set before the outbox is shared, then
@@ -140,7 +149,7 @@ impl Pushed {
     }
 }
 
-/// Socket writes made by publishers during one broadcast, added to the node's counters once.
+/// Socket writes made by publishers, added to the node's counters once per broadcast or pass.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Writes {
     /// `write` calls.
@@ -149,6 +158,9 @@ pub struct Writes {
     pub frames: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Of `writes`, those that carried at most one whole frame; the frames-per-write histogram
+    /// gets them here, in one step, and every other write as it is made.
+    pub single: u64,
 }
 
 impl Writes {
@@ -157,38 +169,37 @@ impl Writes {
             self.writes += 1;
             self.frames += u64::from(n == frame.len());
             self.bytes += n as u64;
+            self.single += 1;
+        }
+    }
+
+    /// One write of `bytes` carrying `frames` whole frames, on a node counting into `metrics`.
+    fn count_batch(&mut self, frames: u64, bytes: usize, metrics: &Metrics) {
+        self.writes += 1;
+        self.frames += frames;
+        self.bytes += bytes as u64;
+        if frames > 1 {
+            metrics.write_frames.observe(frames);
+        } else {
+            self.single += 1;
         }
     }
 
     /// Adds these writes to the node's counters.
     pub fn publish(&self, metrics: &Metrics) {
         if self.writes > 0 {
-            metrics.add_writes(self.writes, self.frames, self.bytes);
+            metrics.add_writes(self.writes, self.frames, self.bytes, self.single);
         }
     }
 }
 
 /// Writes a claimed socket gets per batch before the rest is left to its session.
 const CLAIMED_WRITES: usize = 4;
+/// Frames up to this size are copied behind a claim; larger ones are queued and written from
+/// their shared `Bytes` (a copy per recipient would cost more than the queue's lock).
+const APPEND_MAX: usize = 4096;
 /// Most iovecs handed to one `writev`.
 const MAX_IOV: usize = 64;
-
-/// One `write` (or `writev`) of the front of `segs`; `None` when nothing was written (the
-/// socket is full or failed: the session finds out which on its own write).
-fn write_segments(stream: &Socket, segs: &VecDeque<Bytes>) -> Option<usize> {
-    let written = if segs.len() == 1 {
-        stream.try_write(&segs[0])
-    } else {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut count = 0;
-        for (slot, seg) in iov.iter_mut().zip(segs.iter()) {
-            *slot = IoSlice::new(seg);
-            count += 1;
-        }
-        stream.try_write_vectored(&iov[..count])
-    };
-    written.ok().filter(|&n| n > 0)
-}
 
 /// Drops `n` written bytes from the front of `segs`; true when the front frame was cut.
 fn advance(segs: &mut VecDeque<Bytes>, mut n: usize) -> bool {
@@ -217,6 +228,7 @@ impl Outbox {
             partial_front: AtomicBool::new(false),
             pending: AtomicU64::new(0),
             word: Word::new(),
+            claimed_at: AtomicU32::new(u32::MAX),
             signaled: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             format: Format::Bare,
@@ -283,61 +295,98 @@ impl Outbox {
         self.enqueue(frame, metrics)
     }
 
-    /// Like [`deliver`](Self::deliver) inside a [`DeferredWrites`]: an idle socket is claimed and the
-    /// frame noted in `owed`, to be written when the batch ends, together with whatever is
-    /// queued behind the claim by then.
+    /// Like [`deliver`](Self::deliver) inside a [`DeferredWrites`]: an idle socket is claimed
+    /// and the frame noted in `claims`, this thread's list, to be written at the end of the
+    /// worker's pass together with whatever is owed or queued behind the claim by then. A
+    /// socket this thread has claimed already gets the frame appended to its claim: a copy
+    /// into the claim's buffer, with no lock and no atomic write (the floor's per-connection
+    /// buffer), as long as nothing was queued since the claim.
     pub(crate) fn deliver_later(
         self: &Arc<Self>,
         frame: &Bytes,
         metrics: &Metrics,
-        owed: &mut Vec<(Arc<Outbox>, Bytes)>,
+        claims: &mut Claims,
     ) -> Pushed {
-        if self.limits.direct && self.stream.get().is_some() && self.word.try_direct() {
-            owed.push((Arc::clone(self), frame.clone()));
-            return Pushed::Queued;
+        if self.limits.direct && self.stream.get().is_some() {
+            // Checked first: under load most frames find the socket claimed by this thread.
+            let at = self.claimed_at.load(Ordering::Relaxed) as usize;
+            if let Some(owed) = claims.get(at, self).map(Claimed::owed) {
+                return self.append(claims, at, owed, frame, metrics);
+            }
+            if self.word.try_direct() {
+                let at = claims.push(self, frame);
+                self.claimed_at
+                    .store(u32::try_from(at).unwrap_or(u32::MAX), Ordering::Relaxed);
+                return Pushed::Queued;
+            }
         }
         self.enqueue(frame, metrics)
     }
 
-    /// Holding the right to write (claimed in a batch): writes `first` and everything queued
-    /// behind the claim, in as few writes as the socket takes; what it does not take is parked
-    /// for the session.
-    fn write_claimed(&self, first: Bytes, scratch: &mut VecDeque<Bytes>, writes: &mut Writes) {
+    /// Owes `frame` behind this thread's claim at `at`, which owes `owed` (frames, bytes)
+    /// already, within the bound (the claim's frames count beside anything pending). A large
+    /// frame, or any frame once something was queued since the claim, is queued instead.
+    fn append(
+        &self,
+        claims: &mut Claims,
+        at: usize,
+        owed: (u64, u64),
+        frame: &Bytes,
+        metrics: &Metrics,
+    ) -> Pushed {
+        if frame.len() > APPEND_MAX || !self.word.appendable() {
+            return self.enqueue(frame, metrics);
+        }
+        let (frames, bytes) = self.pending();
+        if frames + owed.0 + 1 > self.limits.max_frames
+            || bytes + owed.1 + frame.len() as u64 > self.limits.max_bytes
+        {
+            return self.over_bound(metrics);
+        }
+        claims.append(at, frame);
+        Pushed::Queued
+    }
+
+    /// Holding the right to write (claimed in a pass): writes what the claim owes and
+    /// everything queued behind it, in as few writes as the socket takes; what it does not
+    /// take is parked for the session.
+    fn write_claimed(&self, mut owing: Owing<'_>, writes: &mut Writes) {
+        if self.word.queued() {
+            // Nothing was queued when the socket was claimed, so no partial front is taken.
+            let queued = owing.queued();
+            self.take_all(queued);
+            for frame in queued.iter() {
+                self.release(frame);
+            }
+        }
         let Some(stream) = self.stream.get() else {
             // Claims need an attached stream; if that ever changed, the session writes it.
-            return self.park(first, false);
+            return self.park_rest(owing);
         };
-        if !self.word.queued() {
-            let pushed = self.write_direct(stream, &first);
-            writes.count(pushed, &first);
+        if owing.is_single() {
+            let pushed = self.write_direct(stream, owing.first());
+            writes.count(pushed, owing.first());
             return;
         }
-        scratch.clear();
-        self.take_all(scratch);
-        for frame in scratch.iter() {
-            self.release(frame);
-        }
-        scratch.push_front(first);
-        let mut cut = false;
         for _ in 0..CLAIMED_WRITES {
-            match write_segments(stream, scratch) {
-                Some(n) => {
-                    let before = scratch.len();
-                    cut = advance(scratch, n);
-                    writes.writes += 1;
-                    writes.bytes += n as u64;
-                    writes.frames += (before - scratch.len()) as u64;
-                }
-                None => break,
-            }
-            if scratch.is_empty() {
+            let Some((n, frames)) = owing.write(stream) else {
+                break;
+            };
+            writes.count_batch(frames, n, &self.limits.metrics);
+            if owing.is_empty() {
                 if self.word.finish_direct() {
                     self.signal();
                 }
                 return;
             }
         }
-        self.park_all(scratch, cut);
+        self.park_rest(owing);
+    }
+
+    /// Parks what `owing` has left for the session, in order.
+    fn park_rest(&self, owing: Owing<'_>) {
+        let (rest, partial) = owing.into_rest();
+        self.park_all(rest, partial);
     }
 
     /// Like [`park`](Self::park) for several frames, kept in order.
@@ -612,6 +661,7 @@ mod tests {
                 max_bytes: 100,
                 policy,
                 direct: true,
+                metrics: Arc::default(),
             }),
         )
     }
@@ -678,6 +728,7 @@ mod tests {
                     max_bytes: 1 << 30,
                     policy: SlowConsumer::Close,
                     direct: true,
+                    metrics: Arc::default(),
                 }),
             );
             let start = std::sync::Barrier::new(3);
@@ -711,5 +762,129 @@ mod tests {
         assert!(ob.is_slow());
         assert_eq!(ob.push(&Bytes::from_static(b"x"), &m), Pushed::Closed);
         assert_eq!(m.snapshot().slow_closed, 1);
+    }
+
+    /// An outbox on one end of a socket pair, bounded at four frames, and the other end (a
+    /// plain socket, read with real `read` calls, not through tokio's readiness).
+    async fn attached() -> (Arc<Outbox>, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        theirs.set_nonblocking(true).expect("nonblocking");
+        let ours = tokio::net::UnixStream::from_std(ours).expect("register");
+        let ob = Arc::new(Outbox::new(
+            ConnId(1),
+            Arc::new(Limits {
+                max_frames: 4,
+                max_bytes: 1 << 20,
+                policy: SlowConsumer::Drop,
+                direct: true,
+                metrics: Arc::default(),
+            }),
+        ));
+        assert!(ob.attach(Socket::from(ours)).is_ok());
+        let stream = ob.stream().expect("attached");
+        // tokio's `try_write` needs the reactor to have seen the socket writable once.
+        std::future::poll_fn(|cx| stream.poll_write_ready(cx))
+            .await
+            .expect("writable");
+        (ob, theirs)
+    }
+
+    fn numbered(i: u8) -> Bytes {
+        Bytes::from(vec![b'a' + i; 3])
+    }
+
+    /// Reads what is on the wire now.
+    fn wire(mut theirs: &std::os::unix::net::UnixStream) -> Vec<u8> {
+        use std::io::Read;
+        let mut buf = vec![0; 4096];
+        match theirs.read(&mut buf) {
+            Ok(n) => buf[..n].to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Vec::new(),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn frames_for_a_socket_this_thread_claimed_are_appended_within_the_bound_and_written_once() {
+        current_thread().block_on(async {
+            let (ob, theirs) = attached().await;
+            let m = Metrics::default();
+            let step = DeferredWrites::begin();
+            let pushed: Vec<Pushed> = with_claims(|c| {
+                (0..5)
+                    .map(|i| ob.deliver_later(&numbered(i), &m, c))
+                    .collect()
+            });
+            assert_eq!(pushed[..4], [Pushed::Queued; 4]);
+            assert_eq!(
+                pushed[4],
+                Pushed::Dropped,
+                "the claim's frames count in the bound"
+            );
+            assert_eq!(ob.pending(), (0, 0), "appended frames are owed, not queued");
+            step.finish();
+            assert_eq!(wire(&theirs), b"aaabbbcccddd");
+            let counted = ob.limits.metrics.snapshot();
+            assert_eq!((counted.writes, counted.frames_out), (1, 4));
+        });
+    }
+
+    #[test]
+    fn once_a_frame_is_queued_behind_a_claim_later_frames_queue_behind_it() {
+        current_thread().block_on(async {
+            let (ob, theirs) = attached().await;
+            let m = Metrics::default();
+            let step = DeferredWrites::begin();
+            with_claims(|c| ob.deliver_later(&numbered(0), &m, c));
+            // Another thread's publisher (or this publisher, before it moved here) queues.
+            assert_eq!(ob.push(&numbered(1), &m), Pushed::Queued);
+            with_claims(|c| ob.deliver_later(&numbered(2), &m, c));
+            assert_eq!(
+                ob.pending(),
+                (2, 6),
+                "the third frame was appended ahead of the second"
+            );
+            step.finish();
+            assert_eq!(wire(&theirs), b"aaabbbccc");
+            assert_eq!(ob.pending(), (0, 0));
+        });
+    }
+
+    /// On the node's runtime a step leaves its claims to the end of the worker's pass, so
+    /// two steps' frames for one socket go out in one write.
+    #[test]
+    fn the_nodes_runtime_writes_claims_once_per_pass() {
+        crate::server::runtime(1).expect("runtime").block_on(async {
+            let (ob, theirs) = attached().await;
+            // The worker parks while the blocking pool runs this: the thread is now one whose
+            // passes end in `end_of_pass`.
+            tokio::task::spawn_blocking(|| ())
+                .await
+                .expect("blocking task");
+            let m = Metrics::default();
+            for i in 0..2 {
+                let step = DeferredWrites::begin();
+                with_claims(|c| ob.deliver_later(&numbered(i), &m, c));
+                step.finish();
+                if i == 0 {
+                    assert_eq!(wire(&theirs), b"", "written before the pass ended");
+                }
+            }
+            // The worker parks while the blocking pool waits for the bytes: the pass ends.
+            let theirs = tokio::task::spawn_blocking(move || {
+                theirs.set_nonblocking(false).expect("blocking");
+                wire(&theirs)
+            });
+            assert_eq!(theirs.await.expect("reader"), b"aaabbb");
+            assert_eq!(ob.limits.metrics.snapshot().writes, 1);
+        });
     }
 }

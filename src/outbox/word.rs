@@ -171,6 +171,15 @@ impl Word {
         }
     }
 
+    /// Publisher holding a claim it has not written yet: true when another frame may be owed
+    /// behind the claimed one without the queue, because the connection is still open and
+    /// nothing was queued since the claim. The claim's frames are written before the queue, so
+    /// once anything is queued (perhaps by the same publisher, run on another thread a step
+    /// earlier) every later frame must queue behind it.
+    pub fn appendable(&self) -> bool {
+        self.0.load(Ordering::Acquire) & (QUEUED | STATE_MASK) == 0
+    }
+
     /// True when frames were queued that no writer has taken yet.
     pub fn queued(&self) -> bool {
         self.0.load(Ordering::Acquire) & QUEUED != 0

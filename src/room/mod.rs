@@ -207,7 +207,7 @@ impl Fanout {
         // Idle sockets are claimed and written when the batch ends (the session's, when it
         // opened one around its read): see `outbox::DeferredWrites`.
         let batch = DeferredWrites::begin();
-        self.next = outbox::with_owed(|owed| {
+        self.next = outbox::with_claims(|claims| {
             self.members.leaves_from(self.next, &mut |leaf| {
                 for member in leaf {
                     if Some(member.id) == skip {
@@ -221,7 +221,7 @@ impl Fanout {
                     };
                     if member
                         .outbox
-                        .deliver_later(frame, metrics, owed)
+                        .deliver_later(frame, metrics, claims)
                         .delivered()
                     {
                         queued += 1;
@@ -231,7 +231,7 @@ impl Fanout {
                 budget > 0
             })
         });
-        batch.finish(metrics);
+        batch.finish();
         // Counted once per slice, not per recipient.
         metrics.add_deliveries(queued as u64);
         self.queued += queued;
@@ -270,6 +270,9 @@ impl Fanout {
     pub async fn finish(mut self, metrics: &Metrics) -> usize {
         while !self.step(metrics) {
             metrics.add_fanout_yield();
+            // The slice's sockets go out now, not when the worker next parks: other tasks
+            // run before the next slice and the worker may not park until the last.
+            outbox::write_claims();
             tokio::task::yield_now().await;
         }
         self.queued
@@ -564,6 +567,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 policy: SlowConsumer::Close,
                 direct: true,
+                metrics: Arc::default(),
             }),
         ))
     }

@@ -262,6 +262,7 @@ mod tests {
             max_bytes: 1,
             policy: SlowConsumer::Close,
             direct: true,
+            metrics: Arc::default(),
         });
         Member {
             id: ConnId(id),

@@ -131,6 +131,7 @@ mod tests {
             max_bytes: 1024,
             policy: SlowConsumer::Close,
             direct: true,
+            metrics: Arc::default(),
         });
         let live = Live::new();
         let first = Arc::new(Outbox::new(ConnId(1), Arc::clone(&limits)));

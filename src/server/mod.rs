@@ -38,7 +38,7 @@ use crate::auth::{AuthError, AuthMode, Verifier};
 use crate::backplane::{Backplane, RedisError};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{ConnectionSlot, Metrics, Refusal};
-use crate::outbox::{Limits, Outbox};
+use crate::outbox::{self, Limits, Outbox};
 use crate::room::Registry;
 use crate::session::Access;
 use crate::users::Users;
@@ -165,6 +165,7 @@ impl Shared {
             max_bytes: config.outbox_bytes,
             policy: config.slow_consumer,
             direct: config.direct_write,
+            metrics: Arc::clone(&metrics),
         });
         Ok(Self(Arc::new(NodeState {
             config: Arc::new(config),
@@ -185,6 +186,26 @@ impl Shared {
     pub fn outbox_limits(&self) -> Arc<Limits> {
         Arc::clone(&self.outbox_limits)
     }
+}
+
+/// The runtime a node runs on: `threads` workers (0: one per core). With one thread, a
+/// current-thread runtime runs every task on the caller's thread: no work stealing and no
+/// wake-ups across threads. Either way each worker writes the sockets its tasks claimed once
+/// per pass, as it runs out of tasks (`outbox::end_of_pass`), and as it stops.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder
+        .on_thread_park(outbox::end_of_pass)
+        .on_thread_stop(outbox::end_of_pass)
+        .enable_all()
+        .build()
 }
 
 /// A bound, not yet running node: [`bind`](Self::bind), then [`run`](Self::run).

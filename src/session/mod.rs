@@ -399,7 +399,7 @@ impl Session {
     fn batched<R>(&mut self, step: impl FnOnce(&mut Self) -> R) -> R {
         let batch = DeferredWrites::begin();
         let result = step(self);
-        batch.finish(&self.shared.metrics);
+        batch.finish();
         result
     }
 

@@ -168,12 +168,13 @@ pub(super) async fn deliver(
                 next = queue.try_recv().ok();
             }
         }
-        batch.finish(&ctx.metrics);
+        batch.finish();
         // The next message waits until this one is served, so the order holds.
         match rest {
             Served::Done => {}
             Served::Sliced(fanout) => {
                 ctx.metrics.add_fanout_yield();
+                crate::outbox::write_claims();
                 tokio::task::yield_now().await;
                 fanout.finish(&ctx.metrics).await;
             }
@@ -307,6 +308,6 @@ impl Repair {
             ctx.metrics.add_history_repaired();
         }
         append(history, &self.arrived, &self.stamp, &ctx.metrics);
-        batch.finish(&ctx.metrics);
+        batch.finish();
     }
 }
