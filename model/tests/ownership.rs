@@ -106,7 +106,7 @@ impl Conn {
             } else {
                 self.enqueue(f);
             }
-        } else if self.word.try_direct() {
+        } else if self.word.try_claim(1) {
             *claim = Some(f);
         } else {
             self.enqueue(f);

@@ -23,7 +23,7 @@ mod owing;
 mod word;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
@@ -107,11 +107,6 @@ pub struct Outbox {
     pending: AtomicU64,
     /// Who may write to the socket, and the connection's state ([`word`]).
     word: Word,
-    /// While a publisher's thread holds a claim on the socket: the claim's place in that
-    /// thread's list ([`deferred`]), so that its later frames for this connection are owed
-    /// there instead of queued. A hint, written only by the claim's holder: a thread trusts it
-    /// only when the place it names in its own list is a claim on this very outbox.
-    claimed_at: AtomicU32,
     /// A wake-up was sent and the session has not seen it yet (a permit, like `Notify`'s).
     signaled: AtomicBool,
     /// What the connection's deliveries look like; set before the outbox is shared, then
@@ -228,7 +223,6 @@ impl Outbox {
             partial_front: AtomicBool::new(false),
             pending: AtomicU64::new(0),
             word: Word::new(),
-            claimed_at: AtomicU32::new(u32::MAX),
             signaled: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             format: Format::Bare,
@@ -309,14 +303,12 @@ impl Outbox {
     ) -> Pushed {
         if self.limits.direct && self.stream.get().is_some() {
             // Checked first: under load most frames find the socket claimed by this thread.
-            let at = self.claimed_at.load(Ordering::Relaxed) as usize;
+            let at = self.word.claim_hint();
             if let Some(owed) = claims.get(at, self).map(Claimed::owed) {
                 return self.append(claims, at, owed, frame, metrics);
             }
-            if self.word.try_direct() {
-                let at = claims.push(self, frame);
-                self.claimed_at
-                    .store(u32::try_from(at).unwrap_or(u32::MAX), Ordering::Relaxed);
+            if self.word.try_claim(claims.len()) {
+                claims.push(self, frame);
                 return Pushed::Queued;
             }
         }
@@ -751,6 +743,14 @@ mod tests {
                 "a data frame followed the close"
             );
         }
+    }
+
+    /// Every connection holds one outbox in an `Arc`: 16 bytes of counts and 144 of outbox
+    /// fill mimalloc's 160-byte class exactly. Eight bytes more move every connection to the
+    /// 192 class: measured, idle memory went from 0.92 to 1.01 KiB per connection.
+    #[test]
+    fn an_outbox_fits_the_allocators_160_byte_class() {
+        assert!(std::mem::size_of::<Outbox>() <= 144);
     }
 
     #[test]

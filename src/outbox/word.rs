@@ -16,6 +16,10 @@
 //!   writing; that publisher hands over as it finishes, even when it took the queue itself.
 //! - two bits of state: open, slow, done or revoked. Anything but open keeps the direct path
 //!   shut for good, which is what keeps the close frame last.
+//! - above them, a hint: where a publisher that claimed the socket to write later (at the end
+//!   of its pass) noted the claim in its thread's list, so that its next frames for this
+//!   socket find the claim. Set by the claim's compare-and-swap, cleared whenever `LOCK` is;
+//!   only the claim's holder may act on it, and it checks the hint against its own list.
 //!
 //! What must stay true: only the `LOCK` holder writes; the direct path needs the whole word
 //! at zero, so nothing queued or half-written is ever overtaken; and whoever drops `LOCK`
@@ -35,6 +39,11 @@ const QUEUED: u32 = 4;
 const STATE_SHIFT: u32 = 3;
 const STATE_MASK: u32 = 3 << STATE_SHIFT;
 const WANTED: u32 = 32;
+const HINT_SHIFT: u32 = 6;
+const HINT_MASK: u32 = !0 << HINT_SHIFT;
+/// The largest place a hint can name; a claim noted further down its list gets none (its
+/// later frames are queued, as if claimed by another thread).
+const MAX_HINT: usize = (1 << (32 - HINT_SHIFT)) - 1;
 
 /// Where the connection is in its life, as the outbox sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +113,26 @@ impl Word {
             .is_ok()
     }
 
+    /// Publisher deferring its write to the end of its pass: like
+    /// [`try_direct`](Self::try_direct), and leaves `at`, the claim's place in the thread's
+    /// list, as the hint.
+    pub fn try_claim(&self, at: usize) -> bool {
+        let hint = if at <= MAX_HINT {
+            (at as u32) << HINT_SHIFT
+        } else {
+            0
+        };
+        self.0
+            .compare_exchange(0, LOCK | hint, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// The hint: the place in its thread's list of the claim holding the socket, or a stale or
+    /// zero value. Meaningful only to the thread holding the claim, which finds it there.
+    pub fn claim_hint(&self) -> usize {
+        (self.0.load(Ordering::Relaxed) >> HINT_SHIFT) as usize
+    }
+
     /// Publisher whose direct write went out whole: gives the right up, or hands it to the
     /// session when something was queued meanwhile or the connection stopped being open (the
     /// session then sees its close through). True when the session must be woken.
@@ -114,10 +143,12 @@ impl Word {
                 self.0.fetch_or(PARKED, Ordering::AcqRel);
                 return true;
             }
-            match self
-                .0
-                .compare_exchange_weak(s, s & !LOCK, Ordering::Release, Ordering::Acquire)
-            {
+            match self.0.compare_exchange_weak(
+                s,
+                s & !(LOCK | HINT_MASK),
+                Ordering::Release,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return false,
                 Err(now) => s = now,
             }
@@ -200,7 +231,7 @@ impl Word {
             }
             match self.0.compare_exchange_weak(
                 s,
-                s & !(LOCK | PARKED | WANTED),
+                s & !(LOCK | PARKED | WANTED | HINT_MASK),
                 Ordering::Release,
                 Ordering::Acquire,
             ) {
@@ -267,6 +298,28 @@ mod tests {
         assert!(!w.try_direct(), "a direct write after the close frame");
         assert!(!w.close(State::Slow));
         assert_eq!(w.state(), State::Done);
+    }
+
+    #[test]
+    fn a_claims_hint_lives_exactly_as_long_as_the_claim() {
+        let w = Word::new();
+        assert!(w.try_claim(5));
+        assert_eq!(w.claim_hint(), 5);
+        assert!(w.appendable());
+        assert!(!w.finish_direct());
+        assert_eq!(w.claim_hint(), 0, "a hint outlived its claim");
+        assert!(w.try_claim(7), "a stale hint shut the direct path");
+        w.park();
+        assert_eq!(w.claim(), Claim::Owned);
+        w.begin_drain();
+        assert!(w.release());
+        assert!(
+            w.try_direct(),
+            "a parked claim's hint outlived the session's turn"
+        );
+        assert!(!w.finish_direct());
+        assert!(w.try_claim(MAX_HINT + 1), "no hint, but a claim");
+        assert_eq!(w.claim_hint(), 0);
     }
 
     #[test]
