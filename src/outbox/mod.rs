@@ -5,8 +5,10 @@
 //! publisher that finds the socket idle (open, nobody writing, nothing queued: one
 //! compare-and-swap on the ownership word, [`word`]) writes the frame itself, through the
 //! shared `TcpStream` (never a raw fd, which could be reused by another connection once
-//! closed): at light load a delivery then costs one `write` and wakes no task. Otherwise the
-//! frame is queued and the session writes it, many frames per `writev`, so batching still
+//! closed): at light load a delivery then costs one `write` and wakes no task. Fan-out claims
+//! the socket and leaves the write to the end of the worker's pass ([`DeferredWrites`]), with
+//! later frames from the same thread copied behind the claim. Otherwise the frame is queued
+//! and the claimer or the session writes it, many frames per `writev`, so batching still
 //! grows with load. A write that is partial or would block puts the rest at the front of the
 //! queue and hands the socket to the session.
 //!

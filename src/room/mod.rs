@@ -204,8 +204,8 @@ impl Fanout {
         let envelope = &mut self.envelope;
         let mut budget = self.slice.max(1);
         let mut queued = 0;
-        // Idle sockets are claimed and written when the batch ends (the session's, when it
-        // opened one around its read): see `outbox::DeferredWrites`.
+        // Idle sockets are claimed and written when the worker's pass ends (or when the
+        // step ends, off the node's runtime): see `outbox::DeferredWrites`.
         let batch = DeferredWrites::begin();
         self.next = outbox::with_claims(|claims| {
             self.members.leaves_from(self.next, &mut |leaf| {

@@ -394,8 +394,9 @@ impl Session {
     }
 
     /// Runs `step` (which may publish) as one batch of direct writes: the sockets it claims
-    /// are written once it is done, each with everything owed to it by then
-    /// ([`crate::outbox::DeferredWrites`]). Synchronous on purpose: a batch cannot span an `.await`.
+    /// are written at the end of the worker's pass, or of the step off the node's runtime,
+    /// each with everything owed to it by then ([`crate::outbox::DeferredWrites`]).
+    /// Synchronous on purpose: a batch cannot span an `.await`.
     fn batched<R>(&mut self, step: impl FnOnce(&mut Self) -> R) -> R {
         let batch = DeferredWrites::begin();
         let result = step(self);
