@@ -255,11 +255,10 @@ fn write_out(mut claims: Claims, mut scratch: VecDeque<Bytes>) {
         writes.publish(&m);
     }
     claims.list = list;
-    // Keep the storage for the next pass on this thread.
+    // Keep the storage for the next pass on this thread (nothing was claimed meanwhile: a
+    // pass is written outside any step).
     with_pass(|p| {
-        p.claims.list = claims.list;
-        p.claims.spare = claims.spare;
-        p.claims.spare_bytes = claims.spare_bytes;
+        p.claims = claims;
         p.scratch = scratch;
     });
 }
