@@ -24,8 +24,9 @@
 //!    leaves take their shard's mutex and copy one path of the snapshot's persistent tree, so
 //!    they cost the same in any room). A room larger than `--fanout-slice` is served a slice at
 //!    a time, the caller yielding between slices ([`room::Fanout`]).
-//! 5. **fan-out** — the message is framed once into a `Bytes` ([`frame::text`]); every
-//!    recipient gets a clone of it (a reference-count bump, never a copy). A recipient whose
+//! 5. **fan-out** — the message is framed once into a `Bytes` ([`frame::text`]) that its
+//!    recipients share, never copied: a queued frame is a reference-count bump, and a pass's
+//!    claims from one broadcast hold it once between them. A recipient whose
 //!    socket is idle is claimed through its [`outbox`]'s ownership word (one compare-and-swap)
 //!    and written by the publisher's worker when its pass ends, as it runs out of tasks
 //!    ([`outbox::DeferredWrites`], [`outbox::end_of_pass`]): one `write`, no task woken, and

@@ -31,6 +31,7 @@ pub struct Metrics {
     incomplete_closed: AtomicU64,
     pongs_replaced: AtomicU64,
     outbox_peak_bytes: AtomicU64,
+    pass_peak_bytes: AtomicU64,
     backplane_refused: AtomicU64,
     backplane_failed: AtomicU64,
     backplane_dropped: AtomicU64,
@@ -140,6 +141,10 @@ pub struct Snapshot {
     /// pong), as seen by its session before each flush: the figure that shows outbound memory
     /// stays bounded per connection.
     pub outbox_peak_bytes: u64,
+    /// The most bytes one worker's pass has held copied for the sockets it claimed (frames
+    /// appended behind a claim, each claim within its connection's outbound bound): the
+    /// figure that shows the pass's buffers stay bounded.
+    pub pass_peak_bytes: u64,
     /// Publishes refused at once because the queue to Redis was full.
     pub backplane_refused: u64,
     /// Accepted publishes that never reached Redis; each sender got `backplane_unavailable`.
@@ -263,6 +268,13 @@ impl Metrics {
             self.outbox_peak_bytes.fetch_max(bytes, Relaxed);
         }
     }
+    /// Records `bytes` copied behind one pass's claims when it is the most seen yet (once per
+    /// pass, same plain load first as above).
+    pub fn observe_pass_bytes(&self, bytes: u64) {
+        if bytes > self.pass_peak_bytes.load(Relaxed) {
+            self.pass_peak_bytes.fetch_max(bytes, Relaxed);
+        }
+    }
     /// A publish refused because the queue to Redis was full.
     pub fn add_backplane_refused(&self) {
         self.backplane_refused.fetch_add(1, Relaxed);
@@ -314,6 +326,7 @@ impl Metrics {
             incomplete_closed: self.incomplete_closed.load(Relaxed),
             pongs_replaced: self.pongs_replaced.load(Relaxed),
             outbox_peak_bytes: self.outbox_peak_bytes.load(Relaxed),
+            pass_peak_bytes: self.pass_peak_bytes.load(Relaxed),
             backplane_refused: self.backplane_refused.load(Relaxed),
             backplane_failed: self.backplane_failed.load(Relaxed),
             backplane_dropped: self.backplane_dropped.load(Relaxed),
@@ -389,6 +402,12 @@ impl Snapshot {
             "gauge",
             "most bytes one connection has had waiting to be written",
             self.outbox_peak_bytes,
+        );
+        row(
+            "roomcast_pass_peak_bytes",
+            "gauge",
+            "most bytes one worker's pass has held copied for the sockets it claimed",
+            self.pass_peak_bytes,
         );
         let name = "roomcast_connections_refused_total";
         let _ = writeln!(

@@ -14,8 +14,8 @@
 //! seen that hook (another runtime, a test's, a thread outside any runtime) each publisher's
 //! step writes its own claims when it ends, as before. A pass that runs long (a busy worker
 //! may poll the kernel between tasks without ever parking) is cut at the end of the first
-//! step that finds the oldest claim older than [`HOLD`] (or the list holding [`MAX_CLAIMS`]):
-//! a claim waits at most that long past the step that made it, plus the step that writes it.
+//! step that finds the oldest claim older than [`HOLD`]: a claim waits at most that long past
+//! the step that made it, plus the step that writes it.
 //!
 //! A frame for a socket this thread has already claimed is appended to the claim: copied into
 //! the claim's buffer, with no lock and no atomic write ([`Outbox::deliver_later`]). At 160
@@ -39,46 +39,45 @@ use super::{Outbox, Writes};
 use crate::metrics::Metrics;
 
 /// How long claims may wait, past the step that left them, for a worker that does not park.
-/// A worker that always has another task ready (the node is saturated) never parks, so this
-/// is then the length of its pass: measured at 160 msg/s per sender (RESULTS.md), 1 ms cut
-/// the passes short and doubled the tail against the floor's, while 5 and 20 ms did equally
-/// well. A worker that is not saturated parks within one pass and never waits this long.
-pub const HOLD: Duration = Duration::from_millis(5);
+/// A worker parks once its run queue is empty, which under load is its natural pass (about
+/// 125 ms at 160 msg/s per sender, measured: 75 passes in 10 s ended at a park, 5 at this
+/// bound). This bound is the backstop for a worker that never runs dry; measured at 50 and
+/// 160 msg/s (RESULTS.md), 50 ms, 100 ms and no bound all left the tail at 0.8-1.1x the
+/// floor's, while 5 ms cut passes short (1.0-1.3x) and 1 ms doubled it.
+pub const HOLD: Duration = Duration::from_millis(50);
 
-/// Claims a pass may gather before the step that reaches this many writes them: the list
-/// costs 72 bytes a claim, and a pass over every recipient of a 10,000-client node held 720 KB
-/// at once (measured: idle memory from 0.92 to 0.97 KiB per connection, the node's peak
-/// counting it). 2,048 claims are ten rooms of 200; batching comes from the frames each claim
-/// gathers, not from how many claims a pass holds.
-const MAX_CLAIMS: usize = 2048;
-
-/// A socket this thread claimed, with the frames owed to it.
+/// A socket this thread claimed, with the frames owed to it. 24 bytes: a pass on a loaded node
+/// holds one for nearly every recipient (9,300 of 10,000 at 160 msg/s per sender, measured), and
+/// at 72 bytes (an own `Bytes` and `Vec` each) the list alone was 0.05 KiB of a connection's
+/// 1 KiB budget at the node's peak.
 pub(crate) struct Claimed {
     outbox: Arc<Outbox>,
-    /// The frame that claimed the socket, written from its shared `Bytes` (no copy).
-    first: Bytes,
-    /// Frames appended since, copied one after the other (a buffer from [`Claims::spare`]).
-    more: Vec<u8>,
-    /// How many frames `more` holds.
+    /// The frame that claimed the socket: its place in [`Claims::frames`].
+    first: u32,
+    /// Frames appended since: one past their buffer's place in [`Claims::buffers`], or 0 while
+    /// there are none.
+    more: u32,
+    /// How many frames that buffer holds.
     more_frames: u32,
 }
 
-impl Claimed {
-    /// Frames and bytes owed by this claim.
-    pub(crate) fn owed(&self) -> (u64, u64) {
-        (
-            1 + u64::from(self.more_frames),
-            (self.first.len() + self.more.len()) as u64,
-        )
-    }
-}
-
 /// The sockets this thread claimed in the current pass, and buffers kept for the next claims.
+///
+/// Not capped: a socket is claimed by one thread at a time and once per pass, so the list holds
+/// at most one entry per connection on the node (24 bytes each, within the connection's
+/// budget), and a pass is as long as the worker's own pass, never cut by how many it holds:
+/// cut at 2,048 claims, the tail at 50 msg/s per sender was 1.3x the floor's, uncut 1.0x
+/// (RESULTS.md).
 #[derive(Default)]
 pub(crate) struct Claims {
     list: Vec<Claimed>,
-    /// Emptied `more` buffers, so that a loaded pass neither allocates nor grows one per
-    /// claim. At most [`SPARE_BYTES`] of capacity in all.
+    /// The frames that claimed sockets, each once: a broadcast claims its recipients one after
+    /// the other with one frame, so its claims share one entry (and one reference count).
+    frames: Vec<Bytes>,
+    /// The buffers of frames appended to claims, copied one after the other.
+    buffers: Vec<Vec<u8>>,
+    /// Emptied buffers, so that a loaded pass neither allocates nor grows one per claim. At
+    /// most [`SPARE_BYTES`] of capacity in all.
     spare: Vec<Vec<u8>>,
     spare_bytes: usize,
 }
@@ -92,12 +91,26 @@ const FIRST_BUFFER: usize = 1024;
 impl Claims {
     /// Notes a claim on `outbox` (made at place `len()` in the list), owing `first`.
     pub(crate) fn push(&mut self, outbox: &Arc<Outbox>, first: &Bytes) {
+        let known = self
+            .frames
+            .last()
+            .is_some_and(|f| f.as_ptr() == first.as_ptr() && f.len() == first.len());
+        if !known {
+            self.frames.push(first.clone());
+        }
         self.list.push(Claimed {
             outbox: Arc::clone(outbox),
-            first: first.clone(),
-            more: Vec::new(),
+            // At most one claim per connection on the node: far below `u32::MAX`.
+            first: (self.frames.len() - 1) as u32,
+            more: 0,
             more_frames: 0,
         });
+    }
+
+    /// Frames the pass holds for its claims.
+    #[cfg(test)]
+    pub(crate) fn frames_held(&self) -> usize {
+        self.frames.len()
     }
 
     /// Claims noted so far: the place of the next.
@@ -105,33 +118,57 @@ impl Claims {
         self.list.len()
     }
 
-    /// The claim at `at`, when it is this thread's claim on `outbox`.
-    pub(crate) fn get(&self, at: usize, outbox: &Arc<Outbox>) -> Option<&Claimed> {
-        self.list.get(at).filter(|c| Arc::ptr_eq(&c.outbox, outbox))
+    /// The frames and bytes owed by the claim at `at`, when it is this thread's claim on
+    /// `outbox`.
+    pub(crate) fn owed(&self, at: usize, outbox: &Arc<Outbox>) -> Option<(u64, u64)> {
+        let claim = self
+            .list
+            .get(at)
+            .filter(|c| Arc::ptr_eq(&c.outbox, outbox))?;
+        let (first, more) = self.parts(claim);
+        Some((
+            1 + u64::from(claim.more_frames),
+            (first.len() + more.len()) as u64,
+        ))
+    }
+
+    /// What `claim` owes: its first frame and the frames appended to it.
+    fn parts(&self, claim: &Claimed) -> (&Bytes, &[u8]) {
+        let more = match claim.more {
+            0 => &[][..],
+            k => &self.buffers[k as usize - 1][..],
+        };
+        (&self.frames[claim.first as usize], more)
     }
 
     /// Owes `frame` to the claim at `at` too, behind everything it owes so far.
     pub(crate) fn append(&mut self, at: usize, frame: &[u8]) {
         let claim = &mut self.list[at];
-        if claim.more.capacity() == 0 {
-            claim.more = match self.spare.pop() {
+        if claim.more == 0 {
+            let buffer = match self.spare.pop() {
                 Some(buffer) => {
                     self.spare_bytes -= buffer.capacity();
                     buffer
                 }
                 None => Vec::with_capacity(FIRST_BUFFER.max(frame.len())),
             };
+            self.buffers.push(buffer);
+            claim.more = self.buffers.len() as u32;
         }
-        claim.more.extend_from_slice(frame);
+        self.buffers[claim.more as usize - 1].extend_from_slice(frame);
         claim.more_frames += 1;
     }
 
-    /// Keeps an emptied buffer for a later claim, within [`SPARE_BYTES`].
-    fn recycle(&mut self, mut buffer: Vec<u8>) {
-        if buffer.capacity() > 0 && self.spare_bytes + buffer.capacity() <= SPARE_BYTES {
-            buffer.clear();
-            self.spare_bytes += buffer.capacity();
-            self.spare.push(buffer);
+    /// Lets go of the pass's frames and keeps its emptied buffers for later claims, within
+    /// [`SPARE_BYTES`].
+    fn recycle(&mut self) {
+        self.frames.clear();
+        for mut buffer in self.buffers.drain(..) {
+            if self.spare_bytes + buffer.capacity() <= SPARE_BYTES {
+                buffer.clear();
+                self.spare_bytes += buffer.capacity();
+                self.spare.push(buffer);
+            }
         }
     }
 }
@@ -185,7 +222,7 @@ impl Drop for DeferredWrites {
             if p.depth > 0 || p.claims.list.is_empty() {
                 return None;
             }
-            if p.ends_at_park && p.claims.list.len() < MAX_CLAIMS {
+            if p.ends_at_park {
                 let now = Instant::now();
                 let since = *p.since.get_or_insert(now);
                 if now.duration_since(since) < HOLD {
@@ -234,27 +271,27 @@ pub fn write_claims() {
 fn write_out(mut claims: Claims, mut scratch: VecDeque<Bytes>) {
     let mut writes = Writes::default();
     let mut counted: Option<Arc<Metrics>> = None;
+    // Bytes copied behind this node's claims, for its `pass_peak_bytes`.
+    let mut copied = 0;
     let mut list = std::mem::take(&mut claims.list);
     for claim in list.drain(..) {
-        let Claimed {
-            outbox,
-            first,
-            more,
-            more_frames,
-        } = claim;
-        let metrics = &outbox.limits.metrics;
+        let metrics = &claim.outbox.limits.metrics;
         if let Some(m) = counted.take_if(|m| !Arc::ptr_eq(m, metrics)) {
             std::mem::take(&mut writes).publish(&m);
+            m.observe_pass_bytes(std::mem::take(&mut copied));
         }
         counted.get_or_insert_with(|| Arc::clone(metrics));
-        let owing = Owing::new(first, &more, more_frames, &mut scratch);
-        outbox.write_claimed(owing, &mut writes);
-        claims.recycle(more);
+        let (first, more) = claims.parts(&claim);
+        copied += more.len() as u64;
+        let owing = Owing::new(first, more, claim.more_frames, &mut scratch);
+        claim.outbox.write_claimed(owing, &mut writes);
     }
     if let Some(m) = counted {
         writes.publish(&m);
+        m.observe_pass_bytes(copied);
     }
     claims.list = list;
+    claims.recycle();
     // Keep the storage for the next pass on this thread (nothing was claimed meanwhile: a
     // pass is written outside any step).
     with_pass(|p| {

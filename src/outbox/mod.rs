@@ -36,7 +36,7 @@ use futures_util::task::AtomicWaker;
 use crate::metrics::Metrics;
 use crate::protocol::Format;
 pub use deferred::{end_of_pass, write_claims, DeferredWrites, HOLD};
-pub(crate) use deferred::{with_claims, Claimed, Claims};
+pub(crate) use deferred::{with_claims, Claims};
 use owing::Owing;
 pub use word::Claim;
 use word::{State, Word};
@@ -306,7 +306,7 @@ impl Outbox {
         if self.limits.direct && self.stream.get().is_some() {
             // Checked first: under load most frames find the socket claimed by this thread.
             let at = self.word.claim_hint();
-            if let Some(owed) = claims.get(at, self).map(Claimed::owed) {
+            if let Some(owed) = claims.owed(at, self) {
                 return self.append(claims, at, owed, frame, metrics);
             }
             if self.word.try_claim(claims.len()) {
@@ -836,6 +836,10 @@ mod tests {
             assert_eq!(wire(&theirs), b"aaabbbcccddd");
             let counted = ob.limits.metrics.snapshot();
             assert_eq!((counted.writes, counted.frames_out), (1, 4));
+            assert_eq!(
+                counted.pass_peak_bytes, 9,
+                "three frames copied behind the claim"
+            );
         });
     }
 
@@ -857,6 +861,36 @@ mod tests {
             step.finish();
             assert_eq!(wire(&theirs), b"aaabbbccc");
             assert_eq!(ob.pending(), (0, 0));
+        });
+    }
+
+    /// A pass holds a claim per recipient: 24 bytes each, and a broadcast's claims hold its
+    /// frame once.
+    #[test]
+    fn a_broadcasts_claims_share_its_frame_and_a_claim_stays_small() {
+        assert!(std::mem::size_of::<deferred::Claimed>() <= 24);
+        current_thread().block_on(async {
+            let (a, theirs_a) = attached().await;
+            let (b, theirs_b) = attached().await;
+            let (c, theirs_c) = attached().await;
+            let m = Metrics::default();
+            let (one, two) = (numbered(0), numbered(1));
+            let step = DeferredWrites::begin();
+            with_claims(|claims| {
+                for ob in [&a, &b] {
+                    assert_eq!(ob.deliver_later(&one, &m, claims), Pushed::Queued);
+                }
+                assert_eq!(claims.frames_held(), 1, "one broadcast, one frame");
+                c.deliver_later(&two, &m, claims);
+                b.deliver_later(&two, &m, claims);
+                assert_eq!(claims.frames_held(), 2);
+                assert_eq!(claims.owed(1, &b), Some((2, 6)));
+                assert_eq!(claims.owed(1, &a), None, "the place names another claim");
+            });
+            step.finish();
+            assert_eq!(wire(&theirs_a), b"aaa");
+            assert_eq!(wire(&theirs_b), b"aaabbb");
+            assert_eq!(wire(&theirs_c), b"bbb");
         });
     }
 

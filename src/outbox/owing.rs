@@ -5,15 +5,17 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
 use super::{advance, MAX_IOV};
 use crate::socket::Socket;
 
 /// The frames a claim owes its socket, consumed from the front as writes take them.
 pub(crate) struct Owing<'a> {
-    /// What is left of the claiming frame.
-    first: Bytes,
+    /// The claiming frame, whole (the pass holds it: nothing is cloned unless a rest is left).
+    frame: &'a Bytes,
+    /// What is left of it.
+    first: &'a [u8],
     /// What is left of the copied frames.
     more: &'a [u8],
     /// Frames in `more` while none of it is written.
@@ -28,14 +30,15 @@ pub(crate) struct Owing<'a> {
 impl<'a> Owing<'a> {
     /// `queued` must be empty: the writer fills it from the outbox's queue.
     pub(crate) fn new(
-        first: Bytes,
+        frame: &'a Bytes,
         more: &'a [u8],
         more_frames: u32,
         queued: &'a mut VecDeque<Bytes>,
     ) -> Self {
         queued.clear();
         Self {
-            first,
+            frame,
+            first: frame,
             more,
             more_frames,
             queued,
@@ -55,7 +58,7 @@ impl<'a> Owing<'a> {
 
     /// The claiming frame, whole (before any write).
     pub(crate) fn first(&self) -> &Bytes {
-        &self.first
+        self.frame
     }
 
     /// Where frames queued behind the claim go, after what the claim owes.
@@ -69,7 +72,7 @@ impl<'a> Owing<'a> {
     pub(crate) fn write(&mut self, stream: &Socket) -> Option<(usize, u64)> {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut count = 0;
-        let owed = [&self.first[..], self.more];
+        let owed = [self.first, self.more];
         let parts = owed.into_iter().filter(|p| !p.is_empty());
         let queued = self.queued.iter().map(|f| &f[..]);
         for (slot, part) in iov.iter_mut().zip(parts.chain(queued)) {
@@ -90,7 +93,7 @@ impl<'a> Owing<'a> {
         let mut frames = 0;
         if !self.first.is_empty() {
             let k = n.min(self.first.len());
-            self.first.advance(k);
+            self.first = &self.first[k..];
             n -= k;
             self.cut = !self.first.is_empty();
             if self.cut {
@@ -127,7 +130,8 @@ impl<'a> Owing<'a> {
             self.queued.push_front(Bytes::copy_from_slice(self.more));
         }
         if !self.first.is_empty() {
-            self.queued.push_front(self.first);
+            let written = self.frame.len() - self.first.len();
+            self.queued.push_front(self.frame.slice(written..));
         }
         (self.queued, self.cut)
     }
@@ -141,11 +145,14 @@ mod tests {
         list.iter().map(|f| Bytes::from_static(f)).collect()
     }
 
+    static ABC: Bytes = Bytes::from_static(b"abc");
+
     /// A claim owing `abc`, two copied frames `de` + `fgh`, and queued `ij`, `kl`.
     fn owing(queued: &mut VecDeque<Bytes>) -> Owing<'_> {
         *queued = frames(&[b"ij", b"kl"]);
         Owing {
-            first: Bytes::from_static(b"abc"),
+            frame: &ABC,
+            first: &ABC[..],
             more: b"defgh",
             more_frames: 2,
             queued,
