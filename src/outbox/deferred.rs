@@ -39,11 +39,12 @@ use super::{Outbox, Writes};
 use crate::metrics::Metrics;
 
 /// How long claims may wait, past the step that left them, for a worker that does not park.
-/// A worker parks once its run queue is empty, which under load is its natural pass (about
-/// 125 ms at 160 msg/s per sender, measured: 75 passes in 10 s ended at a park, 5 at this
-/// bound). This bound is the backstop for a worker that never runs dry; measured at 50 and
-/// 160 msg/s (RESULTS.md), 50 ms, 100 ms and no bound all left the tail at 0.8-1.1x the
-/// floor's, while 5 ms cut passes short (1.0-1.3x) and 1 ms doubled it.
+/// A worker parks once its run queue is empty, and under load that is its natural pass: with
+/// a 100 ms bound at 160 msg/s per sender, 75 of 80 passes in 10 s ended at a park (about
+/// 125 ms each). This bound is the backstop for a worker that never runs dry. Measured at 50
+/// and 160 msg/s per sender (RESULTS.md, two interleaved rounds): 50 ms, 100 ms and no bound
+/// all left the tail at 0.8-1.1x the floor's; what had held it at 1.3-1.6x was a cap on the
+/// claims per pass (gone: see [`Claims`]); 1 ms doubled it.
 pub const HOLD: Duration = Duration::from_millis(50);
 
 /// A socket this thread claimed, with the frames owed to it. 24 bytes: a pass on a loaded node
@@ -66,7 +67,7 @@ pub(crate) struct Claimed {
 /// Not capped: a socket is claimed by one thread at a time and once per pass, so the list holds
 /// at most one entry per connection on the node (24 bytes each, within the connection's
 /// budget), and a pass is as long as the worker's own pass, never cut by how many it holds:
-/// cut at 2,048 claims, the tail at 50 msg/s per sender was 1.3x the floor's, uncut 1.0x
+/// cut at 2,048 claims, the tail at 50 msg/s per sender was 1.3x the floor's, uncut 0.8-0.9x
 /// (RESULTS.md).
 #[derive(Default)]
 pub(crate) struct Claims {
