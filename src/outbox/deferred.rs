@@ -67,7 +67,7 @@ pub(crate) struct Claimed {
 /// Not capped: a socket is claimed by one thread at a time and once per pass, so the list holds
 /// at most one entry per connection on the node (24 bytes each, within the connection's
 /// budget), and a pass is as long as the worker's own pass, never cut by how many it holds:
-/// cut at 2,048 claims, the tail at 50 msg/s per sender was 1.3x the floor's, uncut 0.8-0.9x
+/// cut at 2,048 claims, the tail at 50 msg/s per sender was 1.3x the floor's, uncut 0.8-1.0x
 /// (RESULTS.md).
 #[derive(Default)]
 pub(crate) struct Claims {
