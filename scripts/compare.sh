@@ -4,7 +4,11 @@
 # fresh server process; server CPU and peak RSS come from /proc (loadgen --server-pid). The
 # server is pinned to SERVER_CPU and loadgen to LOADGEN_CPU so the two never share a core.
 # With RUNS > 1 the servers take turns at each rate (roomcast, floor, node, roomcast, ...) and
-# the table gives the median of the runs with their range. Raw JSON reports land in $OUT.
+# the table gives the median of the runs with their range. Each run starts one server later
+# than the one before (run 2: floor, node, roomcast), so that no server always goes first or
+# last: this VM's speed drifts within minutes, and a fixed order turned that drift into a
+# difference between servers (RESULTS.md). Use an even RUNS with two servers. Raw JSON
+# reports land in $OUT.
 #
 #   bash scripts/compare.sh                       # dialect 1 (join/chat), all three servers
 #   DIALECT=subscribe bash scripts/compare.sh     # dialect 2, Node peer dialect2.js on Redis
@@ -107,9 +111,11 @@ start_server() {
     exit 1
 }
 
+read -ra entries <<< "$SERVERS"
 for run in $(seq 1 "$RUNS"); do
 for rate in ${RATES//,/ }; do
-    for entry in $SERVERS; do
+    for k in "${!entries[@]}"; do
+        entry=${entries[$(((k + run - 1) % ${#entries[@]}))]}
         name=${entry%%=*}
         start_server "$entry"
         echo "== $name, $DIALECT, rate $rate/s per sender, run $run" >&2
