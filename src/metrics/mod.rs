@@ -260,20 +260,14 @@ impl Metrics {
     pub fn add_pong_replaced(&self) {
         self.pongs_replaced.fetch_add(1, Relaxed);
     }
-    /// Records `bytes` waiting on one connection when it is the most seen yet. The plain load
-    /// first keeps the shared line read-only in the common case (not a new peak), so sessions
-    /// on different cores do not bounce it on every flush.
+    /// Records `bytes` waiting on one connection when it is the most seen yet (every flush).
     pub fn observe_outbox_bytes(&self, bytes: u64) {
-        if bytes > self.outbox_peak_bytes.load(Relaxed) {
-            self.outbox_peak_bytes.fetch_max(bytes, Relaxed);
-        }
+        raise(&self.outbox_peak_bytes, bytes);
     }
     /// Records `bytes` copied behind one pass's claims when it is the most seen yet (once per
-    /// pass, same plain load first as above).
+    /// pass).
     pub fn observe_pass_bytes(&self, bytes: u64) {
-        if bytes > self.pass_peak_bytes.load(Relaxed) {
-            self.pass_peak_bytes.fetch_max(bytes, Relaxed);
-        }
+        raise(&self.pass_peak_bytes, bytes);
     }
     /// A publish refused because the queue to Redis was full.
     pub fn add_backplane_refused(&self) {
@@ -342,6 +336,15 @@ impl Metrics {
             write_frames: self.write_frames.snapshot(),
             handshake_us: self.handshake_us.snapshot(),
         }
+    }
+}
+
+/// Raises `peak` to `value` when it is the most seen yet. The plain load first keeps the
+/// shared line read-only in the common case (not a new peak), so threads on different cores
+/// do not bounce it on every observation.
+fn raise(peak: &AtomicU64, value: u64) {
+    if value > peak.load(Relaxed) {
+        peak.fetch_max(value, Relaxed);
     }
 }
 
